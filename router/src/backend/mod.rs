@@ -1,0 +1,9 @@
+//! Connections to Postgres nodes and the pools that lend them to sessions.
+
+mod conn;
+mod error;
+mod pool;
+
+pub use conn::{BackendConn, Login, MAX_BACKEND_MESSAGE, cancel_backend};
+pub use error::{BackendError, PoolError};
+pub use pool::{Lease, Pool, PoolKey, PoolMode, PoolSettings, Pools};

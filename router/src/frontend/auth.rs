@@ -1,0 +1,161 @@
+//! Client authentication: SCRAM-SHA-256 (pgwire's server-side SCRAM state machine),
+//! md5, or trust when the config says so.
+
+use super::{AuthError, read_frame};
+use crate::config::{AuthMethod, Config, ScramCreds};
+use crate::error::RouterError;
+use crate::protocol::{self, Reader, auth_code, encode_auth, encode_auth_sasl, tag};
+use bytes::BytesMut;
+use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth};
+use pgwire::error::PgWireError;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Authentication messages are small; Postgres caps them similarly.
+const MAX_AUTH_MESSAGE: usize = 10_000;
+
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    cfg: &Config,
+    user: &str,
+) -> Result<(), RouterError> {
+    let failed = || {
+        RouterError::Auth(AuthError::PasswordFailed {
+            user: user.to_owned(),
+        })
+    };
+    let known = cfg.user(user);
+    match cfg.auth_method {
+        AuthMethod::Trust => {
+            if known.is_none() {
+                return Err(failed());
+            }
+        }
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            let mut out = BytesMut::new();
+            encode_auth(&mut out, auth_code::MD5, &salt);
+            write(stream, &out).await?;
+            let f = read_password(stream, rbuf).await?;
+            let mut r = Reader::new(f.body());
+            let answer = r.cstr().map_err(|e| AuthError::Malformed(e.to_string()))?;
+            let Some(pw) = known.and_then(|u| u.password.as_deref()) else {
+                return Err(failed());
+            };
+            let expected = md5_response(user, pw, &salt);
+            if !constant_time_eq(answer, expected.as_bytes()) {
+                return Err(failed());
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let Some(creds) = known.and_then(|u| u.scram.clone()) else {
+                return Err(failed());
+            };
+            scram(stream, rbuf, creds, user).await?;
+        }
+    }
+    let mut out = BytesMut::new();
+    encode_auth(&mut out, auth_code::OK, &[]);
+    write(stream, &out).await
+}
+
+async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    creds: ScramCreds,
+    user: &str,
+) -> Result<(), RouterError> {
+    let mut out = BytesMut::new();
+    encode_auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    write(stream, &out).await?;
+
+    let f = read_password(stream, rbuf).await?;
+    let mut r = Reader::new(f.body());
+    let mechanism = r.cstr().map_err(|e| AuthError::Malformed(e.to_string()))?;
+    if mechanism != b"SCRAM-SHA-256" {
+        return Err(AuthError::UnsupportedMechanism.into());
+    }
+    let len = r.i32().map_err(|e| AuthError::Malformed(e.to_string()))?;
+    let data = r.remaining();
+    if len < 0 || len as usize != data.len() {
+        return Err(AuthError::Malformed("SASLInitialResponse length".into()).into());
+    }
+    let secret = match creds {
+        ScramCreds::Salted {
+            salt,
+            salted_password,
+        } => ScramSecret::SaltedPassword {
+            salt,
+            salted_password,
+        },
+        ScramCreds::Verifier {
+            salt,
+            iterations,
+            stored_key,
+            server_key,
+        } => ScramSecret::Verifier {
+            salt,
+            iterations,
+            stored_key,
+            server_key,
+        },
+    };
+    let (server_first, waiting) = ScramServerAuth::new()
+        .on_client_first_message_with_secret(data, secret)
+        .map_err(|e| AuthError::Malformed(e.to_string()))?;
+    out.clear();
+    encode_auth(&mut out, auth_code::SASL_CONTINUE, server_first.as_bytes());
+    write(stream, &out).await?;
+
+    let f = read_password(stream, rbuf).await?;
+    match waiting.on_client_final_message(f.body()) {
+        Ok(server_final) => {
+            out.clear();
+            encode_auth(&mut out, auth_code::SASL_FINAL, server_final.as_bytes());
+            write(stream, &out).await
+        }
+        Err(PgWireError::InvalidPassword(_)) => Err(AuthError::PasswordFailed {
+            user: user.to_owned(),
+        }
+        .into()),
+        Err(e) => Err(AuthError::Malformed(e.to_string()).into()),
+    }
+}
+
+async fn read_password<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+) -> Result<protocol::Frame, RouterError> {
+    let f = read_frame(stream, rbuf, MAX_AUTH_MESSAGE).await?;
+    if f.tag != tag::PASSWORD {
+        return Err(AuthError::Malformed(format!(
+            "expected a password message, got message type 0x{:02x}",
+            f.tag
+        ))
+        .into());
+    }
+    Ok(f)
+}
+
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8]) -> Result<(), RouterError> {
+    stream.write_all(buf).await.map_err(RouterError::ClientIo)?;
+    stream.flush().await.map_err(RouterError::ClientIo)
+}
+
+/// What a client must answer to an md5 challenge. The configured password may be the
+/// plaintext or Postgres's stored form `md5<md5(password || user)>`.
+fn md5_response(user: &str, password: &str, salt: &[u8; 4]) -> String {
+    if password.len() == 35
+        && password.starts_with("md5")
+        && password[3..].bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        let mut inner = password[3..].as_bytes().to_vec();
+        inner.extend_from_slice(salt);
+        return format!("md5{:x}", md5::compute(&inner));
+    }
+    pgwire::api::auth::md5pass::hash_md5_password(user, password, salt)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,13 @@
+//! shardgate: a sharding query router for PostgreSQL. This crate is the native core;
+//! the `shardgate` binary is a thin wrapper around [`cli::main`].
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod frontend;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;

@@ -1,0 +1,232 @@
+//! One running router: its shared state (`ServerCtx`), the accept loop, the metrics
+//! endpoint, and graceful shutdown (stop accepting, let open transactions finish up
+//! to `shutdown_timeout`, then close what is left).
+
+use crate::backend::{Login, Pool, PoolKey, PoolSettings, Pools};
+use crate::config::{Config, User};
+use crate::error::{RouterError, StartError};
+use crate::frontend::{CancelRegistry, handle_connection, load_tls};
+use crate::metrics::{Metrics, serve_metrics};
+use crate::session::PreparedRegistry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What every session of one router shares.
+pub struct ServerCtx {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub pools: Pools,
+    pub cancels: CancelRegistry,
+    pub prepared: PreparedRegistry,
+    /// Cancelled when shutdown begins: sessions leave at their next idle moment.
+    pub shutdown: CancellationToken,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl ServerCtx {
+    /// The coordinator pool for (database, user).
+    pub fn pool_for(&self, database: &str, user: &User) -> Arc<Pool> {
+        let node = &self.config.coordinator;
+        let key = PoolKey {
+            node: node.name.clone(),
+            database: database.to_owned(),
+            user: user.name.clone(),
+        };
+        self.pools.get_or_create(key, || {
+            Pool::new(
+                Login {
+                    node: node.name.clone(),
+                    addr: node.addr(),
+                    user: user.name.clone(),
+                    database: database.to_owned(),
+                    password: user.server_password.clone(),
+                    connect_timeout: self.config.connect_timeout,
+                },
+                PoolSettings {
+                    size: user.pool_size,
+                    acquire_timeout: self.config.pool_acquire_timeout,
+                    idle_timeout: self.config.idle_timeout,
+                    max_lifetime: self.config.max_lifetime,
+                },
+                self.metrics.clone(),
+            )
+        })
+    }
+}
+
+pub struct Server {
+    ctx: Arc<ServerCtx>,
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    tracker: TaskTracker,
+    /// Cancelled when the shutdown grace period is over: remaining sessions are dropped.
+    hard_stop: CancellationToken,
+    background: CancellationToken,
+}
+
+impl Server {
+    /// Binds the listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => Some(load_tls(c, k)?),
+            _ => None,
+        };
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        let background = CancellationToken::new();
+        let metrics_addr = match config.metrics_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                tokio::spawn(serve_metrics(l, metrics.clone(), background.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
+        let client_slots = Arc::new(Semaphore::new(config.max_client_connections));
+        let ctx = Arc::new(ServerCtx {
+            config: Arc::new(config),
+            metrics,
+            pools: Pools::new(),
+            cancels: CancelRegistry::default(),
+            prepared: PreparedRegistry::default(),
+            shutdown: CancellationToken::new(),
+            tls,
+        });
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        tokio::spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            tracker.clone(),
+            hard_stop.clone(),
+            client_slots,
+        ));
+        tokio::spawn(reap_idle(ctx.clone(), background.clone()));
+        tracing::info!(%local_addr, "shardgate listening");
+        Ok(Server {
+            ctx,
+            local_addr,
+            metrics_addr,
+            tracker,
+            hard_stop,
+            background,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn ctx(&self) -> &Arc<ServerCtx> {
+        &self.ctx
+    }
+
+    /// Graceful shutdown: no new clients; idle sessions get 57P01 at once; sessions in
+    /// a transaction may finish it within `shutdown_timeout`; then the rest are closed
+    /// (their backends roll back) and the pools are emptied.
+    pub async fn shutdown(self) {
+        self.ctx.shutdown.cancel();
+        self.tracker.close();
+        let grace = self.ctx.config.shutdown_timeout;
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.tracker.len(),
+                "shutdown grace period over; closing remaining sessions"
+            );
+            self.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        }
+        for p in self.ctx.pools.all() {
+            p.close();
+        }
+        self.background.cancel();
+        // Let the Terminate messages of closed connections go out.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ServerCtx>,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+    slots: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (tcp, _peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        ctx.metrics.client_connections_total.inc();
+        let ctx = ctx.clone();
+        let hard_stop = hard_stop.clone();
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tracker.spawn(async move {
+                    tokio::select! {
+                        _ = handle_connection(ctx, tcp) => {}
+                        _ = hard_stop.cancelled() => {}
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracker.spawn(async move {
+                    let mut tcp = tcp;
+                    crate::frontend::reject_early(&mut tcp, &RouterError::TooManyClients).await;
+                });
+            }
+        }
+    }
+}
+
+async fn reap_idle(ctx: Arc<ServerCtx>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                for p in ctx.pools.all() {
+                    p.reap_idle();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,970 @@
+//! One client session after login: its transaction state, prepared statements and
+//! settings; the loop that reads client messages, sends them over a borrowed backend
+//! connection and forwards the answers (row data untouched).
+//!
+//! Protocol phases: `run` (startup answer) -> `serve` loop: `on_frame` per client
+//! message (simple query, extended batch, function call, terminate) -> `exchange`
+//! (send, then `pump` answers until every expected reply came) -> release the backend
+//! when the transaction is over (transaction pooling).
+
+mod prepared;
+mod settings;
+
+pub use prepared::{Prepared, PreparedRegistry};
+pub use settings::{SessionStmt, Settings, classify};
+
+use crate::backend::{BackendConn, BackendError, Lease, Pool, PoolMode};
+use crate::config::User;
+use crate::error::RouterError;
+use crate::frontend::CancelSlot;
+use crate::protocol::{
+    self, Frame, ProtocolError, TxnStatus, btag, decode_frame, peek_header, tag,
+};
+use crate::server::ServerCtx;
+use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Extended-protocol messages buffered without a Sync or Flush beyond this size are
+/// sent to the backend anyway, so a long pipeline does not pile up in the router.
+const BATCH_LIMIT: usize = 1 << 20;
+
+/// What the router expects back from the backend, in order.
+#[derive(Debug)]
+enum Expect {
+    /// A simple Query or FunctionCall: everything is forwarded until ReadyForQuery.
+    Query {
+        tracked: Option<SessionStmt>,
+        ok: bool,
+    },
+    /// A statement of the router's own (settings): everything swallowed until ReadyForQuery.
+    Internal,
+    /// One extended-protocol message, answered by one terminal message. Not forwarded
+    /// when the router injected it; `prepares` records a statement on success.
+    Msg {
+        forward: bool,
+        prepares: Option<u64>,
+    },
+    /// A reply the router makes itself, sent when every earlier reply has been.
+    Synth(u8),
+    /// Sync: ends with ReadyForQuery.
+    Sync,
+}
+
+pub struct Session<S> {
+    ctx: Arc<ServerCtx>,
+    client: S,
+    rbuf: BytesMut,
+    /// Bytes for the client, written before every wait.
+    out: BytesMut,
+    /// Bytes for the backend, written at the end of each batch.
+    bout: BytesMut,
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    lease: Option<Lease>,
+    cancel: Arc<CancelSlot>,
+    settings: Settings,
+    /// Tracked statements run inside the open transaction; kept if it commits.
+    txn_settings: Vec<SessionStmt>,
+    /// Client statement name -> router statement.
+    stmts: HashMap<Bytes, Arc<Prepared>>,
+    /// Statements whose Parse was sent in the current batch (not yet confirmed).
+    batch_prepared: HashSet<u64>,
+    /// Extended messages waiting for Sync/Flush.
+    batch: Vec<Frame>,
+    batch_bytes: usize,
+    expect: VecDeque<Expect>,
+    /// Transaction status as the client last saw it.
+    status: TxnStatus,
+    /// Extended messages went to the backend without a Sync after them yet.
+    needs_sync: bool,
+    /// The router itself failed a message in this batch: skip until Sync.
+    skip_until_sync: bool,
+    copy_in: bool,
+    /// Whether the last command completed in the transaction was COMMIT.
+    saw_commit: bool,
+    timer: Option<(Instant, &'static str)>,
+    max_msg: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Finishes startup (a backend connection checks database and user and applies the
+    /// client's startup parameters) and serves the client until it leaves.
+    pub async fn run(
+        ctx: Arc<ServerCtx>,
+        client: S,
+        rbuf: BytesMut,
+        user: User,
+        database: String,
+        settings: Settings,
+    ) {
+        let pool = ctx.pool_for(&database, &user);
+        let guard = ctx.cancels.register();
+        let mut s = Session {
+            max_msg: ctx.config.max_message_bytes,
+            mode: user.pool_mode,
+            ctx: ctx.clone(),
+            client,
+            rbuf,
+            out: BytesMut::with_capacity(16 * 1024),
+            bout: BytesMut::with_capacity(4096),
+            pool,
+            lease: None,
+            cancel: guard.slot.clone(),
+            settings,
+            txn_settings: Vec::new(),
+            stmts: HashMap::new(),
+            batch_prepared: HashSet::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            expect: VecDeque::new(),
+            status: TxnStatus::Idle,
+            needs_sync: false,
+            skip_until_sync: false,
+            copy_in: false,
+            saw_commit: false,
+            timer: None,
+        };
+        ctx.metrics.client_connections.inc();
+        let result = match s.greet(guard.pid, guard.secret).await {
+            Ok(()) => s.serve().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            s.report_fatal(e).await;
+        }
+        s.finish();
+        ctx.metrics.client_connections.dec();
+        drop(guard);
+    }
+
+    /// AuthenticationOk was sent; now ParameterStatus, BackendKeyData, ReadyForQuery.
+    async fn greet(&mut self, pid: i32, secret: i32) -> Result<(), RouterError> {
+        self.ensure_lease().await?;
+        let lease = self.lease.as_mut().expect("lease just acquired");
+        let conn = lease.conn();
+        if conn.settings_fp != self.settings.fingerprint() {
+            conn.run_internal(&self.settings.apply_sql()).await?;
+            conn.settings_fp = self.settings.fingerprint();
+        }
+        for (k, v) in &conn.reported {
+            protocol::encode_parameter_status(&mut self.out, k, v);
+        }
+        protocol::encode_backend_key_data(&mut self.out, pid, secret);
+        protocol::encode_ready_for_query(&mut self.out, TxnStatus::Idle);
+        self.maybe_release();
+        self.flush_client().await
+    }
+
+    async fn serve(&mut self) -> Result<(), RouterError> {
+        loop {
+            let mut must_pump = false;
+            loop {
+                // COPY data that follows a request belongs to the exchange (pump reads it).
+                if must_pump
+                    && matches!(
+                        self.rbuf.first(),
+                        Some(&(tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL))
+                    )
+                {
+                    break;
+                }
+                let Some(frame) = self.next_client_frame()? else {
+                    break;
+                };
+                match frame.tag {
+                    tag::QUERY | tag::FUNCTION_CALL => {
+                        self.send_batch(None).await?;
+                        self.queue_query(frame).await?;
+                        must_pump = true;
+                    }
+                    tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE => {
+                        self.batch_bytes += frame.raw.len();
+                        self.batch.push(frame);
+                        if self.batch_bytes > BATCH_LIMIT {
+                            self.send_batch(None).await?;
+                        }
+                    }
+                    tag::SYNC | tag::FLUSH => {
+                        self.send_batch(Some(frame)).await?;
+                        must_pump = true;
+                    }
+                    tag::TERMINATE => return Ok(()),
+                    // Outside COPY these are dropped, as Postgres does.
+                    tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {}
+                    other => return Err(ProtocolError::UnexpectedMessage(other).into()),
+                }
+            }
+            if must_pump {
+                self.write_backend().await?;
+                self.pump().await?;
+                self.maybe_release();
+            }
+            self.wait_for_client().await?;
+        }
+    }
+
+    fn next_client_frame(&mut self) -> Result<Option<Frame>, RouterError> {
+        Ok(decode_frame(&mut self.rbuf, self.max_msg)?)
+    }
+
+    /// Queues a simple Query (or FunctionCall) for the backend.
+    async fn queue_query(&mut self, frame: Frame) -> Result<(), RouterError> {
+        let tracked = if frame.tag == tag::QUERY {
+            let body = frame.body();
+            let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)])
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+            classify(sql)
+        } else {
+            None
+        };
+        // DEALLOCATE of a statement the router renamed is answered here: on the backend
+        // the statement has another name and may serve other clients.
+        if let Some(SessionStmt::Deallocate { name }) = &tracked
+            && self.status != TxnStatus::Failed
+            && self.expect.is_empty()
+            && self.stmts.remove(name.as_bytes()).is_some()
+        {
+            self.out.extend_from_slice(&command_complete(b"DEALLOCATE"));
+            protocol::encode_ready_for_query(&mut self.out, self.status);
+            return Ok(());
+        }
+        if let Err(e) = self.ensure_lease().await {
+            return self.refuse_request(e);
+        }
+        self.prepare_settings();
+        self.ctx
+            .metrics
+            .statements
+            .with_label_values(&["simple"])
+            .inc();
+        self.start_timer("simple");
+        self.bout.extend_from_slice(&frame.raw);
+        self.expect.push_back(Expect::Query { tracked, ok: false });
+        Ok(())
+    }
+
+    /// Translates the buffered extended messages (and `end`, a Sync or Flush) into what
+    /// the backend gets.
+    async fn send_batch(&mut self, end: Option<Frame>) -> Result<(), RouterError> {
+        if self.batch.is_empty() && end.is_none() {
+            return Ok(());
+        }
+        if let Err(e) = self.ensure_lease().await {
+            // The client gets the error at its Sync; the batch is dropped.
+            self.batch.clear();
+            self.batch_bytes = 0;
+            return match end {
+                Some(f) if f.tag == tag::SYNC => {
+                    self.skip_until_sync = false;
+                    self.refuse_request(e)
+                }
+                _ => Err(e),
+            };
+        }
+        if self.expect.is_empty() && !self.needs_sync {
+            self.prepare_settings();
+            self.start_timer("extended");
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        for f in batch.into_iter().chain(end) {
+            self.translate(f)?;
+        }
+        Ok(())
+    }
+
+    /// One extended message: renamed statements, injected Parses, router replies.
+    fn translate(&mut self, f: Frame) -> Result<(), RouterError> {
+        if self.skip_until_sync && f.tag != tag::SYNC {
+            return Ok(());
+        }
+        let fwd = Expect::Msg {
+            forward: true,
+            prepares: None,
+        };
+        match f.tag {
+            tag::PARSE => {
+                let p = protocol::decode_parse(f.body())?;
+                if p.name.is_empty() {
+                    self.bout.extend_from_slice(&f.raw);
+                    self.expect.push_back(fwd);
+                } else if self.stmts.contains_key(p.name) {
+                    let msg = format!(
+                        "prepared statement \"{}\" already exists",
+                        String::from_utf8_lossy(p.name)
+                    );
+                    self.raise_on_backend(
+                        crate::error::sqlstate::DUPLICATE_PREPARED_STATEMENT.code(),
+                        &msg,
+                    );
+                } else {
+                    let prep = self.ctx.prepared.intern(p.query, p.param_types);
+                    self.stmts
+                        .insert(Bytes::copy_from_slice(p.name), prep.clone());
+                    if self.is_prepared(prep.id) {
+                        self.expect.push_back(Expect::Synth(btag::PARSE_COMPLETE));
+                    } else {
+                        protocol::encode_parse(
+                            &mut self.bout,
+                            &prep.name,
+                            &prep.query,
+                            &prep.param_types,
+                        );
+                        self.batch_prepared.insert(prep.id);
+                        self.expect.push_back(Expect::Msg {
+                            forward: true,
+                            prepares: Some(prep.id),
+                        });
+                    }
+                }
+                self.needs_sync = true;
+            }
+            tag::BIND => {
+                let b = protocol::decode_bind(f.body())?;
+                match self.stmts.get(b.statement).cloned() {
+                    Some(prep) if !b.statement.is_empty() => {
+                        self.ensure_prepared(&prep);
+                        protocol::encode_bind(&mut self.bout, b.portal, &prep.name, b.rest);
+                    }
+                    // Unnamed, or unknown: the backend answers (26000 for unknown).
+                    _ => self.bout.extend_from_slice(&f.raw),
+                }
+                self.expect.push_back(fwd);
+                self.needs_sync = true;
+            }
+            tag::DESCRIBE => {
+                let (kind, name) = protocol::decode_target(f.body())?;
+                match self.stmts.get(name).cloned() {
+                    Some(prep) if kind == b'S' && !name.is_empty() => {
+                        self.ensure_prepared(&prep);
+                        protocol::encode_target(&mut self.bout, tag::DESCRIBE, b'S', &prep.name);
+                    }
+                    _ => self.bout.extend_from_slice(&f.raw),
+                }
+                self.expect.push_back(fwd);
+                self.needs_sync = true;
+            }
+            tag::CLOSE => {
+                let (kind, name) = protocol::decode_target(f.body())?;
+                if kind == b'S' && !name.is_empty() {
+                    // The backend's copy may serve other clients; it stays.
+                    self.stmts.remove(name);
+                    self.expect.push_back(Expect::Synth(btag::CLOSE_COMPLETE));
+                } else {
+                    self.bout.extend_from_slice(&f.raw);
+                    self.expect.push_back(fwd);
+                    self.needs_sync = true;
+                }
+            }
+            tag::EXECUTE => {
+                self.ctx
+                    .metrics
+                    .statements
+                    .with_label_values(&["extended"])
+                    .inc();
+                self.bout.extend_from_slice(&f.raw);
+                self.expect.push_back(fwd);
+                self.needs_sync = true;
+            }
+            tag::SYNC => {
+                self.bout.extend_from_slice(&f.raw);
+                self.expect.push_back(Expect::Sync);
+                self.needs_sync = false;
+                self.skip_until_sync = false;
+                self.batch_prepared.clear();
+            }
+            tag::FLUSH => self.bout.extend_from_slice(&f.raw),
+            other => return Err(ProtocolError::UnexpectedMessage(other).into()),
+        }
+        Ok(())
+    }
+
+    /// No backend could be had for a request: an ERROR and ReadyForQuery when the error
+    /// allows the session to go on, else the error ends the session.
+    fn refuse_request(&mut self, e: RouterError) -> Result<(), RouterError> {
+        let recoverable = e.backend_frame().is_none()
+            && e.user_facing()
+                .is_some_and(|u| u.severity == crate::error::Severity::Error);
+        if !recoverable {
+            return Err(e);
+        }
+        self.client_error(&e);
+        protocol::encode_ready_for_query(&mut self.out, self.status);
+        Ok(())
+    }
+
+    fn is_prepared(&mut self, id: u64) -> bool {
+        self.batch_prepared.contains(&id)
+            || self
+                .lease
+                .as_mut()
+                .is_some_and(|l| l.conn().prepared.contains(&id))
+    }
+
+    /// Injects a Parse for `prep` when the borrowed backend does not have it yet.
+    fn ensure_prepared(&mut self, prep: &Prepared) {
+        if !self.is_prepared(prep.id) {
+            protocol::encode_parse(&mut self.bout, &prep.name, &prep.query, &prep.param_types);
+            self.batch_prepared.insert(prep.id);
+            self.expect.push_back(Expect::Msg {
+                forward: false,
+                prepares: Some(prep.id),
+            });
+        }
+    }
+
+    /// Makes the backend itself fail the batch with (sqlstate, message), so that its
+    /// transaction state (aborted, skip until Sync) is exactly what Postgres would have.
+    fn raise_on_backend(&mut self, sqlstate: &str, message: &str) {
+        let sql = format!(
+            "DO $sg$BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', MESSAGE = {}; END$sg$",
+            quote_literal(message)
+        );
+        protocol::encode_parse(&mut self.bout, b"", sql.as_bytes(), &[0, 0]);
+        protocol::encode_bind(&mut self.bout, b"", b"", &[0, 0, 0, 0, 0, 0]);
+        protocol::encode_execute(&mut self.bout, b"", 0);
+        for _ in 0..3 {
+            self.expect.push_back(Expect::Msg {
+                forward: false,
+                prepares: None,
+            });
+        }
+        self.skip_until_sync = true;
+    }
+
+    /// Before the first message of a request: put the backend into this session's
+    /// settings if it is in another's.
+    fn prepare_settings(&mut self) {
+        if !self.expect.is_empty() || self.needs_sync {
+            return;
+        }
+        let fp = self.settings.fingerprint();
+        let conn = self.lease.as_mut().expect("lease held").conn();
+        if conn.settings_fp != fp {
+            protocol::encode_simple_query(&mut self.bout, &self.settings.apply_sql());
+            conn.settings_fp = fp;
+            self.expect.push_back(Expect::Internal);
+        }
+    }
+
+    async fn ensure_lease(&mut self) -> Result<(), RouterError> {
+        if self.lease.is_none() {
+            let mut lease = self.pool.acquire().await?;
+            let c = lease.conn();
+            self.cancel.set(Some((c.addr, c.pid, c.secret)));
+            self.lease = Some(lease);
+        }
+        Ok(())
+    }
+
+    async fn write_backend(&mut self) -> Result<(), RouterError> {
+        if self.bout.is_empty() {
+            return Ok(());
+        }
+        let lease = self.lease.as_mut().expect("lease held while writing");
+        let r = lease.conn().write_all(&self.bout).await;
+        self.bout.clear();
+        if let Err(e) = r {
+            return self.backend_lost(e);
+        }
+        Ok(())
+    }
+
+    /// Forwards the backend's answers until every expected reply has come.
+    async fn pump(&mut self) -> Result<(), RouterError> {
+        loop {
+            self.emit_synths();
+            if self.expect.is_empty() {
+                break;
+            }
+            // Answers already buffered.
+            loop {
+                let conn = self
+                    .lease
+                    .as_mut()
+                    .expect("lease held while pumping")
+                    .conn();
+                let frame = match decode_frame(&mut conn.rbuf, crate::backend::MAX_BACKEND_MESSAGE)
+                {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return self.backend_lost(BackendError::Protocol(e)),
+                };
+                self.on_backend_frame(frame)?;
+                self.emit_synths();
+                if self.expect.is_empty() {
+                    break;
+                }
+            }
+            if self.expect.is_empty() {
+                break;
+            }
+            self.flush_client().await?;
+            if self.copy_in {
+                self.copy_in_step().await?;
+            } else {
+                let conn = self
+                    .lease
+                    .as_mut()
+                    .expect("lease held while pumping")
+                    .conn();
+                if let Err(e) = conn.fill().await {
+                    return self.backend_lost(e);
+                }
+            }
+        }
+        self.flush_client().await
+    }
+
+    /// While the backend is in COPY FROM STDIN: pass the client's CopyData/CopyDone/
+    /// CopyFail through, and keep forwarding what the backend says meanwhile.
+    async fn copy_in_step(&mut self) -> Result<(), RouterError> {
+        // Client messages already buffered first.
+        loop {
+            match peek_header(&self.rbuf, self.max_msg)? {
+                Some((t, len)) if self.rbuf.len() >= len => match t {
+                    tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::FLUSH | tag::SYNC => {
+                        let f = self.rbuf.split_to(len);
+                        self.bout.extend_from_slice(&f);
+                        if t == tag::COPY_DONE || t == tag::COPY_FAIL {
+                            self.copy_in = false;
+                            break;
+                        }
+                        if self.bout.len() >= 64 * 1024 {
+                            self.write_backend().await?;
+                        }
+                    }
+                    _ => {
+                        // Anything else ends the COPY with a failure; the message is
+                        // served after the backend has answered.
+                        let mut f = BytesMut::new();
+                        encode_copy_fail(&mut f, "unexpected message type during COPY from stdin");
+                        self.bout.extend_from_slice(&f);
+                        self.copy_in = false;
+                        break;
+                    }
+                },
+                _ => break,
+            }
+        }
+        self.write_backend().await?;
+        if !self.copy_in {
+            return Ok(());
+        }
+        enum Woke {
+            Backend(Result<usize, BackendError>),
+            Client(std::io::Result<usize>),
+        }
+        let conn = self.lease.as_mut().expect("lease held during COPY").conn();
+        let woke = tokio::select! {
+            r = conn.fill() => Woke::Backend(r),
+            r = self.client.read_buf(&mut self.rbuf) => Woke::Client(r),
+        };
+        match woke {
+            Woke::Backend(Err(e)) => self.backend_lost(e),
+            Woke::Backend(Ok(_)) | Woke::Client(Ok(1..)) => Ok(()),
+            Woke::Client(Ok(0)) => Err(RouterError::ClientIo(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            )),
+            Woke::Client(Err(e)) => Err(RouterError::ClientIo(e)),
+        }
+    }
+
+    fn emit_synths(&mut self) {
+        while let Some(Expect::Synth(t)) = self.expect.front() {
+            let t = *t;
+            self.expect.pop_front();
+            self.out.extend_from_slice(&[t, 0, 0, 0, 4]);
+        }
+    }
+
+    fn on_backend_frame(&mut self, f: Frame) -> Result<(), RouterError> {
+        let internal = matches!(self.expect.front(), Some(Expect::Internal));
+        match f.tag {
+            btag::PARAMETER_STATUS => {
+                let conn = self.lease.as_mut().expect("lease").conn();
+                conn.note_parameter(f.body())?;
+                if !internal {
+                    self.out.extend_from_slice(&f.raw);
+                }
+            }
+            btag::NOTICE_RESPONSE | btag::NOTIFICATION_RESPONSE => {
+                if !internal {
+                    self.out.extend_from_slice(&f.raw);
+                }
+            }
+            btag::ERROR_RESPONSE => match self.expect.front() {
+                Some(Expect::Internal) => {
+                    tracing::warn!(
+                        message = %String::from_utf8_lossy(protocol::error_field(f.body(), b'M').unwrap_or_default()),
+                        "applying session settings on a backend failed"
+                    );
+                }
+                Some(Expect::Query { .. }) => self.forward_error(&f),
+                _ => {
+                    self.forward_error(&f);
+                    // The backend now skips to Sync: so do the replies it will not send.
+                    while let Some(e) = self.expect.front() {
+                        if matches!(e, Expect::Sync | Expect::Query { .. } | Expect::Internal) {
+                            break;
+                        }
+                        self.expect.pop_front();
+                    }
+                }
+            },
+            btag::READY_FOR_QUERY => {
+                let status = TxnStatus::from_byte(*f.body().first().unwrap_or(&0))?;
+                let conn = self.lease.as_mut().expect("lease").conn();
+                conn.status = status;
+                match self.expect.pop_front() {
+                    Some(Expect::Internal) => {}
+                    Some(Expect::Query { tracked, ok }) => {
+                        if let (Some(t), true) = (tracked, ok) {
+                            self.on_tracked(t, status);
+                        }
+                        self.on_ready(status, &f);
+                    }
+                    Some(Expect::Sync) => self.on_ready(status, &f),
+                    _ => return self.desync("ReadyForQuery out of turn"),
+                }
+            }
+            btag::COPY_IN_RESPONSE => {
+                self.copy_in = true;
+                self.out.extend_from_slice(&f.raw);
+            }
+            btag::COMMAND_COMPLETE => {
+                let ctag = &f.body()[..f.body().len().saturating_sub(1)];
+                self.saw_commit = ctag == b"COMMIT";
+                if ctag == b"DISCARD ALL" || ctag == b"DEALLOCATE ALL" {
+                    let conn = self.lease.as_mut().expect("lease").conn();
+                    conn.prepared.clear();
+                    if ctag == b"DISCARD ALL" {
+                        conn.settings_fp = 0;
+                    }
+                    self.stmts.clear();
+                }
+                match self.expect.front_mut() {
+                    Some(Expect::Query { tracked, ok }) => {
+                        if tracked.as_ref().is_some_and(|t| t.tag() == ctag) {
+                            *ok = true;
+                        }
+                        self.out.extend_from_slice(&f.raw);
+                    }
+                    Some(Expect::Internal) => {}
+                    _ => self.end_msg(&f)?,
+                }
+            }
+            btag::PARSE_COMPLETE
+            | btag::BIND_COMPLETE
+            | btag::CLOSE_COMPLETE
+            | btag::NO_DATA
+            | btag::ROW_DESCRIPTION
+            | btag::EMPTY_QUERY
+            | btag::PORTAL_SUSPENDED => match self.expect.front() {
+                Some(Expect::Query { .. }) => self.out.extend_from_slice(&f.raw),
+                Some(Expect::Internal) => {}
+                _ => self.end_msg(&f)?,
+            },
+            _ => {
+                // DataRow, ParameterDescription, copy messages, FunctionCallResponse...
+                if self.expect.is_empty() {
+                    return self.desync("message with nothing outstanding");
+                }
+                if !internal {
+                    self.out.extend_from_slice(&f.raw);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The terminal reply of the extended message at the head.
+    fn end_msg(&mut self, f: &Frame) -> Result<(), RouterError> {
+        match self.expect.pop_front() {
+            Some(Expect::Msg { forward, prepares }) => {
+                if let Some(id) = prepares {
+                    self.lease
+                        .as_mut()
+                        .expect("lease")
+                        .conn()
+                        .prepared
+                        .insert(id);
+                }
+                if forward {
+                    self.out.extend_from_slice(&f.raw);
+                }
+                Ok(())
+            }
+            _ => self.desync("reply out of turn"),
+        }
+    }
+
+    fn forward_error(&mut self, f: &Frame) {
+        if let Some(code) = protocol::error_sqlstate(f.body()) {
+            self.ctx.metrics.error(code);
+        }
+        self.out.extend_from_slice(&f.raw);
+    }
+
+    /// A tracked statement succeeded with the transaction now in `status`.
+    fn on_tracked(&mut self, t: SessionStmt, status: TxnStatus) {
+        if status == TxnStatus::Idle && self.status == TxnStatus::Idle {
+            self.settings.record(&t);
+            if let Some(l) = self.lease.as_mut() {
+                let c = l.conn();
+                if c.settings_fp != 0 || !matches!(t, SessionStmt::DiscardAll) {
+                    c.settings_fp = self.settings.fingerprint();
+                }
+            }
+        } else {
+            self.txn_settings.push(t);
+        }
+    }
+
+    fn on_ready(&mut self, status: TxnStatus, f: &Frame) {
+        if status == TxnStatus::Idle && self.status != TxnStatus::Idle {
+            // The transaction ended: its session-level SETs stay only if it committed.
+            let pending = std::mem::take(&mut self.txn_settings);
+            if self.saw_commit {
+                for t in &pending {
+                    self.settings.record(t);
+                }
+                if !pending.is_empty()
+                    && let Some(l) = self.lease.as_mut()
+                {
+                    l.conn().settings_fp = self.settings.fingerprint();
+                }
+            }
+        }
+        self.status = status;
+        self.out.extend_from_slice(&f.raw);
+        if let Some((start, proto)) = self.timer.take() {
+            self.ctx
+                .metrics
+                .statement_seconds
+                .with_label_values(&[proto])
+                .observe(start.elapsed().as_secs_f64());
+        }
+    }
+
+    fn start_timer(&mut self, proto: &'static str) {
+        if self.timer.is_none() {
+            self.timer = Some((Instant::now(), proto));
+        }
+    }
+
+    fn desync(&mut self, what: &'static str) -> Result<(), RouterError> {
+        tracing::error!(
+            what,
+            "backend protocol desynchronised; dropping the connection"
+        );
+        self.drop_lease();
+        Err(BackendError::Desync(what).into())
+    }
+
+    /// The backend connection broke mid-request. An idle client keeps its session and
+    /// gets an error; a client inside a transaction loses it and is disconnected.
+    fn backend_lost(&mut self, e: BackendError) -> Result<(), RouterError> {
+        tracing::warn!(error = %e, "backend connection lost");
+        self.drop_lease();
+        let in_txn = self.status != TxnStatus::Idle || self.needs_sync;
+        self.expect.clear();
+        self.batch.clear();
+        self.batch_bytes = 0;
+        self.copy_in = false;
+        self.skip_until_sync = false;
+        self.timer = None;
+        if in_txn {
+            return Err(e.into());
+        }
+        self.client_error(&e.into());
+        protocol::encode_ready_for_query(&mut self.out, TxnStatus::Idle);
+        Ok(())
+    }
+
+    fn drop_lease(&mut self) {
+        if let Some(l) = self.lease.take() {
+            self.cancel.set(None);
+            drop(l);
+        }
+        self.batch_prepared.clear();
+        self.needs_sync = false;
+    }
+
+    fn client_error(&mut self, e: &RouterError) {
+        if let Some(f) = e.backend_frame() {
+            self.forward_error(&f.clone());
+        } else if let Some(u) = e.user_facing() {
+            self.ctx.metrics.error(u.code.code().as_bytes());
+            u.encode(&mut self.out);
+        }
+    }
+
+    /// Gives the backend back when the transaction is over (transaction pooling).
+    fn maybe_release(&mut self) {
+        if self.mode == PoolMode::Transaction
+            && self.status == TxnStatus::Idle
+            && self.expect.is_empty()
+            && !self.needs_sync
+            && !self.copy_in
+            && self.batch.is_empty()
+            && let Some(lease) = self.lease.take()
+        {
+            self.cancel.set(None);
+            self.batch_prepared.clear();
+            lease.release();
+        }
+    }
+
+    /// Waits for more client bytes; meanwhile forwards what a held backend says on its
+    /// own (notifications, or its FATAL when it is terminated), and leaves at shutdown
+    /// when the client is between transactions.
+    async fn wait_for_client(&mut self) -> Result<(), RouterError> {
+        self.flush_client().await?;
+        loop {
+            let can_stop =
+                self.status == TxnStatus::Idle && self.expect.is_empty() && !self.needs_sync;
+            enum Woke {
+                Shutdown,
+                Client(std::io::Result<usize>),
+                Backend(Result<usize, BackendError>),
+            }
+            let lease = &mut self.lease;
+            let backend = async {
+                match lease {
+                    Some(l) => l.conn().fill().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let woke = tokio::select! {
+                biased;
+                _ = self.ctx.shutdown.cancelled(), if can_stop => Woke::Shutdown,
+                r = self.client.read_buf(&mut self.rbuf) => Woke::Client(r),
+                r = backend => Woke::Backend(r),
+            };
+            match woke {
+                Woke::Shutdown => return Err(RouterError::Shutdown),
+                Woke::Client(Ok(0)) => {
+                    return Err(RouterError::ClientIo(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ));
+                }
+                Woke::Client(Ok(_)) => return Ok(()),
+                Woke::Client(Err(e)) => return Err(RouterError::ClientIo(e)),
+                Woke::Backend(Err(e)) => self.held_backend_gone(e)?,
+                Woke::Backend(Ok(_)) => {
+                    self.idle_backend_messages()?;
+                    self.flush_client().await?;
+                }
+            }
+        }
+    }
+
+    /// A backend held while the client is quiet went away. Between transactions the
+    /// session just borrows another one next time; inside one, the transaction is lost
+    /// and so is the session (as with Postgres itself).
+    fn held_backend_gone(&mut self, e: BackendError) -> Result<(), RouterError> {
+        let in_txn = self.status != TxnStatus::Idle || self.needs_sync;
+        tracing::info!(error = %e, in_txn, "held backend connection went away");
+        self.drop_lease();
+        if in_txn { Err(e.into()) } else { Ok(()) }
+    }
+
+    fn idle_backend_messages(&mut self) -> Result<(), RouterError> {
+        loop {
+            let conn: &mut BackendConn = self.lease.as_mut().expect("lease").conn();
+            let f = match decode_frame(&mut conn.rbuf, crate::backend::MAX_BACKEND_MESSAGE) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => return self.backend_lost(BackendError::Protocol(e)),
+            };
+            match f.tag {
+                btag::PARAMETER_STATUS => {
+                    conn.note_parameter(f.body())?;
+                    self.out.extend_from_slice(&f.raw);
+                }
+                btag::NOTICE_RESPONSE | btag::NOTIFICATION_RESPONSE => {
+                    self.out.extend_from_slice(&f.raw)
+                }
+                btag::ERROR_RESPONSE => {
+                    // The backend is going away (terminated, or the server shuts down).
+                    if self.status != TxnStatus::Idle || self.needs_sync {
+                        self.forward_error(&f);
+                    }
+                    return self.held_backend_gone(BackendError::Closed);
+                }
+                _ => return self.desync("unsolicited message"),
+            }
+        }
+    }
+
+    async fn flush_client(&mut self) -> Result<(), RouterError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.client.write_all(&self.out).await;
+        self.out.clear();
+        r.map_err(RouterError::ClientIo)?;
+        self.client.flush().await.map_err(RouterError::ClientIo)
+    }
+
+    /// Last words to a client whose session ends on an error.
+    async fn report_fatal(&mut self, e: &RouterError) {
+        match e {
+            RouterError::ClientIo(_) => return,
+            RouterError::Backend(BackendError::Closed) if self.out.is_empty() => {}
+            _ => {}
+        }
+        tracing::debug!(error = %e, "session ends");
+        if let Some(f) = e.backend_frame() {
+            self.out.extend_from_slice(&f.raw);
+        } else if let Some(mut u) = e.user_facing() {
+            u.severity = crate::error::Severity::Fatal;
+            self.ctx.metrics.error(u.code.code().as_bytes());
+            u.encode(&mut self.out);
+        }
+        let _ = self.flush_client().await;
+        let _ = self.client.shutdown().await;
+    }
+
+    /// The client is gone: a clean backend goes back to the pool, anything else closes.
+    fn finish(&mut self) {
+        self.cancel.set(None);
+        if let Some(lease) = self.lease.take() {
+            let clean = self.status == TxnStatus::Idle
+                && self.expect.is_empty()
+                && !self.needs_sync
+                && !self.copy_in;
+            if clean {
+                lease.release();
+            } else {
+                drop(lease);
+            }
+        }
+    }
+}
+
+fn command_complete(ctag: &[u8]) -> Vec<u8> {
+    let mut v = vec![btag::COMMAND_COMPLETE];
+    v.extend_from_slice(&((4 + ctag.len() + 1) as i32).to_be_bytes());
+    v.extend_from_slice(ctag);
+    v.push(0);
+    v
+}
+
+fn encode_copy_fail(buf: &mut BytesMut, msg: &str) {
+    use bytes::BufMut;
+    buf.put_u8(tag::COPY_FAIL);
+    buf.put_i32((4 + msg.len() + 1) as i32);
+    buf.put_slice(msg.as_bytes());
+    buf.put_u8(0);
+}
+
+/// A string literal for the router's own statements; `$` is dropped so that it cannot
+/// end the dollar quote it sits in.
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''").replace('$', ""))
+}
