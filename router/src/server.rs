@@ -146,6 +146,17 @@ impl Server {
         &self.ctx
     }
 
+    /// Stops at once without waiting (tests; dropped sessions roll back on their
+    /// backends).
+    pub fn abort(&self) {
+        self.ctx.shutdown.cancel();
+        self.hard_stop.cancel();
+        self.background.cancel();
+        for p in self.ctx.pools.all() {
+            p.close();
+        }
+    }
+
     /// Graceful shutdown: no new clients; idle sessions get 57P01 at once; sessions in
     /// a transaction may finish it within `shutdown_timeout`; then the rest are closed
     /// (their backends roll back) and the pools are emptied.

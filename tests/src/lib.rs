@@ -1,1 +1,239 @@
+//! The test harness: real Postgres servers started from the installed server binaries
+//! (initdb into a temporary directory, free ports on 127.0.0.1, run as `postgres` when
+//! root), and routers in front of them. One server per test binary, one database per
+//! test, so tests run in parallel; the server is stopped and its directory removed when
+//! the test binary exits.
 
+use shardgate::config::Config;
+use shardgate::dev::fleet::{self, NodeOptions, PgBinaries, PgNode};
+use shardgate::server::Server;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+pub use tokio_postgres;
+
+/// The Postgres server of this test binary.
+pub struct PgCluster {
+    pub node: PgNode,
+    pub dir: PathBuf,
+}
+
+static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+static STARTED: Mutex<Vec<(PgNode, PathBuf)>> = Mutex::new(Vec::new());
+
+extern "C" fn stop_all() {
+    let started = std::mem::take(&mut *STARTED.lock().unwrap_or_else(|e| e.into_inner()));
+    for (node, dir) in started {
+        let _ = node.stop("immediate");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Starts a fresh Postgres server in a temporary directory. It is stopped and removed
+/// when the test process exits (or by `stop_node`).
+pub fn start_node(opts: &NodeOptions) -> (PgNode, PathBuf) {
+    let bin = PgBinaries::find().expect("PostgreSQL server binaries");
+    let dir = tempfile::Builder::new()
+        .prefix("shardgate-test-")
+        .tempdir()
+        .expect("tempdir")
+        .keep();
+    fleet::prepare_dir(&dir).expect("prepare dir");
+    let data = dir.join("data");
+    let mut last_err = None;
+    for _ in 0..5 {
+        let port = fleet::free_port().expect("free port");
+        let mut node = PgNode::new(bin.clone(), data.clone(), port);
+        if !node.is_initialized() {
+            node.init(opts).expect("initdb");
+        } else {
+            node.set_port(port).expect("set port");
+        }
+        match node.start() {
+            Ok(()) => {
+                let mut started = STARTED.lock().unwrap();
+                if started.is_empty() {
+                    // SAFETY: registering a plain extern "C" function.
+                    unsafe {
+                        libc::atexit(stop_all);
+                    }
+                }
+                started.push((node.clone(), dir.clone()));
+                return (node, dir);
+            }
+            Err(e) => last_err = Some(e), // port taken in the meantime: try another
+        }
+    }
+    panic!("could not start Postgres: {last_err:?}");
+}
+
+/// The shared server of this test binary, started on first use.
+pub fn cluster() -> &'static PgCluster {
+    CLUSTER.get_or_init(|| {
+        let (node, dir) = start_node(&NodeOptions {
+            max_connections: 300,
+            fsync: false,
+        });
+        // Password logins for the auth tests (trust stays for `postgres`).
+        let hba = dir.join("data").join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            format!("host all sg_scram 127.0.0.1/32 scram-sha-256\nhost all sg_md5 127.0.0.1/32 md5\n{text}"),
+        )
+        .expect("pg_hba.conf");
+        node.psql("postgres", "SELECT pg_reload_conf()").expect("reload");
+        PgCluster { node, dir }
+    })
+}
+
+/// How a test's router is set up.
+#[derive(Clone)]
+pub struct EnvOptions {
+    /// Extra `[server]` keys, as TOML lines.
+    pub server: String,
+    /// `[[users]]` entries, as TOML. Default: `postgres` with trust.
+    pub users: String,
+    pub auth_method: &'static str,
+    pub pool_size: usize,
+    pub pool_mode: &'static str,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        EnvOptions {
+            server: String::new(),
+            users: "[[users]]\nname = \"postgres\"\n".into(),
+            auth_method: "trust",
+            pool_size: 4,
+            pool_mode: "transaction",
+        }
+    }
+}
+
+/// One test's database on the shared server and a router in front of it.
+pub struct TestEnv {
+    pub db: String,
+    pub router: Server,
+    pub pg_port: u16,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        Self::with(EnvOptions::default()).await
+    }
+
+    pub async fn with(opts: EnvOptions) -> TestEnv {
+        init_logging();
+        let c = cluster();
+        let db = format!("t_{:016x}", rand::random::<u64>());
+        c.node
+            .psql("postgres", &format!("CREATE DATABASE {db}"))
+            .expect("create database");
+        let router = start_router(&router_config(&opts, c.node.port)).await;
+        TestEnv {
+            db,
+            router,
+            pg_port: c.node.port,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.router.local_addr().port()
+    }
+
+    /// libpq connection string through the router.
+    pub fn conn_str(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname={} sslmode=disable",
+            self.port(),
+            self.db
+        )
+    }
+
+    /// libpq connection string straight to Postgres (as `postgres`).
+    pub fn direct_str(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={} sslmode=disable",
+            self.pg_port, self.db
+        )
+    }
+
+    /// A tokio-postgres client through the router, as `postgres`.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.conn_str("postgres"))
+            .await
+            .expect("connect through the router")
+    }
+
+    /// A tokio-postgres client straight to Postgres.
+    pub async fn direct(&self) -> tokio_postgres::Client {
+        connect(&self.direct_str())
+            .await
+            .expect("connect to Postgres")
+    }
+
+    /// Waits until `cond` holds on a direct connection (checking backend state after a
+    /// client misbehaved), polling instead of sleeping a fixed time.
+    pub async fn eventually(&self, sql: &str, want: i64) -> i64 {
+        let direct = self.direct().await;
+        let mut last = -1;
+        for _ in 0..100 {
+            last = direct
+                .query_one(sql, &[])
+                .await
+                .expect("poll query")
+                .get::<_, i64>(0);
+            if last == want {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+pub fn router_config(opts: &EnvOptions, pg_port: u16) -> Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nauth_method = \"{}\"\npool_size = {}\npool_mode = \"{}\"\npool_acquire_timeout_ms = 20000\n{}\n\n[coordinator]\nhost = \"127.0.0.1\"\nport = {}\n\n{}",
+        opts.auth_method, opts.pool_size, opts.pool_mode, opts.server, pg_port, opts.users
+    );
+    Config::from_toml(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+}
+
+pub async fn start_router(config: &Config) -> Server {
+    Server::start(config.clone()).await.expect("router starts")
+}
+
+/// Connects with tokio-postgres and drives the connection in the background.
+pub async fn connect(conn_str: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Path of a Postgres client tool (psql, pgbench): next to the server binaries, else PATH.
+pub fn pg_tool(name: &str) -> PathBuf {
+    let bin = PgBinaries::find().expect("PostgreSQL binaries");
+    let p = bin.tool(name);
+    if p.is_file() { p } else { PathBuf::from(name) }
+}
+
+/// Router logs in test output when SHARDGATE_LOG is set (e.g. `SHARDGATE_LOG=debug`).
+pub fn init_logging() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("SHARDGATE_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}

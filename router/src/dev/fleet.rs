@@ -71,8 +71,11 @@ impl PgBinaries {
             .ok_or(FleetError::NoBinaries)
     }
 
+    /// A tool next to the server binaries, else the one on PATH (Debian puts psql and
+    /// pgbench in /usr/bin through wrappers).
     pub fn tool(&self, name: &str) -> PathBuf {
-        self.bindir.join(name)
+        let p = self.bindir.join(name);
+        if p.is_file() { p } else { PathBuf::from(name) }
     }
 }
 

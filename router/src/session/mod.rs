@@ -83,6 +83,11 @@ pub struct Session<S> {
     /// The router itself failed a message in this batch: skip until Sync.
     skip_until_sync: bool,
     copy_in: bool,
+    /// The COPY in progress came from an extended-protocol Execute.
+    copy_extended: bool,
+    /// An extended COPY ended: the backend holds its answer until the client's Sync,
+    /// so the exchange pauses for client messages.
+    await_sync: bool,
     /// Whether the last command completed in the transaction was COMMIT.
     saw_commit: bool,
     timer: Option<(Instant, &'static str)>,
@@ -124,6 +129,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             needs_sync: false,
             skip_until_sync: false,
             copy_in: false,
+            copy_extended: false,
+            await_sync: false,
             saw_commit: false,
             timer: None,
         };
@@ -202,7 +209,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.pump().await?;
                 self.maybe_release();
             }
-            self.wait_for_client().await?;
+            let complete = matches!(peek_header(&self.rbuf, self.max_msg)?, Some((_, len)) if self.rbuf.len() >= len);
+            if !complete {
+                self.wait_for_client().await?;
+            }
         }
     }
 
@@ -370,13 +380,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.needs_sync = true;
             }
             tag::SYNC => {
+                self.await_sync = false;
                 self.bout.extend_from_slice(&f.raw);
                 self.expect.push_back(Expect::Sync);
                 self.needs_sync = false;
                 self.skip_until_sync = false;
-                self.batch_prepared.clear();
             }
-            tag::FLUSH => self.bout.extend_from_slice(&f.raw),
+            tag::FLUSH => {
+                self.await_sync = false;
+                self.bout.extend_from_slice(&f.raw);
+            }
             other => return Err(ProtocolError::UnexpectedMessage(other).into()),
         }
         Ok(())
@@ -503,6 +516,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 break;
             }
             self.flush_client().await?;
+            if self.await_sync {
+                // Back to the client for its Sync; the exchange resumes after it.
+                break;
+            }
             if self.copy_in {
                 self.copy_in_step().await?;
             } else {
@@ -531,6 +548,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         self.bout.extend_from_slice(&f);
                         if t == tag::COPY_DONE || t == tag::COPY_FAIL {
                             self.copy_in = false;
+                            self.await_sync = std::mem::take(&mut self.copy_extended);
                             break;
                         }
                         if self.bout.len() >= 64 * 1024 {
@@ -544,6 +562,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         encode_copy_fail(&mut f, "unexpected message type during COPY from stdin");
                         self.bout.extend_from_slice(&f);
                         self.copy_in = false;
+                        self.await_sync = std::mem::take(&mut self.copy_extended);
                         break;
                     }
                 },
@@ -582,6 +601,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn on_backend_frame(&mut self, f: Frame) -> Result<(), RouterError> {
+        tracing::trace!(tag = %(f.tag as char), expect = ?self.expect.front(), "backend message");
         let internal = matches!(self.expect.front(), Some(Expect::Internal));
         match f.tag {
             btag::PARAMETER_STATUS => {
@@ -611,7 +631,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         if matches!(e, Expect::Sync | Expect::Query { .. } | Expect::Internal) {
                             break;
                         }
-                        self.expect.pop_front();
+                        if let Some(Expect::Msg {
+                            prepares: Some(id), ..
+                        }) = self.expect.pop_front()
+                        {
+                            self.batch_prepared.remove(&id);
+                        }
                     }
                 }
             },
@@ -634,6 +659,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             btag::COPY_IN_RESPONSE => {
                 self.copy_in = true;
                 self.out.extend_from_slice(&f.raw);
+                if matches!(self.expect.front(), Some(Expect::Msg { .. }))
+                    && let Some(i) = self.expect.iter().position(|e| matches!(e, Expect::Sync))
+                {
+                    // Extended-protocol COPY: the backend ignores a Sync that reaches it
+                    // in copy-in mode (the one sent with the Execute); the client sends
+                    // another after CopyDone, and that one is answered.
+                    self.expect.remove(i);
+                    self.needs_sync = true;
+                    self.copy_extended = true;
+                }
             }
             btag::COMMAND_COMPLETE => {
                 let ctag = &f.body()[..f.body().len().saturating_sub(1)];
@@ -686,6 +721,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match self.expect.pop_front() {
             Some(Expect::Msg { forward, prepares }) => {
                 if let Some(id) = prepares {
+                    self.batch_prepared.remove(&id);
                     self.lease
                         .as_mut()
                         .expect("lease")
