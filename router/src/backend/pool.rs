@@ -48,11 +48,20 @@ pub struct Pool {
     /// One permit per connection that may exist; a lease holds one.
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    /// Label-resolved gauges (idle, active) for this pool's node.
+    idle_gauge: prometheus::IntGauge,
+    active_gauge: prometheus::IntGauge,
 }
 
 impl Pool {
     pub fn new(login: Login, settings: PoolSettings, metrics: Arc<Metrics>) -> Arc<Pool> {
         Arc::new(Pool {
+            idle_gauge: metrics
+                .pool_connections
+                .with_label_values(&[&login.node, "idle"]),
+            active_gauge: metrics
+                .pool_connections
+                .with_label_values(&[&login.node, "active"]),
             permits: Arc::new(Semaphore::new(settings.size)),
             login,
             settings,
@@ -98,9 +107,9 @@ impl Pool {
         loop {
             let candidate = self.idle.lock().pop();
             let Some(mut conn) = candidate else { break };
-            self.metrics.pool_idle(&self.login.node, -1);
+            self.idle_gauge.add(-1);
             if conn.last_used.elapsed() < self.settings.idle_timeout && conn.idle_healthy() {
-                self.metrics.pool_active(&self.login.node, 1);
+                self.active_gauge.add(1);
                 return Ok(Lease {
                     conn: Some(conn),
                     pool: self.clone(),
@@ -118,7 +127,7 @@ impl Pool {
             .backend_connects
             .with_label_values(&[&self.login.node])
             .inc();
-        self.metrics.pool_active(&self.login.node, 1);
+        self.active_gauge.add(1);
         Ok(Lease {
             conn: Some(conn),
             pool: self.clone(),
@@ -133,15 +142,14 @@ impl Pool {
             return;
         }
         self.idle.lock().push(conn);
-        self.metrics.pool_idle(&self.login.node, 1);
+        self.idle_gauge.add(1);
     }
 
     /// Closes idle connections and refuses new leases (shutdown).
     pub fn close(&self) {
         self.permits.close();
         let idle: Vec<_> = std::mem::take(&mut *self.idle.lock());
-        self.metrics
-            .pool_idle(&self.login.node, -(idle.len() as i64));
+        self.idle_gauge.add(-(idle.len() as i64));
         for c in idle {
             tokio::spawn(c.terminate());
         }
@@ -157,8 +165,7 @@ impl Pool {
             *idle = keep;
             drop
         };
-        self.metrics
-            .pool_idle(&self.login.node, -(expired.len() as i64));
+        self.idle_gauge.add(-(expired.len() as i64));
         for c in expired {
             tokio::spawn(c.terminate());
         }
@@ -189,7 +196,12 @@ impl Lease {
     /// with unread bytes is closed instead: the next client must never inherit state.
     pub fn release(mut self) {
         let conn = self.conn.take().expect("lease holds a connection");
-        self.pool.metrics.pool_active(&self.pool.login.node, -1);
+        self.pool.active_gauge.add(-1);
+        let mut conn = conn;
+        if conn.rbuf.is_empty() && conn.rbuf.capacity() > 1 << 20 {
+            // Grown for one large message: give the memory back.
+            conn.rbuf = bytes::BytesMut::with_capacity(16 * 1024);
+        }
         if conn.status == TxnStatus::Idle && conn.rbuf.is_empty() {
             self.pool.put_back(conn);
         } else {
@@ -202,7 +214,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             // Dropped without release: its state is unknown, so it is not reused.
-            self.pool.metrics.pool_active(&self.pool.login.node, -1);
+            self.pool.active_gauge.add(-1);
             self.pool
                 .metrics
                 .backend_discards

@@ -19,7 +19,7 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Serves one client connection to the end. Never panics on what the client sends.
 pub async fn handle_connection(ctx: Arc<ServerCtx>, mut tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
-    let mut rbuf = BytesMut::with_capacity(8192);
+    let mut rbuf = BytesMut::with_capacity(1024);
     // Negotiation happens in the clear, at most once for SSL and once for GSS.
     let mut offered_tls = false;
     let packet = loop {

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub statement_seconds: HistogramVec,
     pub errors: IntCounterVec,
     pub cancel_requests: IntCounter,
+    /// Label-resolved handles for the per-request hot path.
+    pub statements_simple: IntCounter,
+    pub statements_extended: IntCounter,
+    pub request_seconds_simple: prometheus::Histogram,
+    pub request_seconds_extended: prometheus::Histogram,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -121,6 +126,10 @@ impl Metrics {
             must(registry.register(c));
         }
         Metrics {
+            statements_simple: statements.with_label_values(&["simple"]),
+            statements_extended: statements.with_label_values(&["extended"]),
+            request_seconds_simple: statement_seconds.with_label_values(&["simple"]),
+            request_seconds_extended: statement_seconds.with_label_values(&["extended"]),
             registry,
             client_connections,
             client_connections_total,
@@ -134,18 +143,6 @@ impl Metrics {
             errors,
             cancel_requests,
         }
-    }
-
-    pub fn pool_idle(&self, node: &str, delta: i64) {
-        self.pool_connections
-            .with_label_values(&[node, "idle"])
-            .add(delta);
-    }
-
-    pub fn pool_active(&self, node: &str, delta: i64) {
-        self.pool_connections
-            .with_label_values(&[node, "active"])
-            .add(delta);
     }
 
     /// Counts an error sent to a client by its SQLSTATE class.

@@ -31,6 +31,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// sent to the backend anyway, so a long pipeline does not pile up in the router.
 const BATCH_LIMIT: usize = 1 << 20;
 
+/// Buffers that grew past this for one large message are given back afterwards.
+const SHRINK_ABOVE: usize = 1 << 20;
+
 /// What the router expects back from the backend, in order.
 #[derive(Debug)]
 enum Expect {
@@ -113,8 +116,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ctx: ctx.clone(),
             client,
             rbuf,
-            out: BytesMut::with_capacity(16 * 1024),
-            bout: BytesMut::with_capacity(4096),
+            // Buffers grow on demand: an idle client costs little memory.
+            out: BytesMut::new(),
+            bout: BytesMut::new(),
             pool,
             lease: None,
             cancel: guard.slot.clone(),
@@ -209,6 +213,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.pump().await?;
                 self.maybe_release();
             }
+            if self.rbuf.is_empty() && self.rbuf.capacity() > SHRINK_ABOVE {
+                self.rbuf = BytesMut::new();
+            }
             let complete = matches!(peek_header(&self.rbuf, self.max_msg)?, Some((_, len)) if self.rbuf.len() >= len);
             if !complete {
                 self.wait_for_client().await?;
@@ -245,11 +252,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.refuse_request(e);
         }
         self.prepare_settings();
-        self.ctx
-            .metrics
-            .statements
-            .with_label_values(&["simple"])
-            .inc();
+        self.ctx.metrics.statements_simple.inc();
         self.start_timer("simple");
         self.bout.extend_from_slice(&frame.raw);
         self.expect.push_back(Expect::Query { tracked, ok: false });
@@ -370,11 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             tag::EXECUTE => {
-                self.ctx
-                    .metrics
-                    .statements
-                    .with_label_values(&["extended"])
-                    .inc();
+                self.ctx.metrics.statements_extended.inc();
                 self.bout.extend_from_slice(&f.raw);
                 self.expect.push_back(fwd);
                 self.needs_sync = true;
@@ -480,6 +479,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let lease = self.lease.as_mut().expect("lease held while writing");
         let r = lease.conn().write_all(&self.bout).await;
         self.bout.clear();
+        if self.bout.capacity() > SHRINK_ABOVE {
+            self.bout = BytesMut::new();
+        }
         if let Err(e) = r {
             return self.backend_lost(e);
         }
@@ -778,11 +780,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.status = status;
         self.out.extend_from_slice(&f.raw);
         if let Some((start, proto)) = self.timer.take() {
-            self.ctx
-                .metrics
-                .statement_seconds
-                .with_label_values(&[proto])
-                .observe(start.elapsed().as_secs_f64());
+            let h = if proto == "simple" {
+                &self.ctx.metrics.request_seconds_simple
+            } else {
+                &self.ctx.metrics.request_seconds_extended
+            };
+            h.observe(start.elapsed().as_secs_f64());
         }
     }
 
@@ -943,6 +946,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let r = self.client.write_all(&self.out).await;
         self.out.clear();
+        if self.out.capacity() > SHRINK_ABOVE {
+            self.out = BytesMut::new();
+        }
         r.map_err(RouterError::ClientIo)?;
         self.client.flush().await.map_err(RouterError::ClientIo)
     }
