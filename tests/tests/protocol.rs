@@ -353,3 +353,95 @@ async fn show(c: &tokio_postgres::Client, what: &str) -> String {
         .clone()
         .unwrap()
 }
+
+/// A client whose connection's async messages (notices, notifications) are collected.
+async fn client_with_messages(
+    conn_str: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            let text = match m {
+                Ok(tokio_postgres::AsyncMessage::Notice(n)) => format!("notice:{}", n.message()),
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    format!("notify:{}:{}", n.channel(), n.payload())
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            };
+            let _ = tx.send(text);
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_and_notifications_are_forwarded() {
+    let env = TestEnv::with(EnvOptions {
+        pool_mode: "session",
+        ..Default::default()
+    })
+    .await;
+    let (a, mut a_msgs) = client_with_messages(&env.conn_str("postgres")).await;
+    a.batch_execute("DO $$BEGIN RAISE NOTICE 'hello %', 42; END$$")
+        .await
+        .unwrap();
+    assert_eq!(a_msgs.recv().await.unwrap(), "notice:hello 42");
+    // LISTEN needs session pooling; the notification arrives while `a` is idle.
+    a.batch_execute("LISTEN chan").await.unwrap();
+    let b = env.client().await;
+    b.batch_execute("NOTIFY chan, 'payload'").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), a_msgs.recv())
+        .await
+        .expect("notification within 5 s")
+        .unwrap();
+    assert_eq!(got, "notify:chan:payload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_backend_connections_are_replaced() {
+    let env = TestEnv::with(EnvOptions {
+        pool_size: 1,
+        ..Default::default()
+    })
+    .await;
+    let a = env.client().await;
+    a.batch_execute("CREATE TABLE t (x int)").await.unwrap();
+    let direct = env.direct().await;
+    let kill = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    // The pooled connection dies while idle in the pool: the next query gets a new one.
+    let killed: i64 = direct.query_one(kill, &[]).await.unwrap().get(0);
+    assert_eq!(killed, 1);
+    env.eventually(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        0,
+    )
+    .await;
+    assert_eq!(
+        a.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0),
+        2
+    );
+    // It dies inside a transaction: the client gets an error, not a hang, and the
+    // uncommitted row is gone; other clients are served.
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let killed: i64 = direct.query_one(kill, &[]).await.unwrap().get(0);
+    assert_eq!(killed, 1);
+    let r = tokio::time::timeout(Duration::from_secs(10), a.batch_execute("COMMIT")).await;
+    assert!(r.expect("an answer, not a hang").is_err());
+    let b = env.client().await;
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
