@@ -186,6 +186,37 @@ mod tests {
     }
 
     #[test]
+    fn startup_answers_round_trip() {
+        let mut b = BytesMut::new();
+        encode_auth_sasl(&mut b, &["SCRAM-SHA-256"]);
+        encode_auth(&mut b, auth_code::MD5, &[1, 2, 3, 4]);
+        encode_backend_key_data(&mut b, 77, -5);
+        encode_negotiate_protocol_version(&mut b, 0, &["_pq_.x".to_string()]);
+        encode_parse_complete(&mut b);
+        encode_close_complete(&mut b);
+        let f = decode_frame(&mut b, 1 << 20).unwrap().unwrap();
+        let mut r = Reader::new(f.body());
+        assert_eq!(r.i32().unwrap(), auth_code::SASL);
+        assert_eq!(r.cstr().unwrap(), b"SCRAM-SHA-256");
+        assert_eq!(r.cstr().unwrap(), b"");
+        assert!(r.is_empty());
+        let f = decode_frame(&mut b, 1 << 20).unwrap().unwrap();
+        assert_eq!(f.body(), &[0, 0, 0, 5, 1, 2, 3, 4]);
+        let f = decode_frame(&mut b, 1 << 20).unwrap().unwrap();
+        let mut r = Reader::new(f.body());
+        assert_eq!((f.tag, r.i32().unwrap(), r.i32().unwrap()), (b'K', 77, -5));
+        let f = decode_frame(&mut b, 1 << 20).unwrap().unwrap();
+        let mut r = Reader::new(f.body());
+        assert_eq!((r.i32().unwrap(), r.i32().unwrap()), (0, 1));
+        assert_eq!(r.cstr().unwrap(), b"_pq_.x");
+        for want in [btag::PARSE_COMPLETE, btag::CLOSE_COMPLETE] {
+            let f = decode_frame(&mut b, 1 << 20).unwrap().unwrap();
+            assert_eq!((f.tag, f.body().len()), (want, 0));
+        }
+        assert!(b.is_empty());
+    }
+
+    #[test]
     fn status_round_trip() {
         let mut b = BytesMut::new();
         encode_parameter_status(&mut b, "TimeZone", "UTC");
