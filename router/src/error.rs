@@ -32,6 +32,8 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
     pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
+    pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
+    pub const RESERVED_NAME: SqlState = SqlState("42939");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 }
 

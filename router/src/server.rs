@@ -172,6 +172,16 @@ impl Server {
                 remaining = self.tracker.len(),
                 "shutdown grace period over; closing remaining sessions"
             );
+            // Statements still running would keep their transactions (and locks) open
+            // on the nodes until they end on their own: cancel them first.
+            let cancels: Vec<_> = self
+                .ctx
+                .cancels
+                .busy_backends()
+                .into_iter()
+                .map(|(addr, pid, secret)| crate::backend::cancel_backend(addr, pid, secret))
+                .collect();
+            let _ = tokio::time::timeout(Duration::from_secs(2), futures_join(cancels)).await;
             self.hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         }
@@ -240,4 +250,19 @@ async fn reap_idle(ctx: Arc<ServerCtx>, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// Runs the futures concurrently and waits for all of them.
+async fn futures_join<F>(futs: Vec<F>)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for f in futs {
+        set.spawn(async move {
+            let _ = f.await;
+        });
+    }
+    while set.join_next().await.is_some() {}
 }

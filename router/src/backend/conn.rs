@@ -115,7 +115,15 @@ impl BackendConn {
                         protocol::auth_code::MD5 => {
                             let pw = password(login)?;
                             let salt: [u8; 4] = r.bytes(4)?.try_into().expect("4 bytes");
-                            let hash = md5_hash(login.user.as_bytes(), pw.as_bytes(), salt);
+                            let hash = match stored_md5(pw) {
+                                // Postgres's stored form md5(password || user): finish it.
+                                Some(inner) => {
+                                    let mut v = inner.as_bytes().to_vec();
+                                    v.extend_from_slice(&salt);
+                                    format!("md5{:x}", md5::compute(&v))
+                                }
+                                None => md5_hash(login.user.as_bytes(), pw.as_bytes(), salt),
+                            };
                             frontend::password_message(hash.as_bytes(), &mut out)?;
                         }
                         protocol::auth_code::SASL => {
@@ -254,6 +262,12 @@ impl BackendConn {
         frontend::terminate(&mut out);
         let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&out)).await;
     }
+}
+
+/// The hex part of a password given in Postgres's stored md5 form (`md5` + 32 hex).
+pub fn stored_md5(password: &str) -> Option<&str> {
+    let hex = password.strip_prefix("md5")?;
+    (hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
 }
 
 fn password(login: &Login) -> Result<&str, BackendError> {

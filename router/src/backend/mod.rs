@@ -4,6 +4,6 @@ mod conn;
 mod error;
 mod pool;
 
-pub use conn::{BackendConn, Login, MAX_BACKEND_MESSAGE, cancel_backend};
+pub use conn::{BackendConn, Login, MAX_BACKEND_MESSAGE, cancel_backend, stored_md5};
 pub use error::{BackendError, PoolError};
 pub use pool::{Lease, Pool, PoolKey, PoolMode, PoolSettings, Pools};

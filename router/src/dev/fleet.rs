@@ -255,7 +255,22 @@ impl PgNode {
             .arg(&log)
             .args(["-w", "-t", "120"])
             .stdout(Stdio::null());
-        run(c, &format!("starting the server in {}", self.dir.display()))
+        run(c, &format!("starting the server in {}", self.dir.display())).map_err(|e| {
+            // pg_ctl only says "examine the log output": bring the log's end along.
+            let tail = std::fs::read_to_string(&log)
+                .map(|t| {
+                    let lines: Vec<&str> = t.lines().collect();
+                    lines[lines.len().saturating_sub(8)..].join("\n")
+                })
+                .unwrap_or_default();
+            match e {
+                FleetError::Command { what, detail } => FleetError::Command {
+                    what,
+                    detail: format!("{detail}\nserver log ({}):\n{tail}", log.display()),
+                },
+                other => other,
+            }
+        })
     }
 
     /// Stops the server: `fast` rolls back open transactions, `immediate` is a crash.

@@ -29,9 +29,10 @@ struct FleetState {
 }
 
 fn choose_base_port() -> u16 {
-    // A block of free ports above the usual 5432.
-    let mut base = 55432;
-    while (0..9).any(|i| fleet::port_in_use(base + i)) && base < 60000 {
+    // A block of free ports below the kernel's ephemeral range (32768 and up on Linux),
+    // so that client sockets of other programs do not take them between runs.
+    let mut base = 25432;
+    while (0..9).any(|i| fleet::port_in_use(base + i)) && base < 32000 {
         base += 10;
     }
     base

@@ -48,9 +48,11 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         AuthMethod::ScramSha256 => {
-            let Some(creds) = known.and_then(|u| u.scram.clone()) else {
-                return Err(failed());
-            };
+            // An unknown user goes through the same exchange with a secret nobody can
+            // match, so that the answers do not tell which users exist (as Postgres).
+            let creds = known
+                .and_then(|u| u.scram.clone())
+                .unwrap_or_else(|| mock_creds(user));
             scram(stream, rbuf, creds, user).await?;
         }
     }
@@ -145,15 +147,32 @@ async fn write<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8]) -> Result<(), 
 /// What a client must answer to an md5 challenge. The configured password may be the
 /// plaintext or Postgres's stored form `md5<md5(password || user)>`.
 fn md5_response(user: &str, password: &str, salt: &[u8; 4]) -> String {
-    if password.len() == 35
-        && password.starts_with("md5")
-        && password[3..].bytes().all(|b| b.is_ascii_hexdigit())
-    {
-        let mut inner = password[3..].as_bytes().to_vec();
+    if let Some(hex) = crate::backend::stored_md5(password) {
+        let mut inner = hex.as_bytes().to_vec();
         inner.extend_from_slice(salt);
         return format!("md5{:x}", md5::compute(&inner));
     }
     pgwire::api::auth::md5pass::hash_md5_password(user, password, salt)
+}
+
+/// SCRAM material for a user that does not exist: a salt that is stable per user name
+/// (a probe sees the same salt each time, as for a real user) and a random key.
+fn mock_creds(user: &str) -> ScramCreds {
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let seed = SEED.get_or_init(std::collections::hash_map::RandomState::new);
+    let mut salt = Vec::with_capacity(16);
+    for i in 0..2u8 {
+        let mut h = seed.build_hasher();
+        h.write(user.as_bytes());
+        h.write_u8(i);
+        salt.extend_from_slice(&h.finish().to_le_bytes());
+    }
+    ScramCreds::Salted {
+        salt,
+        salted_password: rand::random::<[u8; 32]>().to_vec(),
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

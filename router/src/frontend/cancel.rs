@@ -61,6 +61,16 @@ impl CancelRegistry {
         }
     }
 
+    /// Every backend a session is running something on right now (shutdown cancels
+    /// them when the grace period is over).
+    pub fn busy_backends(&self) -> Vec<(SocketAddr, i32, i32)> {
+        self.slots
+            .lock()
+            .values()
+            .filter_map(|(_, slot)| slot.get())
+            .collect()
+    }
+
     /// The backend to cancel for a client's (pid, secret), if the key is right and the
     /// client is running something.
     pub fn lookup(&self, pid: i32, secret: i32) -> Option<(SocketAddr, i32, i32)> {

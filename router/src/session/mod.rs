@@ -10,12 +10,12 @@
 mod prepared;
 mod settings;
 
-pub use prepared::{Prepared, PreparedRegistry};
+pub use prepared::{Prepared, PreparedRegistry, ReservedUse, reserved_use};
 pub use settings::{SessionStmt, Settings, classify};
 
 use crate::backend::{BackendConn, BackendError, Lease, Pool, PoolMode};
 use crate::config::User;
-use crate::error::RouterError;
+use crate::error::{RouterError, sqlstate};
 use crate::frontend::CancelSlot;
 use crate::protocol::{
     self, Frame, ProtocolError, TxnStatus, btag, decode_frame, peek_header, tag,
@@ -30,6 +30,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Extended-protocol messages buffered without a Sync or Flush beyond this size are
 /// sent to the backend anyway, so a long pipeline does not pile up in the router.
 const BATCH_LIMIT: usize = 1 << 20;
+
+/// While waiting for a backend, at most this much of what the client sends next is
+/// read ahead (to notice a client that goes away).
+const CLIENT_READAHEAD: usize = 64 * 1024;
+
+/// Statements the router prepares on backends are named `sg_<n>`; sessions may not
+/// reach such names except through their own statements.
+const ROUTER_STMT_PREFIX: &[u8] = b"sg_";
 
 /// Buffers that grew past this for one large message are given back afterwards.
 const SHRINK_ABOVE: usize = 1 << 20;
@@ -48,12 +56,29 @@ enum Expect {
     /// when the router injected it; `prepares` records a statement on success.
     Msg {
         forward: bool,
-        prepares: Option<u64>,
+        prepares: Option<Arc<Prepared>>,
+        undo: Option<Undo>,
     },
     /// A reply the router makes itself, sent when every earlier reply has been.
-    Synth(u8),
+    Synth { tag: u8, undo: Option<Undo> },
     /// Sync: ends with ReadyForQuery.
     Sync,
+}
+
+/// How to take back a change to the session's statement names when Postgres skips the
+/// message that made it (an earlier error in the batch): the name's previous mapping.
+#[derive(Debug)]
+struct Undo {
+    name: Bytes,
+    previous: Option<Arc<Prepared>>,
+}
+
+fn msg(forward: bool) -> Expect {
+    Expect::Msg {
+        forward,
+        prepares: None,
+        undo: None,
+    }
 }
 
 pub struct Session<S> {
@@ -254,7 +279,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.prepare_settings();
         self.ctx.metrics.statements_simple.inc();
         self.start_timer("simple");
-        self.bout.extend_from_slice(&frame.raw);
+        let reserved = if frame.tag == tag::QUERY {
+            let body = frame.body();
+            std::str::from_utf8(&body[..body.len().saturating_sub(1)])
+                .ok()
+                .and_then(reserved_use)
+                .filter(|u| !matches!(u, ReservedUse::Reference(n) if self.stmts.contains_key(n.as_bytes())))
+        } else {
+            None
+        };
+        match reserved {
+            // Refused by the backend itself, so the transaction state is Postgres's own.
+            Some(ReservedUse::Prepare(name)) => protocol::encode_simple_query(
+                &mut self.bout,
+                &raise_sql(
+                    sqlstate::RESERVED_NAME.code(),
+                    &format!(
+                        "prepared statement name \"{name}\" is reserved: names beginning with sg_ belong to the router"
+                    ),
+                ),
+            ),
+            Some(ReservedUse::Reference(name)) => protocol::encode_simple_query(
+                &mut self.bout,
+                &raise_sql(
+                    sqlstate::INVALID_SQL_STATEMENT_NAME.code(),
+                    &format!("prepared statement \"{name}\" does not exist"),
+                ),
+            ),
+            None => self.bout.extend_from_slice(&frame.raw),
+        }
         self.expect.push_back(Expect::Query { tracked, ok: false });
         Ok(())
     }
@@ -263,6 +316,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// the backend gets.
     async fn send_batch(&mut self, end: Option<Frame>) -> Result<(), RouterError> {
         if self.batch.is_empty() && end.is_none() {
+            return Ok(());
+        }
+        if self.answer_locally(end.as_ref()) {
             return Ok(());
         }
         if let Err(e) = self.ensure_lease().await {
@@ -289,36 +345,111 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
+    /// A client between transactions that only (re)declares statements Postgres has
+    /// already accepted (Parse of a known text, Close of a statement) and then syncs
+    /// needs no backend: the router answers, and prepares lazily at Bind. Without this,
+    /// a client that prepares synchronously (pgbench -M prepared: one thread, many
+    /// connections) would wait for a backend held by its own sibling connections.
+    fn answer_locally(&mut self, end: Option<&Frame>) -> bool {
+        let Some(end) = end else { return false };
+        if self.lease.is_some()
+            || !self.expect.is_empty()
+            || self.needs_sync
+            || self.skip_until_sync
+            || self.status != TxnStatus::Idle
+            || !(end.tag == tag::SYNC || end.tag == tag::FLUSH)
+        {
+            return false;
+        }
+        let mut plan = Vec::with_capacity(self.batch.len());
+        let mut names: HashSet<&[u8]> = HashSet::new();
+        for f in &self.batch {
+            match f.tag {
+                tag::PARSE => {
+                    let Ok(p) = protocol::decode_parse(f.body()) else {
+                        return false;
+                    };
+                    if p.name.is_empty() || self.stmts.contains_key(p.name) || !names.insert(p.name)
+                    {
+                        return false;
+                    }
+                    match self.ctx.prepared.lookup(p.query, p.param_types) {
+                        Some(prep) if prep.validated.load(std::sync::atomic::Ordering::Relaxed) => {
+                            plan.push((Bytes::copy_from_slice(p.name), Some(prep)))
+                        }
+                        _ => return false,
+                    }
+                }
+                tag::CLOSE => match protocol::decode_target(f.body()) {
+                    Ok((b'S', name)) if !name.is_empty() => {
+                        names.remove(name);
+                        plan.push((Bytes::copy_from_slice(name), None))
+                    }
+                    _ => return false,
+                },
+                _ => return false,
+            }
+        }
+        for (name, prep) in plan {
+            match prep {
+                Some(p) => {
+                    self.stmts.insert(name, p);
+                    protocol::encode_parse_complete(&mut self.out);
+                }
+                None => {
+                    self.stmts.remove(&name);
+                    protocol::encode_close_complete(&mut self.out);
+                }
+            }
+        }
+        self.batch.clear();
+        self.batch_bytes = 0;
+        if end.tag == tag::SYNC {
+            protocol::encode_ready_for_query(&mut self.out, self.status);
+        }
+        true
+    }
+
     /// One extended message: renamed statements, injected Parses, router replies.
     fn translate(&mut self, f: Frame) -> Result<(), RouterError> {
         if self.skip_until_sync && f.tag != tag::SYNC {
             return Ok(());
         }
-        let fwd = Expect::Msg {
-            forward: true,
-            prepares: None,
-        };
         match f.tag {
             tag::PARSE => {
                 let p = protocol::decode_parse(f.body())?;
                 if p.name.is_empty() {
                     self.bout.extend_from_slice(&f.raw);
-                    self.expect.push_back(fwd);
+                    self.expect.push_back(msg(true));
                 } else if self.stmts.contains_key(p.name) {
                     let msg = format!(
                         "prepared statement \"{}\" already exists",
                         String::from_utf8_lossy(p.name)
                     );
-                    self.raise_on_backend(
-                        crate::error::sqlstate::DUPLICATE_PREPARED_STATEMENT.code(),
-                        &msg,
-                    );
+                    self.raise_on_backend(sqlstate::DUPLICATE_PREPARED_STATEMENT.code(), &msg);
                 } else {
                     let prep = self.ctx.prepared.intern(p.query, p.param_types);
-                    self.stmts
-                        .insert(Bytes::copy_from_slice(p.name), prep.clone());
-                    if self.is_prepared(prep.id) {
-                        self.expect.push_back(Expect::Synth(btag::PARSE_COMPLETE));
+                    let name = Bytes::copy_from_slice(p.name);
+                    self.stmts.insert(name.clone(), prep.clone());
+                    let undo = Some(Undo {
+                        name,
+                        previous: None,
+                    });
+                    if self.status == TxnStatus::Failed {
+                        // Postgres refuses a Parse in an aborted transaction (unless it
+                        // is a transaction-control statement): let it decide, on the
+                        // unnamed statement so nothing shared is touched.
+                        protocol::encode_parse(&mut self.bout, b"", &prep.query, &prep.param_types);
+                        self.expect.push_back(Expect::Msg {
+                            forward: true,
+                            prepares: None,
+                            undo,
+                        });
+                    } else if self.is_prepared(prep.id) {
+                        self.expect.push_back(Expect::Synth {
+                            tag: btag::PARSE_COMPLETE,
+                            undo,
+                        });
                     } else {
                         protocol::encode_parse(
                             &mut self.bout,
@@ -329,7 +460,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         self.batch_prepared.insert(prep.id);
                         self.expect.push_back(Expect::Msg {
                             forward: true,
-                            prepares: Some(prep.id),
+                            prepares: Some(prep.clone()),
+                            undo,
                         });
                     }
                 }
@@ -341,11 +473,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Some(prep) if !b.statement.is_empty() => {
                         self.ensure_prepared(&prep);
                         protocol::encode_bind(&mut self.bout, b.portal, &prep.name, b.rest);
+                        self.expect.push_back(msg(true));
+                    }
+                    _ if b.statement.starts_with(ROUTER_STMT_PREFIX) => {
+                        self.raise_unknown_statement(b.statement)
                     }
                     // Unnamed, or unknown: the backend answers (26000 for unknown).
-                    _ => self.bout.extend_from_slice(&f.raw),
+                    _ => {
+                        self.bout.extend_from_slice(&f.raw);
+                        self.expect.push_back(msg(true));
+                    }
                 }
-                self.expect.push_back(fwd);
                 self.needs_sync = true;
             }
             tag::DESCRIBE => {
@@ -354,28 +492,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Some(prep) if kind == b'S' && !name.is_empty() => {
                         self.ensure_prepared(&prep);
                         protocol::encode_target(&mut self.bout, tag::DESCRIBE, b'S', &prep.name);
+                        self.expect.push_back(msg(true));
                     }
-                    _ => self.bout.extend_from_slice(&f.raw),
+                    _ if kind == b'S' && name.starts_with(ROUTER_STMT_PREFIX) => {
+                        self.raise_unknown_statement(name)
+                    }
+                    _ => {
+                        self.bout.extend_from_slice(&f.raw);
+                        self.expect.push_back(msg(true));
+                    }
                 }
-                self.expect.push_back(fwd);
                 self.needs_sync = true;
             }
             tag::CLOSE => {
                 let (kind, name) = protocol::decode_target(f.body())?;
                 if kind == b'S' && !name.is_empty() {
                     // The backend's copy may serve other clients; it stays.
-                    self.stmts.remove(name);
-                    self.expect.push_back(Expect::Synth(btag::CLOSE_COMPLETE));
+                    let previous = self.stmts.remove(name);
+                    self.expect.push_back(Expect::Synth {
+                        tag: btag::CLOSE_COMPLETE,
+                        undo: Some(Undo {
+                            name: Bytes::copy_from_slice(name),
+                            previous,
+                        }),
+                    });
                 } else {
                     self.bout.extend_from_slice(&f.raw);
-                    self.expect.push_back(fwd);
+                    self.expect.push_back(msg(true));
                     self.needs_sync = true;
                 }
             }
             tag::EXECUTE => {
                 self.ctx.metrics.statements_extended.inc();
                 self.bout.extend_from_slice(&f.raw);
-                self.expect.push_back(fwd);
+                self.expect.push_back(msg(true));
                 self.needs_sync = true;
             }
             tag::SYNC => {
@@ -417,13 +567,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Injects a Parse for `prep` when the borrowed backend does not have it yet.
-    fn ensure_prepared(&mut self, prep: &Prepared) {
+    fn ensure_prepared(&mut self, prep: &Arc<Prepared>) {
         if !self.is_prepared(prep.id) {
             protocol::encode_parse(&mut self.bout, &prep.name, &prep.query, &prep.param_types);
             self.batch_prepared.insert(prep.id);
             self.expect.push_back(Expect::Msg {
                 forward: false,
-                prepares: Some(prep.id),
+                prepares: Some(prep.clone()),
+                undo: None,
             });
         }
     }
@@ -431,20 +582,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Makes the backend itself fail the batch with (sqlstate, message), so that its
     /// transaction state (aborted, skip until Sync) is exactly what Postgres would have.
     fn raise_on_backend(&mut self, sqlstate: &str, message: &str) {
-        let sql = format!(
-            "DO $sg$BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', MESSAGE = {}; END$sg$",
-            quote_literal(message)
-        );
+        let sql = raise_sql(sqlstate, message);
         protocol::encode_parse(&mut self.bout, b"", sql.as_bytes(), &[0, 0]);
         protocol::encode_bind(&mut self.bout, b"", b"", &[0, 0, 0, 0, 0, 0]);
         protocol::encode_execute(&mut self.bout, b"", 0);
         for _ in 0..3 {
-            self.expect.push_back(Expect::Msg {
-                forward: false,
-                prepares: None,
-            });
+            self.expect.push_back(msg(false));
         }
         self.skip_until_sync = true;
+    }
+
+    /// Bind/Describe of a name in the router's own namespace that this session does not
+    /// own: another session's statement, never reachable from here.
+    fn raise_unknown_statement(&mut self, name: &[u8]) {
+        let msg = format!(
+            "prepared statement \"{}\" does not exist",
+            String::from_utf8_lossy(name)
+        );
+        self.raise_on_backend(sqlstate::INVALID_SQL_STATEMENT_NAME.code(), &msg);
     }
 
     /// Before the first message of a request: put the backend into this session's
@@ -525,17 +680,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.copy_in {
                 self.copy_in_step().await?;
             } else {
-                let conn = self
-                    .lease
-                    .as_mut()
-                    .expect("lease held while pumping")
-                    .conn();
-                if let Err(e) = conn.fill().await {
-                    return self.backend_lost(e);
-                }
+                self.wait_backend().await?;
             }
         }
         self.flush_client().await
+    }
+
+    /// Waits for the backend's next bytes. Meanwhile the client's socket is watched
+    /// (what it sends is kept for later): if the client goes away, its running query
+    /// is cancelled instead of holding the backend connection until it finishes.
+    async fn wait_backend(&mut self) -> Result<(), RouterError> {
+        enum Woke {
+            Backend(Result<usize, BackendError>),
+            Client(std::io::Result<usize>),
+        }
+        let watch_client = self.rbuf.len() < CLIENT_READAHEAD;
+        let conn = self
+            .lease
+            .as_mut()
+            .expect("lease held while pumping")
+            .conn();
+        let woke = tokio::select! {
+            r = conn.fill() => Woke::Backend(r),
+            r = self.client.read_buf(&mut self.rbuf), if watch_client => Woke::Client(r),
+        };
+        match woke {
+            Woke::Backend(Ok(_)) | Woke::Client(Ok(1..)) => Ok(()),
+            Woke::Backend(Err(e)) => self.backend_lost(e),
+            Woke::Client(r) => {
+                if let Some((addr, pid, secret)) = self.cancel.get() {
+                    tokio::spawn(async move {
+                        let _ = crate::backend::cancel_backend(addr, pid, secret).await;
+                    });
+                }
+                Err(RouterError::ClientIo(r.err().unwrap_or_else(|| {
+                    std::io::ErrorKind::UnexpectedEof.into()
+                })))
+            }
+        }
     }
 
     /// While the backend is in COPY FROM STDIN: pass the client's CopyData/CopyDone/
@@ -595,8 +777,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn emit_synths(&mut self) {
-        while let Some(Expect::Synth(t)) = self.expect.front() {
-            let t = *t;
+        while let Some(Expect::Synth { tag, .. }) = self.expect.front() {
+            let t = *tag;
             self.expect.pop_front();
             self.out.extend_from_slice(&[t, 0, 0, 0, 4]);
         }
@@ -633,11 +815,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         if matches!(e, Expect::Sync | Expect::Query { .. } | Expect::Internal) {
                             break;
                         }
-                        if let Some(Expect::Msg {
-                            prepares: Some(id), ..
-                        }) = self.expect.pop_front()
-                        {
-                            self.batch_prepared.remove(&id);
+                        match self.expect.pop_front() {
+                            Some(Expect::Msg { prepares, undo, .. }) => {
+                                if let Some(p) = prepares {
+                                    self.batch_prepared.remove(&p.id);
+                                }
+                                self.undo(undo);
+                            }
+                            Some(Expect::Synth { undo, .. }) => self.undo(undo),
+                            _ => {}
                         }
                     }
                 }
@@ -721,15 +907,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The terminal reply of the extended message at the head.
     fn end_msg(&mut self, f: &Frame) -> Result<(), RouterError> {
         match self.expect.pop_front() {
-            Some(Expect::Msg { forward, prepares }) => {
-                if let Some(id) = prepares {
-                    self.batch_prepared.remove(&id);
+            Some(Expect::Msg {
+                forward, prepares, ..
+            }) => {
+                if let Some(p) = prepares {
+                    // Postgres accepted it: from now on a Parse of the same text can be
+                    // answered without a backend (see `answer_locally`).
+                    p.validated
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.batch_prepared.remove(&p.id);
                     self.lease
                         .as_mut()
                         .expect("lease")
                         .conn()
                         .prepared
-                        .insert(id);
+                        .insert(p.id);
                 }
                 if forward {
                     self.out.extend_from_slice(&f.raw);
@@ -737,6 +929,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(())
             }
             _ => self.desync("reply out of turn"),
+        }
+    }
+
+    /// Postgres skipped the message that changed a statement name: change it back.
+    fn undo(&mut self, undo: Option<Undo>) {
+        if let Some(Undo { name, previous }) = undo {
+            match previous {
+                Some(p) => {
+                    self.stmts.insert(name, p);
+                }
+                None => {
+                    self.stmts.remove(&name);
+                }
+            }
         }
     }
 
@@ -1003,6 +1209,14 @@ fn encode_copy_fail(buf: &mut BytesMut, msg: &str) {
     buf.put_i32((4 + msg.len() + 1) as i32);
     buf.put_slice(msg.as_bytes());
     buf.put_u8(0);
+}
+
+/// A statement that fails with (sqlstate, message) when the backend runs it.
+fn raise_sql(sqlstate: &str, message: &str) -> String {
+    format!(
+        "DO $sg$BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', MESSAGE = {}; END$sg$",
+        quote_literal(message)
+    )
 }
 
 /// A string literal for the router's own statements; `$` is dropped so that it cannot

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug)]
 pub struct Prepared {
@@ -18,6 +18,8 @@ pub struct Prepared {
     pub query: Bytes,
     /// Parameter count and type OIDs, raw from the client's Parse.
     pub param_types: Bytes,
+    /// Some backend accepted this Parse once (the text is valid SQL for its types).
+    pub validated: AtomicBool,
 }
 
 #[derive(Default)]
@@ -31,6 +33,15 @@ pub struct PreparedRegistry {
 const MAX_SHARED: usize = 100_000;
 
 impl PreparedRegistry {
+    /// The router statement for this text, if there is one.
+    pub fn lookup(&self, query: &[u8], param_types: &[u8]) -> Option<Arc<Prepared>> {
+        let key = (
+            Bytes::copy_from_slice(query),
+            Bytes::copy_from_slice(param_types),
+        );
+        self.by_text.lock().get(&key).cloned()
+    }
+
     pub fn intern(&self, query: &[u8], param_types: &[u8]) -> Arc<Prepared> {
         let key = (
             Bytes::copy_from_slice(query),
@@ -46,6 +57,7 @@ impl PreparedRegistry {
             name: Bytes::from(format!("sg_{id}")),
             query: key.0.clone(),
             param_types: key.1.clone(),
+            validated: AtomicBool::new(false),
         });
         if map.len() < MAX_SHARED {
             map.insert(key, p.clone());
@@ -54,8 +66,58 @@ impl PreparedRegistry {
     }
 }
 
+/// How a simple-protocol statement touches the router's statement namespace (`sg_...`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReservedUse {
+    /// `PREPARE sg_...`: the name would collide with the router's.
+    Prepare(String),
+    /// `EXECUTE sg_...` or `DEALLOCATE sg_...`: another session's statement.
+    Reference(String),
+}
+
+/// Recognizes SQL-level PREPARE/EXECUTE/DEALLOCATE of a name in the router's namespace
+/// (a single statement; case-insensitive as unquoted SQL names are).
+pub fn reserved_use(sql: &str) -> Option<ReservedUse> {
+    let s = sql.trim().trim_end_matches(';').trim();
+    let mut words = s.split(|c: char| c.is_whitespace() || c == '(');
+    let first = words.next()?.to_ascii_lowercase();
+    let mut name = words.find(|w| !w.is_empty())?;
+    if first == "deallocate" && name.eq_ignore_ascii_case("prepare") {
+        name = words.find(|w| !w.is_empty())?;
+    }
+    let bare = name.trim_matches('"');
+    if !bare.to_ascii_lowercase().starts_with("sg_") {
+        return None;
+    }
+    match first.as_str() {
+        "prepare" => Some(ReservedUse::Prepare(bare.to_owned())),
+        "execute" | "deallocate" => Some(ReservedUse::Reference(bare.to_owned())),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::{ReservedUse, reserved_use};
+
+    #[test]
+    fn reserved_names() {
+        assert_eq!(
+            reserved_use("PREPARE sg_1(int) AS SELECT $1"),
+            Some(ReservedUse::Prepare("sg_1".into()))
+        );
+        assert_eq!(
+            reserved_use("execute SG_7"),
+            Some(ReservedUse::Reference("SG_7".into()))
+        );
+        assert_eq!(
+            reserved_use("DEALLOCATE PREPARE sg_2;"),
+            Some(ReservedUse::Reference("sg_2".into()))
+        );
+        assert_eq!(reserved_use("PREPARE mine AS SELECT 1"), None);
+        assert_eq!(reserved_use("SELECT 'sg_1'"), None);
+    }
+
     #[test]
     fn same_text_same_statement() {
         let r = super::PreparedRegistry::default();
