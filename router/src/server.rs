@@ -27,6 +27,8 @@ pub struct ServerCtx {
     /// Cancelled when shutdown begins: sessions leave at their next idle moment.
     pub shutdown: CancellationToken,
     pub tls: Option<TlsAcceptor>,
+    /// SCRAM with channel binding to the TLS certificate (SCRAM-SHA-256-PLUS).
+    pub scram_plus: Option<pgwire::api::auth::sasl::scram::ScramServerAuth>,
 }
 
 impl ServerCtx {
@@ -73,9 +75,18 @@ pub struct Server {
 impl Server {
     /// Binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(c), Some(k)) => Some(load_tls(c, k)?),
-            _ => None,
+        let (tls, scram_plus) = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => {
+                let acceptor = load_tls(c, k)?;
+                let pem = std::fs::read(c)
+                    .map_err(|e| crate::config::ConfigError::Tls(format!("{c}: {e}")))?;
+                let mut scram = pgwire::api::auth::sasl::scram::ScramServerAuth::new();
+                scram
+                    .configure_certificate(&pem)
+                    .map_err(|e| crate::config::ConfigError::Tls(format!("{c}: {e}")))?;
+                (Some(acceptor), Some(scram))
+            }
+            _ => (None, None),
         };
         let listener =
             TcpListener::bind(config.listen)
@@ -112,6 +123,7 @@ impl Server {
             prepared: PreparedRegistry::default(),
             shutdown: CancellationToken::new(),
             tls,
+            scram_plus,
         });
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();

@@ -567,3 +567,57 @@ async fn passwords_from_environment() {
     expect_login_error(&format!("{base} password=pw1"), "28P01").await;
     let _ = child.start_kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_channel_binding_over_tls() {
+    password_roles();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let env = TestEnv::with(EnvOptions {
+        auth_method: "scram-sha-256",
+        users: SCRAM_USER.into(),
+        server: tls_server_keys(&cert, &key),
+        ..Default::default()
+    })
+    .await;
+    let conn = |extra: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=sg_scram dbname={} {extra}",
+            env.port(),
+            env.db
+        )
+    };
+    // libpq insists on SCRAM-SHA-256-PLUS bound to the router's certificate.
+    let o = psql(
+        conn("sslmode=require channel_binding=require"),
+        Some("pw1"),
+        &["SELECT 'bound'"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "bound");
+    // Wrong password with channel binding: refused.
+    let o = psql(
+        conn("sslmode=require channel_binding=require"),
+        Some("nope"),
+        &["SELECT 1"],
+    )
+    .await;
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("password authentication failed"),
+        "{}",
+        text(&o)
+    );
+    // Without TLS there is nothing to bind to: channel_binding=require is refused by
+    // the client, plain SCRAM still works.
+    let o = psql(
+        conn("sslmode=disable channel_binding=require"),
+        Some("pw1"),
+        &["SELECT 1"],
+    )
+    .await;
+    assert!(!o.status.success(), "{}", text(&o));
+    let o = psql(conn("sslmode=disable"), Some("pw1"), &["SELECT 1"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+}

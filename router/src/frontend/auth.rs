@@ -18,6 +18,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     rbuf: &mut BytesMut,
     cfg: &Config,
     user: &str,
+    channel_binding: Option<&ScramServerAuth>,
 ) -> Result<(), RouterError> {
     let failed = || {
         RouterError::Auth(AuthError::PasswordFailed {
@@ -53,7 +54,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let creds = known
                 .and_then(|u| u.scram.clone())
                 .unwrap_or_else(|| mock_creds(user));
-            scram(stream, rbuf, creds, user).await?;
+            scram(stream, rbuf, creds, user, channel_binding).await?;
         }
     }
     let mut out = BytesMut::new();
@@ -66,21 +67,37 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     rbuf: &mut BytesMut,
     creds: ScramCreds,
     user: &str,
+    channel_binding: Option<&ScramServerAuth>,
 ) -> Result<(), RouterError> {
+    // Over TLS, SCRAM-SHA-256-PLUS binds the exchange to the router's certificate
+    // (tls-server-end-point), as Postgres offers it.
     let mut out = BytesMut::new();
-    encode_auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    if channel_binding.is_some() {
+        encode_auth_sasl(&mut out, &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+    } else {
+        encode_auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    }
     write(stream, &out).await?;
 
     let f = read_password(stream, rbuf).await?;
     let mut r = Reader::new(f.body());
     let mechanism = r.cstr().map_err(|e| AuthError::Malformed(e.to_string()))?;
-    if mechanism != b"SCRAM-SHA-256" {
-        return Err(AuthError::UnsupportedMechanism.into());
-    }
+    let plus = match mechanism {
+        b"SCRAM-SHA-256" => false,
+        b"SCRAM-SHA-256-PLUS" if channel_binding.is_some() => true,
+        _ => return Err(AuthError::UnsupportedMechanism.into()),
+    };
     let len = r.i32().map_err(|e| AuthError::Malformed(e.to_string()))?;
     let data = r.remaining();
     if len < 0 || len as usize != data.len() {
         return Err(AuthError::Malformed("SASLInitialResponse length".into()).into());
+    }
+    // The mechanism and the GS2 channel-binding flag must agree (RFC 5802).
+    if plus != data.starts_with(b"p=") {
+        return Err(AuthError::Malformed(
+            "channel binding flag does not match the mechanism".into(),
+        )
+        .into());
     }
     let secret = match creds {
         ScramCreds::Salted {
@@ -102,7 +119,9 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
             server_key,
         },
     };
-    let (server_first, waiting) = ScramServerAuth::new()
+    let plain = ScramServerAuth::new();
+    let (server_first, waiting) = channel_binding
+        .unwrap_or(&plain)
         .on_client_first_message_with_secret(data, secret)
         .map_err(|e| AuthError::Malformed(e.to_string()))?;
     out.clear();

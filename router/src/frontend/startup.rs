@@ -148,7 +148,13 @@ async fn finish_startup<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let login = tokio::time::timeout(
         LOGIN_TIMEOUT,
-        authenticate(&mut stream, &mut rbuf, &ctx.config, &user),
+        authenticate(
+            &mut stream,
+            &mut rbuf,
+            &ctx.config,
+            &user,
+            if tls { ctx.scram_plus.as_ref() } else { None },
+        ),
     )
     .await;
     match login {
