@@ -233,3 +233,20 @@ async fn partition_remainders_match_native_hash_partitions() {
         }
     }
 }
+
+#[test]
+fn citus_ranges_cover_the_int32_space() {
+    for n in [1u32, 2, 3, 7, 32, 1000] {
+        let mut expect = i32::MIN as i64;
+        for i in 0..n {
+            let (lo, hi) = citus_shard_range(i, n);
+            assert_eq!(lo as i64, expect);
+            assert_eq!(citus_shard_index(lo, n), i);
+            assert_eq!(citus_shard_index(hi, n), i);
+            expect = hi as i64 + 1;
+        }
+        assert_eq!(expect, i32::MAX as i64 + 1);
+    }
+    // Citus's 32-shard layout starts its second shard at -2013265920.
+    assert_eq!(citus_shard_range(1, 32).0, -2013265920);
+}

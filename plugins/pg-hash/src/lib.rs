@@ -233,31 +233,3 @@ pub fn citus_shard_range(index: u32, shard_count: u32) -> (i32, i32) {
     };
     (min as i32, max as i32)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_cover_the_space() {
-        for n in [1u32, 2, 3, 7, 32, 1000] {
-            let mut expect = i32::MIN as i64;
-            for i in 0..n {
-                let (lo, hi) = citus_shard_range(i, n);
-                assert_eq!(lo as i64, expect);
-                assert_eq!(citus_shard_index(lo, n), i);
-                assert_eq!(citus_shard_index(hi, n), i);
-                expect = hi as i64 + 1;
-            }
-            assert_eq!(expect, i32::MAX as i64 + 1);
-        }
-    }
-
-    #[test]
-    fn int_widths_agree() {
-        for v in [-5i64, 0, 1, 42, i32::MAX as i64, i32::MIN as i64] {
-            assert_eq!(hashint8(v), hashint4(v as i32));
-        }
-        assert_eq!(hashint2(-3), hashint4(-3));
-    }
-}
