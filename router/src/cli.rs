@@ -51,15 +51,15 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+    let runtime = |threads: usize| {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 0 {
+            b.worker_threads(threads);
         }
+        b.enable_all().build().map_err(|e| {
+            eprintln!("cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
     };
     match cli.command {
         Cmd::Serve { config } => {
@@ -69,6 +69,10 @@ pub fn main() -> ExitCode {
                     eprintln!("{e}");
                     return ExitCode::FAILURE;
                 }
+            };
+            let rt = match runtime(config.worker_threads) {
+                Ok(rt) => rt,
+                Err(code) => return code,
             };
             rt.block_on(serve(config, None))
         }
@@ -97,6 +101,13 @@ pub fn main() -> ExitCode {
                     eprintln!("{e}");
                     fleet.down();
                     return ExitCode::FAILURE;
+                }
+            };
+            let rt = match runtime(config.worker_threads) {
+                Ok(rt) => rt,
+                Err(code) => {
+                    fleet.down();
+                    return code;
                 }
             };
             let code = rt.block_on(serve(config, Some(&fleet)));

@@ -8,6 +8,7 @@ pub mod dev;
 pub mod error;
 pub mod frontend;
 pub mod metrics;
+pub mod plugin;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -118,7 +118,8 @@ impl Pool {
             }
             tokio::spawn(conn.terminate());
         }
-        let conn = BackendConn::connect(&self.login).await.inspect_err(|e| {
+        // Boxed: opening a connection has a large state; an idle session should not carry it.
+        let conn = Box::pin(BackendConn::connect(&self.login)).await.inspect_err(|e| {
             if !matches!(e, BackendError::Rejected(_)) {
                 tracing::warn!(node = %self.login.node, error = %e, "backend connection failed");
             }

@@ -55,6 +55,7 @@ struct RawServer {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     tls_required: bool,
+    worker_threads: usize,
 }
 
 impl Default for RawServer {
@@ -75,6 +76,7 @@ impl Default for RawServer {
             tls_cert: None,
             tls_key: None,
             tls_required: false,
+            worker_threads: 0,
         }
     }
 }
@@ -166,6 +168,8 @@ pub struct Config {
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
     pub tls_required: bool,
+    /// Threads of the async runtime; 0: one per CPU.
+    pub worker_threads: usize,
     pub coordinator: Node,
     pub workers: Vec<Node>,
     pub users: Vec<User>,
@@ -259,6 +263,7 @@ impl Config {
             tls_cert: s.tls_cert,
             tls_key: s.tls_key,
             tls_required: s.tls_required,
+            worker_threads: s.worker_threads,
             coordinator,
             workers,
             users,

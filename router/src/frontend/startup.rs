@@ -51,7 +51,8 @@ pub async fn handle_connection(ctx: Arc<ServerCtx>, mut tcp: TcpStream) {
                         }
                         Err(_) => return,
                     };
-                    return after_negotiation(ctx, tls, rbuf, true).await;
+                    // Boxed: a TLS stream's state is large, and only TLS clients should pay for it.
+                    return Box::pin(after_negotiation(ctx, tls, rbuf, true)).await;
                 }
                 if tcp.write_all(b"N").await.is_err() {
                     return;
@@ -65,7 +66,7 @@ pub async fn handle_connection(ctx: Arc<ServerCtx>, mut tcp: TcpStream) {
             other => break other,
         }
     };
-    finish_startup(ctx, tcp, rbuf, packet, false).await
+    Box::pin(finish_startup(ctx, tcp, rbuf, packet, false)).await
 }
 
 async fn after_negotiation<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -146,15 +147,16 @@ async fn finish_startup<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if !out.is_empty() && stream.write_all(&out).await.is_err() {
         return;
     }
+    // Boxed: the login's state is large and lives only during the login.
     let login = tokio::time::timeout(
         LOGIN_TIMEOUT,
-        authenticate(
+        Box::pin(authenticate(
             &mut stream,
             &mut rbuf,
             &ctx.config,
             &user,
             if tls { ctx.scram_plus.as_ref() } else { None },
-        ),
+        )),
     )
     .await;
     match login {

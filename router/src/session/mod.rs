@@ -164,7 +164,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             timer: None,
         };
         ctx.metrics.client_connections.inc();
-        let result = match s.greet(guard.pid, guard.secret).await {
+        let result = match Box::pin(s.greet(guard.pid, guard.secret)).await {
             Ok(()) => s.serve().await,
             Err(e) => Err(e),
         };
@@ -678,7 +678,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 break;
             }
             if self.copy_in {
-                self.copy_in_step().await?;
+                Box::pin(self.copy_in_step()).await?;
             } else {
                 self.wait_backend().await?;
             }
