@@ -39,7 +39,7 @@ bench_cleanup() {
         as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1
     fi
     if [[ "${KEEP_WORKDIR:-0}" == 1 || $rc -ne 0 ]]; then
-        log "work dir kept for inspection: $WORK (logs: pg.log, shardgate.log, pgbouncer.log)"
+        log "work dir kept for inspection: $WORK (logs: pg.log, shardgate.log, pgbouncer/pgbouncer.log)"
     else
         rm -rf "$WORK"
     fi
@@ -84,7 +84,7 @@ CONF
 
 wait_port() { # host port what
     for _ in $(seq 200); do
-        if python3 -c "import socket,sys; socket.create_connection(('$1',$2),0.5).close()" 2>/dev/null; then return 0; fi
+        if timeout 1 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null; then return 0; fi
         sleep 0.05
     done
     log "$3 did not start listening on $1:$2"; return 1
@@ -139,14 +139,14 @@ reserve_pool_size = 0
 max_client_conn = 20000
 max_db_connections = 0
 ignore_startup_parameters = extra_float_digits,options
-logfile = $WORK/pgbouncer.log
+logfile = $d/pgbouncer.log
 pidfile = $d/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
 $prepared_line
 CONF
     chown -R postgres:postgres "$d"
-    as_pg "$PGBOUNCER" "$d/pgbouncer.ini" >>"$WORK/pgbouncer.log" 2>&1 &
+    as_pg "$PGBOUNCER" "$d/pgbouncer.ini" >"$WORK/pgbouncer.out" 2>&1 &
     PGB_PID=$!   # runuser's pid until pgbouncer has written its pid file
     wait_port 127.0.0.1 "$PGB_PORT" pgbouncer
     [[ -s "$d/pgbouncer.pid" ]] && PGB_PID="$(cat "$d/pgbouncer.pid")"
