@@ -101,6 +101,7 @@ auth_method = "trust"
 pool_size = $POOL_SIZE
 pool_mode = "transaction"
 max_client_connections = 20000
+worker_threads = ${SG_WORKER_THREADS:-0}
 [coordinator]
 host = "127.0.0.1"
 port = $PG_PORT

@@ -32,6 +32,26 @@ impl Frame {
     pub fn body(&self) -> &[u8] {
         &self.raw[HEADER_LEN..]
     }
+
+    pub fn as_ref(&self) -> FrameRef<'_> {
+        FrameRef {
+            tag: self.tag,
+            raw: &self.raw,
+        }
+    }
+}
+
+/// A complete message seen in place in a read buffer (no copy, no reference count).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameRef<'a> {
+    pub tag: u8,
+    pub raw: &'a [u8],
+}
+
+impl<'a> FrameRef<'a> {
+    pub fn body(&self) -> &'a [u8] {
+        &self.raw[HEADER_LEN..]
+    }
 }
 
 /// Reads the header of the message at the start of `buf`: `(tag, total length including

@@ -18,7 +18,7 @@ use crate::config::User;
 use crate::error::{RouterError, sqlstate};
 use crate::frontend::CancelSlot;
 use crate::protocol::{
-    self, Frame, ProtocolError, TxnStatus, btag, decode_frame, peek_header, tag,
+    self, Frame, FrameRef, ProtocolError, TxnStatus, btag, decode_frame, peek_header, tag,
 };
 use crate::server::ServerCtx;
 use bytes::{Bytes, BytesMut};
@@ -337,12 +337,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.prepare_settings();
             self.start_timer("extended");
         }
-        let batch = std::mem::take(&mut self.batch);
+        // The batch's Vec is handed back afterwards, so it keeps its allocation.
+        let mut batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        for f in batch.into_iter().chain(end) {
-            self.translate(f)?;
+        let mut result = Ok(());
+        for f in batch.drain(..).chain(end) {
+            if let Err(e) = self.translate(f) {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        batch.clear();
+        self.batch = batch;
+        result
     }
 
     /// A client between transactions that only (re)declares statements Postgres has
@@ -650,25 +657,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.expect.is_empty() {
                 break;
             }
-            // Answers already buffered.
-            loop {
-                let conn = self
-                    .lease
-                    .as_mut()
-                    .expect("lease held while pumping")
-                    .conn();
-                let frame = match decode_frame(&mut conn.rbuf, crate::backend::MAX_BACKEND_MESSAGE)
-                {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(e) => return self.backend_lost(BackendError::Protocol(e)),
-                };
-                self.on_backend_frame(frame)?;
-                self.emit_synths();
-                if self.expect.is_empty() {
-                    break;
-                }
-            }
+            // Answers already buffered, looked at in place.
+            self.process_backend_buffer()?;
             if self.expect.is_empty() {
                 break;
             }
@@ -684,6 +674,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.flush_client().await
+    }
+
+    /// Handles every complete message in the backend's read buffer, in place, until
+    /// nothing more is expected.
+    fn process_backend_buffer(&mut self) -> Result<(), RouterError> {
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut lease.conn().rbuf);
+        let mut used = 0;
+        let result = loop {
+            match peek_header(&buf[used..], crate::backend::MAX_BACKEND_MESSAGE) {
+                Ok(Some((tag, len))) if buf.len() - used >= len => {
+                    let raw = &buf[used..used + len];
+                    used += len;
+                    if let Err(e) = self.on_backend_frame(FrameRef { tag, raw }) {
+                        break Err(e);
+                    }
+                    self.emit_synths();
+                    if self.expect.is_empty() {
+                        break Ok(());
+                    }
+                }
+                Ok(Some((_, len))) => {
+                    // Room for the whole message at once.
+                    let have = buf.len() - used;
+                    buf.reserve(len - have);
+                    break Ok(());
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(BackendError::Protocol(e).into()),
+            }
+        };
+        bytes::Buf::advance(&mut buf, used);
+        match self.lease.as_mut() {
+            Some(lease) => lease.conn().rbuf = buf,
+            // The lease was dropped while handling (desync): nothing to give back.
+            None => {}
+        }
+        match result {
+            Err(RouterError::Backend(BackendError::Protocol(e))) => {
+                self.backend_lost(BackendError::Protocol(e))
+            }
+            other => other,
+        }
     }
 
     /// Waits for the backend's next bytes. Meanwhile the client's socket is watched
@@ -784,7 +819,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    fn on_backend_frame(&mut self, f: Frame) -> Result<(), RouterError> {
+    fn on_backend_frame(&mut self, f: FrameRef<'_>) -> Result<(), RouterError> {
         tracing::trace!(tag = %(f.tag as char), expect = ?self.expect.front(), "backend message");
         let internal = matches!(self.expect.front(), Some(Expect::Internal));
         match f.tag {
@@ -807,9 +842,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         "applying session settings on a backend failed"
                     );
                 }
-                Some(Expect::Query { .. }) => self.forward_error(&f),
+                Some(Expect::Query { .. }) => self.forward_error(f),
                 _ => {
-                    self.forward_error(&f);
+                    self.forward_error(f);
                     // The backend now skips to Sync: so do the replies it will not send.
                     while let Some(e) = self.expect.front() {
                         if matches!(e, Expect::Sync | Expect::Query { .. } | Expect::Internal) {
@@ -838,9 +873,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         if let (Some(t), true) = (tracked, ok) {
                             self.on_tracked(t, status);
                         }
-                        self.on_ready(status, &f);
+                        self.on_ready(status, f);
                     }
-                    Some(Expect::Sync) => self.on_ready(status, &f),
+                    Some(Expect::Sync) => self.on_ready(status, f),
                     _ => return self.desync("ReadyForQuery out of turn"),
                 }
             }
@@ -877,7 +912,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         self.out.extend_from_slice(&f.raw);
                     }
                     Some(Expect::Internal) => {}
-                    _ => self.end_msg(&f)?,
+                    _ => self.end_msg(f)?,
                 }
             }
             btag::PARSE_COMPLETE
@@ -889,7 +924,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             | btag::PORTAL_SUSPENDED => match self.expect.front() {
                 Some(Expect::Query { .. }) => self.out.extend_from_slice(&f.raw),
                 Some(Expect::Internal) => {}
-                _ => self.end_msg(&f)?,
+                _ => self.end_msg(f)?,
             },
             _ => {
                 // DataRow, ParameterDescription, copy messages, FunctionCallResponse...
@@ -905,7 +940,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// The terminal reply of the extended message at the head.
-    fn end_msg(&mut self, f: &Frame) -> Result<(), RouterError> {
+    fn end_msg(&mut self, f: FrameRef<'_>) -> Result<(), RouterError> {
         match self.expect.pop_front() {
             Some(Expect::Msg {
                 forward, prepares, ..
@@ -946,7 +981,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    fn forward_error(&mut self, f: &Frame) {
+    fn forward_error(&mut self, f: FrameRef<'_>) {
         if let Some(code) = protocol::error_sqlstate(f.body()) {
             self.ctx.metrics.error(code);
         }
@@ -968,7 +1003,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    fn on_ready(&mut self, status: TxnStatus, f: &Frame) {
+    fn on_ready(&mut self, status: TxnStatus, f: FrameRef<'_>) {
         if status == TxnStatus::Idle && self.status != TxnStatus::Idle {
             // The transaction ended: its session-level SETs stay only if it committed.
             let pending = std::mem::take(&mut self.txn_settings);
@@ -1041,7 +1076,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     fn client_error(&mut self, e: &RouterError) {
         if let Some(f) = e.backend_frame() {
-            self.forward_error(&f.clone());
+            self.forward_error(f.as_ref());
         } else if let Some(u) = e.user_facing() {
             self.ctx.metrics.error(u.code.code().as_bytes());
             u.encode(&mut self.out);
@@ -1137,7 +1172,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 btag::ERROR_RESPONSE => {
                     // The backend is going away (terminated, or the server shuts down).
                     if self.status != TxnStatus::Idle || self.needs_sync {
-                        self.forward_error(&f);
+                        self.forward_error(f.as_ref());
                     }
                     return self.held_backend_gone(BackendError::Closed);
                 }

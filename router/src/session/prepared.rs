@@ -78,6 +78,11 @@ pub enum ReservedUse {
 /// Recognizes SQL-level PREPARE/EXECUTE/DEALLOCATE of a name in the router's namespace
 /// (a single statement; case-insensitive as unquoted SQL names are).
 pub fn reserved_use(sql: &str) -> Option<ReservedUse> {
+    // Fast exit without allocating unless the statement can be one of the three.
+    let first = sql.trim_start().as_bytes().first()?.to_ascii_lowercase();
+    if !matches!(first, b'p' | b'e' | b'd') {
+        return None;
+    }
     let s = sql.trim().trim_end_matches(';').trim();
     let mut words = s.split(|c: char| c.is_whitespace() || c == '(');
     let first = words.next()?.to_ascii_lowercase();

@@ -197,6 +197,12 @@ fn parse_options(opts: &str) -> Result<Vec<(String, String)>, RouterError> {
 /// router must track. Anything else (including several statements in one Query) is
 /// `None` and passes through untracked.
 pub fn classify(sql: &str) -> Option<SessionStmt> {
+    // Fast exit for the common case (no allocation): only SET, RESET, DISCARD and
+    // DEALLOCATE are tracked.
+    let first = sql.trim_start().as_bytes().first()?.to_ascii_lowercase();
+    if !matches!(first, b's' | b'r' | b'd') {
+        return None;
+    }
     let s = sql.trim().trim_end_matches(';').trim();
     if s.is_empty() || s.contains(';') || s.contains("--") || s.contains("/*") {
         return None;
