@@ -101,6 +101,9 @@ impl PluginHost {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // Plugin calls are short synchronous calls: without the component-model
+        // concurrency machinery a call costs a fraction (measured in BENCHMARKS.md).
+        config.concurrency_support(false);
         let engine = Engine::new(&config).map_err(refused)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(refused)?;
