@@ -250,10 +250,10 @@ impl BackendConn {
             return false;
         }
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            _ => false,
-        }
+        matches!(
+            self.stream.try_read(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        )
     }
 
     /// Sends Terminate and closes, best effort.

@@ -25,7 +25,8 @@ struct Slot {
 /// A loaded distribution plugin. Calls take a pooled instance; an instance that
 /// trapped or timed out is thrown away.
 pub struct DistributionPlugin {
-    name: String,
+    /// The name it was loaded under (file name), for errors before it names itself.
+    load_name: String,
     content_hash: String,
     limits: super::Limits,
     engine: wasmtime::Engine,
@@ -62,7 +63,7 @@ impl DistributionPlugin {
                 reason: format!("not a shardgate:distribution@0.1.0 component: {e:#}"),
             })?;
         let mut plugin = DistributionPlugin {
-            name: name.to_owned(),
+            load_name: name.to_owned(),
             content_hash: super::content_hash(bytes),
             limits: host.limits().clone(),
             engine: host.engine().clone(),
@@ -178,7 +179,7 @@ impl DistributionPlugin {
 
     fn classify(&self, e: wasmtime::Error) -> PluginError {
         let name = if self.plugin_name.is_empty() {
-            self.name.clone()
+            self.load_name.clone()
         } else {
             self.plugin_name.clone()
         };

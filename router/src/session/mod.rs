@@ -708,10 +708,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         bytes::Buf::advance(&mut buf, used);
-        match self.lease.as_mut() {
-            Some(lease) => lease.conn().rbuf = buf,
-            // The lease was dropped while handling (desync): nothing to give back.
-            None => {}
+        // The lease may have been dropped while handling (desync): then nothing to give back.
+        if let Some(lease) = self.lease.as_mut() {
+            lease.conn().rbuf = buf;
         }
         match result {
             Err(RouterError::Backend(BackendError::Protocol(e))) => {
@@ -827,12 +826,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let conn = self.lease.as_mut().expect("lease").conn();
                 conn.note_parameter(f.body())?;
                 if !internal {
-                    self.out.extend_from_slice(&f.raw);
+                    self.out.extend_from_slice(f.raw);
                 }
             }
             btag::NOTICE_RESPONSE | btag::NOTIFICATION_RESPONSE => {
                 if !internal {
-                    self.out.extend_from_slice(&f.raw);
+                    self.out.extend_from_slice(f.raw);
                 }
             }
             btag::ERROR_RESPONSE => match self.expect.front() {
@@ -881,7 +880,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             btag::COPY_IN_RESPONSE => {
                 self.copy_in = true;
-                self.out.extend_from_slice(&f.raw);
+                self.out.extend_from_slice(f.raw);
                 if matches!(self.expect.front(), Some(Expect::Msg { .. }))
                     && let Some(i) = self.expect.iter().position(|e| matches!(e, Expect::Sync))
                 {
@@ -909,7 +908,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         if tracked.as_ref().is_some_and(|t| t.tag() == ctag) {
                             *ok = true;
                         }
-                        self.out.extend_from_slice(&f.raw);
+                        self.out.extend_from_slice(f.raw);
                     }
                     Some(Expect::Internal) => {}
                     _ => self.end_msg(f)?,
@@ -922,7 +921,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             | btag::ROW_DESCRIPTION
             | btag::EMPTY_QUERY
             | btag::PORTAL_SUSPENDED => match self.expect.front() {
-                Some(Expect::Query { .. }) => self.out.extend_from_slice(&f.raw),
+                Some(Expect::Query { .. }) => self.out.extend_from_slice(f.raw),
                 Some(Expect::Internal) => {}
                 _ => self.end_msg(f)?,
             },
@@ -932,7 +931,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return self.desync("message with nothing outstanding");
                 }
                 if !internal {
-                    self.out.extend_from_slice(&f.raw);
+                    self.out.extend_from_slice(f.raw);
                 }
             }
         }
@@ -959,7 +958,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .insert(p.id);
                 }
                 if forward {
-                    self.out.extend_from_slice(&f.raw);
+                    self.out.extend_from_slice(f.raw);
                 }
                 Ok(())
             }
@@ -985,7 +984,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(code) = protocol::error_sqlstate(f.body()) {
             self.ctx.metrics.error(code);
         }
-        self.out.extend_from_slice(&f.raw);
+        self.out.extend_from_slice(f.raw);
     }
 
     /// A tracked statement succeeded with the transaction now in `status`.
@@ -1019,7 +1018,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.status = status;
-        self.out.extend_from_slice(&f.raw);
+        self.out.extend_from_slice(f.raw);
         if let Some((start, proto)) = self.timer.take() {
             let h = if proto == "simple" {
                 &self.ctx.metrics.request_seconds_simple
