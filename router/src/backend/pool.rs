@@ -70,10 +70,6 @@ impl Pool {
         })
     }
 
-    pub fn node(&self) -> &str {
-        &self.login.node
-    }
-
     /// Borrows a connection: an idle one if any is healthy, else a new one, waiting at
     /// most `acquire_timeout` for a free slot. Cancel-safe: nothing is lost when the
     /// future is dropped (a connection being opened is closed).
@@ -184,12 +180,6 @@ impl Lease {
     pub fn conn(&mut self) -> &mut BackendConn {
         self.conn
             .as_mut()
-            .expect("lease holds a connection until released")
-    }
-
-    pub fn conn_ref(&self) -> &BackendConn {
-        self.conn
-            .as_ref()
             .expect("lease holds a connection until released")
     }
 

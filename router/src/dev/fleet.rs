@@ -2,7 +2,6 @@
 //! binaries, initdb, start, stop. When running as root the servers run as `postgres`
 //! (initdb refuses root).
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -354,8 +353,4 @@ pub fn free_port() -> std::io::Result<u16> {
 /// Whether something listens on 127.0.0.1:port.
 pub fn port_in_use(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-}
-
-pub fn display(p: impl AsRef<OsStr>) -> String {
-    p.as_ref().to_string_lossy().into_owned()
 }

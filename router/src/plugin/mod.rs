@@ -72,7 +72,8 @@ pub struct PluginHost {
     linker: Linker<HostState>,
     cache_dir: Option<PathBuf>,
     limits: Limits,
-    ticker: Ticker,
+    /// Kept for its Drop: stops the epoch thread with the host.
+    _ticker: Ticker,
 }
 
 /// Advances the engine's epoch; stops when dropped.
@@ -132,7 +133,7 @@ impl PluginHost {
             linker,
             cache_dir,
             limits,
-            ticker: Ticker {
+            _ticker: Ticker {
                 stop,
                 thread: Some(thread),
             },
@@ -206,11 +207,6 @@ impl PluginHost {
             .map(|s| s.to_string_lossy().replace('_', "-"))
             .unwrap_or_default();
         DistributionPlugin::load(self, &name, &bytes)
-    }
-
-    /// Whether the ticker runs (for tests of the host itself).
-    pub fn is_ticking(&self) -> bool {
-        self.ticker.thread.is_some()
     }
 }
 
