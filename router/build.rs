@@ -5,7 +5,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PLUGINS: &[&str] = &["hash-citus", "hash-pg-partition", "test-misbehave"];
+/// Every plugin crate whose component the router or the tests use. `test-*` ones are
+/// only handed over as paths (not embedded).
+const PLUGINS: &[&str] = &[
+    "hash-citus",
+    "hash-pg-partition",
+    "placement-default",
+    "test-misbehave",
+    "test-hash-variant",
+];
 
 fn main() {
     let router = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"));

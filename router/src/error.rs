@@ -3,7 +3,9 @@
 //! detail, hint). Errors that a backend sent are forwarded as the backend sent them.
 //! What a client may see is an allowlist: addresses, paths and internals stay in the log.
 
+use crate::admin::AdminError;
 use crate::backend::{BackendError, PoolError};
+use crate::plugin::PluginError;
 use crate::frontend::AuthError;
 use crate::protocol::{Frame, ProtocolError, btag, encode_error_fields};
 use bytes::BytesMut;
@@ -35,6 +37,21 @@ pub mod sqlstate {
     pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
     pub const RESERVED_NAME: SqlState = SqlState("42939");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+    pub const UNDEFINED_TABLE: SqlState = SqlState("42P01");
+    pub const UNDEFINED_COLUMN: SqlState = SqlState("42703");
+    pub const UNDEFINED_FUNCTION: SqlState = SqlState("42883");
+    pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
+    pub const INVALID_TABLE_DEFINITION: SqlState = SqlState("42P16");
+    pub const ACTIVE_SQL_TRANSACTION: SqlState = SqlState("25001");
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
+    pub const NULL_VALUE_NOT_ALLOWED: SqlState = SqlState("22004");
+    pub const INVALID_TEXT_REPRESENTATION: SqlState = SqlState("22P02");
+    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    pub const EXTERNAL_ROUTINE_EXCEPTION: SqlState = SqlState("39000");
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
+    pub const OUT_OF_MEMORY: SqlState = SqlState("53200");
+    pub const TRANSACTION_RESOLUTION_UNKNOWN: SqlState = SqlState("08007");
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +86,8 @@ pub enum RouterError {
     TlsRequired,
     #[error("client connection failed: {0}")]
     ClientIo(std::io::Error),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// What the client is told.
@@ -79,6 +98,8 @@ pub struct UserFacing {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+    /// A node's own SQLSTATE, forwarded as it was (overrides `code` on the wire).
+    pub raw_code: Option<String>,
 }
 
 impl UserFacing {
@@ -89,6 +110,7 @@ impl UserFacing {
             message: message.into(),
             detail: None,
             hint: None,
+            raw_code: None,
         }
     }
 
@@ -106,7 +128,7 @@ impl UserFacing {
         let mut fields: Vec<(u8, &str)> = vec![
             (b'S', sev),
             (b'V', sev),
-            (b'C', self.code.code()),
+            (b'C', self.raw_code.as_deref().unwrap_or(self.code.code())),
             (b'M', &self.message),
         ];
         if let Some(d) = &self.detail {
@@ -186,6 +208,7 @@ impl RouterError {
             )
             .hint("connect with sslmode=require"),
             RouterError::ClientIo(_) => return None,
+            RouterError::Admin(e) => admin_facing(e),
         })
     }
 
@@ -196,6 +219,13 @@ impl RouterError {
                 ErrorSource::Client
             }
             RouterError::ClientIo(_) => ErrorSource::Client,
+            RouterError::Admin(AdminError::Db { .. } | AdminError::Connect { .. }) => {
+                ErrorSource::Backend
+            }
+            RouterError::Admin(AdminError::Plugin(_) | AdminError::InDoubt { .. }) => {
+                ErrorSource::Router
+            }
+            RouterError::Admin(_) => ErrorSource::Client,
             RouterError::Backend(_) | RouterError::Pool(PoolError::Backend(_)) => {
                 ErrorSource::Backend
             }
@@ -218,6 +248,75 @@ impl RouterError {
                     BackendError::Connect { .. } | BackendError::ConnectTimeout { .. }
                 ))
         )
+    }
+}
+
+fn admin_facing(e: &AdminError) -> UserFacing {
+    use Severity::*;
+    use sqlstate::*;
+    let plain = |code| UserFacing::new(Error, code, e.to_string());
+    match e {
+        AdminError::Db {
+            node,
+            code,
+            message,
+            detail,
+            hint,
+        } => {
+            // Postgres's own SQLSTATE, kept; the node is named in the detail.
+            let mut u = UserFacing::new(Error, INTERNAL_ERROR, message.clone());
+            u.raw_code = Some(code.clone());
+            u.detail = Some(match detail {
+                Some(d) => format!("{d} (on node {node})"),
+                None => format!("on node {node}"),
+            });
+            u.hint = hint.clone();
+            u
+        }
+        AdminError::Connect { .. } => plain(CONNECTION_FAILURE),
+        AdminError::UndefinedTable(_) => plain(UNDEFINED_TABLE),
+        AdminError::UndefinedColumn { .. } => plain(UNDEFINED_COLUMN),
+        AdminError::UndefinedFunction(_) => plain(UNDEFINED_FUNCTION),
+        AdminError::UndefinedObject(_) => plain(UNDEFINED_OBJECT),
+        AdminError::InvalidParameter(_) => plain(INVALID_PARAMETER_VALUE),
+        AdminError::InvalidDefinition { detail, .. } => {
+            let mut u = plain(INVALID_TABLE_DEFINITION);
+            u.detail = detail.clone();
+            u
+        }
+        AdminError::NotSupported(_) => plain(FEATURE_NOT_SUPPORTED),
+        AdminError::InTransaction(_) => plain(ACTIVE_SQL_TRANSACTION),
+        AdminError::Prerequisite { hint, .. } => {
+            let mut u = plain(OBJECT_NOT_IN_PREREQUISITE_STATE);
+            u.hint = hint.clone();
+            u
+        }
+        AdminError::NullValue(_) => plain(NULL_VALUE_NOT_ALLOWED),
+        AdminError::InvalidText(_) => plain(INVALID_TEXT_REPRESENTATION),
+        AdminError::Syntax(_) => plain(SYNTAX_ERROR),
+        AdminError::InDoubt { .. } => plain(TRANSACTION_RESOLUTION_UNKNOWN)
+            .hint("the change is committed in the catalog; the node finishes it when it is back"),
+        AdminError::Plugin(p) => plugin_facing(p),
+    }
+}
+
+/// A plugin failed or misbehaved: the statement fails, the message names the plugin;
+/// traps' details stay in the log.
+pub fn plugin_facing(e: &PluginError) -> UserFacing {
+    use Severity::*;
+    use sqlstate::*;
+    match e {
+        PluginError::Timeout { .. } => UserFacing::new(Error, QUERY_CANCELED, e.to_string()),
+        PluginError::OutOfMemory { .. } => UserFacing::new(Error, OUT_OF_MEMORY, e.to_string()),
+        PluginError::Rejected { .. } => {
+            UserFacing::new(Error, INVALID_PARAMETER_VALUE, e.to_string())
+        }
+        PluginError::Read { .. } | PluginError::Refused { .. } => {
+            UserFacing::new(Error, EXTERNAL_ROUTINE_EXCEPTION, "a plugin could not be loaded")
+        }
+        PluginError::Trap { .. } | PluginError::Invalid { .. } => {
+            UserFacing::new(Error, EXTERNAL_ROUTINE_EXCEPTION, e.to_string())
+        }
     }
 }
 
@@ -266,4 +365,6 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot load the plugins: {0}")]
+    Plugins(String),
 }

@@ -1,7 +1,9 @@
 //! shardgate: a sharding query router for PostgreSQL. This crate is the native core;
 //! the `shardgate` binary is a thin wrapper around [`cli::main`].
 
+pub mod admin;
 pub mod backend;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod dev;

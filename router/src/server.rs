@@ -6,7 +6,10 @@ use crate::backend::{Login, Pool, PoolKey, PoolSettings, Pools};
 use crate::config::{Config, User};
 use crate::error::{RouterError, StartError};
 use crate::frontend::{CancelRegistry, handle_connection, load_tls};
+use crate::backend::control::ControlLogin;
+use crate::catalog::Catalog;
 use crate::metrics::{Metrics, serve_metrics};
+use crate::plugin::{Limits, PluginHost, PluginMetrics, PluginRegistry};
 use crate::session::PreparedRegistry;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +32,10 @@ pub struct ServerCtx {
     pub tls: Option<TlsAcceptor>,
     /// SCRAM with channel binding to the TLS certificate (SCRAM-SHA-256-PLUS).
     pub scram_plus: Option<pgwire::api::auth::sasl::scram::ScramServerAuth>,
+    /// The catalog snapshot (distributed tables, shards, nodes).
+    pub catalog: Arc<Catalog>,
+    /// The loaded plugins (swapped whole on reload).
+    pub plugins: Arc<PluginRegistry>,
 }
 
 impl ServerCtx {
@@ -115,7 +122,38 @@ impl Server {
             None => None,
         };
         let client_slots = Arc::new(Semaphore::new(config.max_client_connections));
+        let plugins = load_plugins(&config, &metrics).await?;
+        let catalog = {
+            let user = config
+                .user(&config.catalog_user)
+                .expect("config checks the catalog user");
+            Catalog::new(
+                config.catalog_database.clone(),
+                ControlLogin {
+                    user: user.name.clone(),
+                    password: user.server_password.clone(),
+                    connect_timeout: config.connect_timeout,
+                    host: config.coordinator.host.clone(),
+                    port: config.coordinator.port,
+                },
+            )
+        };
+        let seed: Vec<(String, u16)> = config
+            .workers
+            .iter()
+            .map(|w| (w.host.clone(), w.port))
+            .collect();
+        crate::catalog::start(&catalog, seed, background.clone(), config.connect_timeout).await;
+        {
+            let catalog = catalog.clone();
+            plugins.clone().spawn_watcher(
+                Arc::new(move || catalog.snapshot().plugins_in_use()),
+                background.clone(),
+            );
+        }
         let ctx = Arc::new(ServerCtx {
+            catalog,
+            plugins,
             config: Arc::new(config),
             metrics,
             pools: Pools::new(),
@@ -204,6 +242,30 @@ impl Server {
         // Let the Terminate messages of closed connections go out.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The plugin host and the plugin set: built-ins, then the plugin directory.
+async fn load_plugins(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<PluginRegistry>, StartError> {
+    let limits = Limits {
+        call_timeout: config.plugin_call_timeout,
+        memory_bytes: config.plugin_memory_bytes,
+    };
+    let cache = config.plugin_cache_dir.clone();
+    let dir = config.plugin_dir.clone();
+    let pm = Arc::new(
+        PluginMetrics::new(&metrics.registry).map_err(|e| StartError::Plugins(e.to_string()))?,
+    );
+    let registry = tokio::task::spawn_blocking(move || {
+        let host = PluginHost::new(cache, limits)?.with_metrics(pm);
+        PluginRegistry::new(Arc::new(host), dir)
+    })
+    .await
+    .map_err(|e| StartError::Plugins(e.to_string()))?
+    .map_err(|e| StartError::Plugins(e.to_string()))?;
+    Ok(Arc::new(registry))
 }
 
 async fn accept_loop(

@@ -88,6 +88,23 @@ pub fn cluster() -> &'static PgCluster {
     })
 }
 
+static WORKERS: OnceLock<Vec<PgCluster>> = OnceLock::new();
+
+/// Worker servers of this test binary (started on first use), for distributed tables.
+pub fn workers() -> &'static [PgCluster] {
+    WORKERS.get_or_init(|| {
+        (0..2)
+            .map(|_| {
+                let (node, dir) = start_node(&NodeOptions {
+                    max_connections: 300,
+                    fsync: false,
+                });
+                PgCluster { node, dir }
+            })
+            .collect()
+    })
+}
+
 /// How a test's router is set up.
 #[derive(Clone)]
 pub struct EnvOptions {
@@ -98,6 +115,11 @@ pub struct EnvOptions {
     pub auth_method: &'static str,
     pub pool_size: usize,
     pub pool_mode: &'static str,
+    /// Worker servers registered in the catalog (0..=2); the test's database is created
+    /// on each.
+    pub workers: usize,
+    /// Extra TOML sections (`[plugins]`...).
+    pub extra: String,
 }
 
 impl Default for EnvOptions {
@@ -108,6 +130,8 @@ impl Default for EnvOptions {
             auth_method: "trust",
             pool_size: 4,
             pool_mode: "transaction",
+            workers: 0,
+            extra: String::new(),
         }
     }
 }
@@ -117,6 +141,9 @@ pub struct TestEnv {
     pub db: String,
     pub router: Server,
     pub pg_port: u16,
+    /// Ports of the workers this test's catalog knows.
+    pub worker_ports: Vec<u16>,
+    pub opts: EnvOptions,
 }
 
 impl TestEnv {
@@ -131,12 +158,48 @@ impl TestEnv {
         c.node
             .psql("postgres", &format!("CREATE DATABASE {db}"))
             .expect("create database");
-        let router = start_router(&router_config(&opts, c.node.port)).await;
+        let worker_ports: Vec<u16> = if opts.workers > 0 {
+            workers()
+                .iter()
+                .take(opts.workers)
+                .map(|w| {
+                    w.node
+                        .psql("postgres", &format!("CREATE DATABASE {db}"))
+                        .expect("create database on worker");
+                    w.node.port
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let router = start_router(&env_config(&opts, &db, c.node.port, &worker_ports)).await;
         TestEnv {
             db,
             router,
             pg_port: c.node.port,
+            worker_ports,
+            opts,
         }
+    }
+
+    /// Another router over the same coordinator and catalog (as a second deployment).
+    pub async fn second_router(&self) -> Server {
+        start_router(&env_config(&self.opts, &self.db, self.pg_port, &self.worker_ports)).await
+    }
+
+    /// The config this test's routers run with.
+    pub fn config(&self) -> Config {
+        env_config(&self.opts, &self.db, self.pg_port, &self.worker_ports)
+    }
+
+    /// A client straight to worker `i`'s copy of the test database.
+    pub async fn worker(&self, i: usize) -> tokio_postgres::Client {
+        connect(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname={} sslmode=disable",
+            self.worker_ports[i], self.db
+        ))
+        .await
+        .expect("connect to worker")
     }
 
     pub fn port(&self) -> u16 {
@@ -200,11 +263,17 @@ impl Drop for TestEnv {
     }
 }
 
-pub fn router_config(opts: &EnvOptions, pg_port: u16) -> Config {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nauth_method = \"{}\"\npool_size = {}\npool_mode = \"{}\"\npool_acquire_timeout_ms = 20000\n{}\n\n[coordinator]\nhost = \"127.0.0.1\"\nport = {}\n\n{}",
-        opts.auth_method, opts.pool_size, opts.pool_mode, opts.server, pg_port, opts.users
+
+/// A router config for one test: its database holds the catalog; workers are seeded
+/// into the catalog when it is created.
+pub fn env_config(opts: &EnvOptions, db: &str, pg_port: u16, workers: &[u16]) -> Config {
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nauth_method = \"{}\"\npool_size = {}\npool_mode = \"{}\"\npool_acquire_timeout_ms = 20000\n{}\n\n[coordinator]\nhost = \"127.0.0.1\"\nport = {}\n\n[catalog]\ndatabase = \"{db}\"\n\n{}\n{}\n",
+        opts.auth_method, opts.pool_size, opts.pool_mode, opts.server, pg_port, opts.extra, opts.users
     );
+    for p in workers {
+        text.push_str(&format!("\n[[workers]]\nhost = \"127.0.0.1\"\nport = {p}\n"));
+    }
     Config::from_toml(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
 }
 

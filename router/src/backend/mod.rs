@@ -1,6 +1,7 @@
 //! Connections to Postgres nodes and the pools that lend them to sessions.
 
 mod conn;
+pub mod control;
 mod error;
 mod pool;
 

@@ -35,6 +35,48 @@ struct RawConfig {
     workers: Vec<RawNode>,
     #[serde(default)]
     users: Vec<RawUser>,
+    #[serde(default)]
+    catalog: RawCatalog,
+    #[serde(default)]
+    plugins: RawPlugins,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCatalog {
+    database: String,
+    user: Option<String>,
+}
+
+impl Default for RawCatalog {
+    fn default() -> Self {
+        RawCatalog {
+            database: "postgres".into(),
+            user: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPlugins {
+    dir: Option<String>,
+    cache_dir: Option<String>,
+    placement: String,
+    call_timeout_ms: u64,
+    memory_bytes: usize,
+}
+
+impl Default for RawPlugins {
+    fn default() -> Self {
+        RawPlugins {
+            dir: None,
+            cache_dir: None,
+            placement: "placement-default".into(),
+            call_timeout_ms: 50,
+            memory_bytes: 16 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +215,19 @@ pub struct Config {
     pub coordinator: Node,
     pub workers: Vec<Node>,
     pub users: Vec<User>,
+    /// The database (on the coordinator, and of the same name on the workers) whose
+    /// tables can be distributed; it holds the catalog (schema `shardgate`).
+    pub catalog_database: String,
+    /// The user the router reads the catalog as (default: the first `[[users]]`).
+    pub catalog_user: String,
+    /// Directory of plugin components (`*.wasm`), watched for changes.
+    pub plugin_dir: Option<std::path::PathBuf>,
+    /// Where compiled plugins are cached between runs.
+    pub plugin_cache_dir: Option<std::path::PathBuf>,
+    /// The placement plugin new colocation groups are placed by.
+    pub placement_plugin: String,
+    pub plugin_call_timeout: Duration,
+    pub plugin_memory_bytes: usize,
 }
 
 impl Config {
@@ -249,7 +304,34 @@ impl Config {
                 "at least one [[users]] entry is needed".into(),
             ));
         }
+        let catalog_user = match raw.catalog.user {
+            Some(u) => {
+                if !users.iter().any(|x| x.name == u) {
+                    return Err(ConfigError::Invalid(format!(
+                        "catalog.user = {u:?} is not one of the [[users]]"
+                    )));
+                }
+                u
+            }
+            None => users[0].name.clone(),
+        };
+        if raw.catalog.database.is_empty() {
+            return Err(ConfigError::Invalid("catalog.database must not be empty".into()));
+        }
+        let p = raw.plugins;
+        if p.call_timeout_ms == 0 || p.memory_bytes < (1 << 20) {
+            return Err(ConfigError::Invalid(
+                "plugins.call_timeout_ms must be > 0 and plugins.memory_bytes at least 1 MiB".into(),
+            ));
+        }
         Ok(Config {
+            catalog_database: raw.catalog.database,
+            catalog_user,
+            plugin_dir: p.dir.map(Into::into),
+            plugin_cache_dir: p.cache_dir.map(Into::into),
+            placement_plugin: p.placement,
+            plugin_call_timeout: Duration::from_millis(p.call_timeout_ms),
+            plugin_memory_bytes: p.memory_bytes,
             listen,
             metrics_listen,
             auth_method: s.auth_method,

@@ -1,38 +1,36 @@
 //! Distribution plugins (`shardgate:distribution@0.1.0`): value -> hash -> shard.
 
-use super::{HostState, PluginError, PluginHost};
-use parking_lot::Mutex;
-use wasmtime::Store;
+use super::instances::{InstancePool, impl_instantiate};
+use super::{PluginError, PluginHost};
+use wasmtime::component::InstancePre;
 
 mod bindings {
     wasmtime::component::bindgen!({
         world: "distribution",
         path: "../wit/distribution",
+        additional_derives: [PartialEq],
     });
 }
 
 use bindings::exports::shardgate::distribution::hasher;
 pub use hasher::{ShardScheme, Value, ValueType};
 
-/// Instances kept for reuse (more are created under concurrency, then dropped).
-const MAX_IDLE_INSTANCES: usize = 32;
+/// The interface a component of this world exports.
+pub(super) const INTERFACE: &str = "shardgate:distribution/hasher@0.1.0";
 
-struct Slot {
-    store: Store<HostState>,
-    instance: bindings::Distribution,
-}
+/// The world this module loads.
+pub const WORLD: &str = "shardgate:distribution@0.1.0";
+
+impl_instantiate!(
+    bindings::DistributionPre<super::HostState>,
+    bindings::Distribution
+);
 
 /// A loaded distribution plugin. Calls take a pooled instance; an instance that
 /// trapped or timed out is thrown away.
 pub struct DistributionPlugin {
-    /// The name it was loaded under (file name), for errors before it names itself.
-    load_name: String,
     content_hash: String,
-    limits: super::Limits,
-    engine: wasmtime::Engine,
-    deadline_ticks: u64,
-    pre: bindings::DistributionPre<HostState>,
-    idle: Mutex<Vec<Slot>>,
+    pool: InstancePool<bindings::DistributionPre<super::HostState>>,
     scheme: ShardScheme,
     supported: Vec<ValueType>,
     plugin_name: String,
@@ -51,31 +49,38 @@ impl std::fmt::Debug for DistributionPlugin {
 impl DistributionPlugin {
     pub(super) fn load(host: &PluginHost, name: &str, bytes: &[u8]) -> Result<Self, PluginError> {
         let component = host.compile(name, bytes)?;
-        let refused = |e: wasmtime::Error| PluginError::Refused {
-            name: name.to_owned(),
-            reason: format!("{e:#}"),
-        };
-        let instance_pre = host.linker().instantiate_pre(&component).map_err(refused)?;
-        // Checks that the component exports the distribution world's interface.
+        let instance_pre = host
+            .linker()
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Refused {
+                name: name.to_owned(),
+                reason: format!("{e:#}"),
+            })?;
+        Self::from_pre(host, name, bytes, instance_pre)
+    }
+
+    /// Loads from a pre-instantiated component; refused if it does not export the
+    /// distribution world's interface.
+    pub(super) fn from_pre(
+        host: &PluginHost,
+        name: &str,
+        bytes: &[u8],
+        instance_pre: InstancePre<super::HostState>,
+    ) -> Result<Self, PluginError> {
         let pre =
             bindings::DistributionPre::new(instance_pre).map_err(|e| PluginError::Refused {
                 name: name.to_owned(),
-                reason: format!("not a shardgate:distribution@0.1.0 component: {e:#}"),
+                reason: format!("not a {WORLD} component: {e:#}"),
             })?;
         let mut plugin = DistributionPlugin {
-            load_name: name.to_owned(),
             content_hash: super::content_hash(bytes),
-            limits: host.limits().clone(),
-            engine: host.engine().clone(),
-            deadline_ticks: host.deadline_ticks(),
-            pre,
-            idle: Mutex::new(Vec::new()),
+            pool: InstancePool::new(host, pre),
             scheme: ShardScheme::HashRanges,
             supported: Vec::new(),
             plugin_name: String::new(),
         };
         // Ask the plugin who it is; this also proves it instantiates and answers.
-        let (plugin_name, scheme, supported) = plugin.with_instance(|store, inst| {
+        let (plugin_name, scheme, supported) = plugin.pool.call(name, |store, inst| {
             let h = inst.shardgate_distribution_hasher();
             Ok((
                 h.call_name(&mut *store)?,
@@ -83,6 +88,15 @@ impl DistributionPlugin {
                 h.call_supported_types(&mut *store)?,
             ))
         })?;
+        if plugin_name.is_empty() {
+            return Err(PluginError::Refused {
+                name: name.to_owned(),
+                reason: "the plugin names itself \"\"".into(),
+            });
+        }
+        plugin
+            .pool
+            .set_metrics(host.metrics().map(|m| m.for_plugin(&plugin_name)));
         plugin.plugin_name = plugin_name;
         plugin.scheme = scheme;
         plugin.supported = supported;
@@ -107,11 +121,16 @@ impl DistributionPlugin {
         self.supported.contains(&t)
     }
 
+    /// The column types the plugin hashes.
+    pub fn supported_types(&self) -> &[ValueType] {
+        &self.supported
+    }
+
     /// The hash of one value.
     pub fn hash(&self, v: &Value) -> Result<i64, PluginError> {
-        match self
-            .with_instance(|store, inst| inst.shardgate_distribution_hasher().call_hash(store, v))?
-        {
+        match self.pool.call(&self.plugin_name, |store, inst| {
+            inst.shardgate_distribution_hasher().call_hash(store, v)
+        })? {
             Ok(h) => Ok(h),
             Err(hasher::HashError::Unsupported(m) | hasher::HashError::Invalid(m)) => {
                 Err(PluginError::Rejected {
@@ -133,9 +152,14 @@ impl DistributionPlugin {
         let h = self.hash(v)?;
         Ok(match self.scheme {
             ShardScheme::HashRanges => {
-                let h = i32::try_from(h).map_err(|_| PluginError::Invalid {
-                    name: self.plugin_name.clone(),
-                    reason: format!("hash {h} is outside int32 for the hash-ranges scheme"),
+                let h = i32::try_from(h).map_err(|_| {
+                    if let Some(m) = self.pool.metrics() {
+                        m.invalid_answer();
+                    }
+                    PluginError::Invalid {
+                        name: self.plugin_name.clone(),
+                        reason: format!("hash {h} is outside int32 for the hash-ranges scheme"),
+                    }
                 })?;
                 let increment = (1u64 << 32) / shard_count as u64;
                 let offset = (h as i64 - i32::MIN as i64) as u64;
@@ -143,61 +167,5 @@ impl DistributionPlugin {
             }
             ShardScheme::Modulo => ((h as u64) % shard_count as u64) as u32,
         })
-    }
-
-    /// Runs `f` on a pooled instance under the deadline and memory cap.
-    fn with_instance<R>(
-        &self,
-        f: impl FnOnce(&mut Store<HostState>, &bindings::Distribution) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
-        let slot = self.idle.lock().pop();
-        let mut slot = match slot {
-            Some(s) => s,
-            None => {
-                let mut store = super::new_store(&self.engine, &self.limits);
-                store.set_epoch_deadline(self.deadline_ticks);
-                let instance = self
-                    .pre
-                    .instantiate(&mut store)
-                    .map_err(|e| self.classify(e))?;
-                Slot { store, instance }
-            }
-        };
-        slot.store.set_epoch_deadline(self.deadline_ticks);
-        match f(&mut slot.store, &slot.instance) {
-            Ok(r) => {
-                let mut idle = self.idle.lock();
-                if idle.len() < MAX_IDLE_INSTANCES {
-                    idle.push(slot);
-                }
-                Ok(r)
-            }
-            // The instance's state is unknown after a trap: it is dropped.
-            Err(e) => Err(self.classify(e)),
-        }
-    }
-
-    fn classify(&self, e: wasmtime::Error) -> PluginError {
-        let name = if self.plugin_name.is_empty() {
-            self.load_name.clone()
-        } else {
-            self.plugin_name.clone()
-        };
-        match e.downcast_ref::<wasmtime::Trap>() {
-            Some(wasmtime::Trap::Interrupt) => PluginError::Timeout {
-                name,
-                limit_ms: self.limits.call_timeout.as_millis() as u64,
-            },
-            _ if format!("{e:#}").contains("memory") && format!("{e:#}").contains("limit") => {
-                PluginError::OutOfMemory {
-                    name,
-                    limit_bytes: self.limits.memory_bytes,
-                }
-            }
-            _ => PluginError::Trap {
-                name,
-                detail: format!("{e:#}"),
-            },
-        }
     }
 }

@@ -4,14 +4,29 @@
 //! interruption, a ticker thread that stops on `Drop`) and a memory cap (`StoreLimits`);
 //! a trap, a timeout or too much memory fails that call, never the router.
 //!
-//! Plugin ABI (WIT, in `wit/`): `shardgate:distribution@0.1.0` (world `distribution`).
-//! A component whose world the host does not know is refused by name.
+//! Plugin ABI (WIT, in `wit/`): `shardgate:distribution@0.1.0` (world `distribution`)
+//! and `shardgate:placement@0.1.0` (world `placement`). A component whose world the host
+//! does not know is refused by name. The loaded set of plugins, and its reload, live in
+//! [`registry`]; see `README.md` beside this file.
 
 mod distribution;
 mod error;
+mod instances;
+mod metrics;
+mod placement;
+mod registry;
 
 pub use distribution::{DistributionPlugin, ShardScheme, Value, ValueType};
 pub use error::PluginError;
+pub use metrics::{PluginMetrics, short_hash};
+pub use placement::{
+    NodeStats, PlacementNode, PlacementPlugin, ShardMove, ShardPlacement, validate_isolation,
+    validate_moves, validate_placement,
+};
+pub use registry::{
+    Loaded, PluginRegistry, PluginSet, PluginSource, ReloadEntry, ReloadLine, ReloadOutcome,
+    ReloadReport,
+};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,8 +42,56 @@ pub mod builtin {
     pub const HASH_CITUS: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_HASH_CITUS"));
     /// `hash-pg-partition`.
     pub const HASH_PG_PARTITION: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_HASH_PG_PARTITION"));
+    /// `placement-default`, the default placement plugin.
+    pub const PLACEMENT_DEFAULT: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLACEMENT_DEFAULT"));
     /// A plugin that misbehaves on request, for the host's tests (not embedded).
     pub const TEST_MISBEHAVE_PATH: &str = env!("SHARDGATE_PLUGIN_TEST_MISBEHAVE");
+    /// A distribution plugin that calls itself `hash-citus` but hashes text
+    /// lower-cased, for the reload tests (not embedded).
+    pub const TEST_HASH_VARIANT_PATH: &str = env!("SHARDGATE_PLUGIN_TEST_HASH_VARIANT");
+
+    /// The embedded plugins, by the name they give themselves.
+    pub const ALL: &[(&str, &[u8])] = &[
+        ("hash-citus", HASH_CITUS),
+        ("hash-pg-partition", HASH_PG_PARTITION),
+        ("placement-default", PLACEMENT_DEFAULT),
+    ];
+}
+
+/// The worlds the host loads, for refusals.
+pub const KNOWN_WORLDS: &[&str] = &[distribution::WORLD, placement::WORLD];
+
+/// A plugin of any world the host knows.
+#[derive(Clone, Debug)]
+pub enum LoadedPlugin {
+    Distribution(Arc<DistributionPlugin>),
+    Placement(Arc<PlacementPlugin>),
+}
+
+impl LoadedPlugin {
+    /// The name the plugin gives itself.
+    pub fn name(&self) -> &str {
+        match self {
+            LoadedPlugin::Distribution(p) => p.name(),
+            LoadedPlugin::Placement(p) => p.name(),
+        }
+    }
+
+    /// SHA-256 of the component's bytes (hex).
+    pub fn content_hash(&self) -> &str {
+        match self {
+            LoadedPlugin::Distribution(p) => p.content_hash(),
+            LoadedPlugin::Placement(p) => p.content_hash(),
+        }
+    }
+
+    /// `distribution` or `placement` (the `kind` metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LoadedPlugin::Distribution(_) => "distribution",
+            LoadedPlugin::Placement(_) => "placement",
+        }
+    }
 }
 
 /// How often the epoch advances: the granularity of call deadlines.
@@ -72,6 +135,8 @@ pub struct PluginHost {
     linker: Linker<HostState>,
     cache_dir: Option<PathBuf>,
     limits: Limits,
+    /// Where plugins count their calls (None: no metrics, calls do not read the clock).
+    metrics: Option<Arc<PluginMetrics>>,
     /// Kept for its Drop: stops the epoch thread with the host.
     _ticker: Ticker,
 }
@@ -133,11 +198,22 @@ impl PluginHost {
             linker,
             cache_dir,
             limits,
+            metrics: None,
             _ticker: Ticker {
                 stop,
                 thread: Some(thread),
             },
         })
+    }
+
+    /// Plugins loaded from now on count their calls in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<PluginMetrics>) -> PluginHost {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&Arc<PluginMetrics>> {
+        self.metrics.as_ref()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -175,7 +251,13 @@ impl PluginHost {
             }
         }
         let compiled = self.engine.precompile_component(bytes).map_err(refused)?;
-        let tmp = path.with_extension("tmp");
+        // Unique per writer: tests (and routers) may share a cache directory.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = path.with_extension(format!(
+            "{}.{}.tmp",
+            std::process::id(),
+            WRITES.fetch_add(1, Ordering::Relaxed)
+        ));
         if std::fs::write(&tmp, &compiled).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }
@@ -185,6 +267,66 @@ impl PluginHost {
 
     pub(crate) fn linker(&self) -> &Linker<HostState> {
         &self.linker
+    }
+
+    /// Loads a plugin of any world the host knows from a component's bytes; `name`
+    /// (a file name) names it in errors until it names itself. A component that
+    /// exports none of the known worlds is refused, with the list of those worlds.
+    pub fn load(&self, name: &str, bytes: &[u8]) -> Result<LoadedPlugin, PluginError> {
+        let worlds = KNOWN_WORLDS.join(", ");
+        let not_ours = |reason: &str| PluginError::Refused {
+            name: name.to_owned(),
+            reason: format!(
+                "not a WebAssembly component of a world the host knows ({worlds}): {}",
+                // One line, for a NOTICE or a log line.
+                reason.split_whitespace().collect::<Vec<_>>().join(" ")
+            ),
+        };
+        // (wasmtime would also take the text format, and explain at length why junk
+        // is not valid text.)
+        if !bytes.starts_with(b"\0asm") {
+            return Err(not_ours("no WebAssembly header"));
+        }
+        let component = self.compile(name, bytes).map_err(|e| match e {
+            PluginError::Refused { reason, .. } => not_ours(&reason),
+            e => e,
+        })?;
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| PluginError::Refused {
+                    name: name.to_owned(),
+                    reason: format!("{e:#}"),
+                })?;
+        // Which world: by the interface the component exports (then the world's
+        // bindings check the types).
+        let exports = |interface: &str| component.get_export_index(None, interface).is_some();
+        if exports(distribution::INTERFACE) {
+            return DistributionPlugin::from_pre(self, name, bytes, instance_pre)
+                .map(|p| LoadedPlugin::Distribution(Arc::new(p)));
+        }
+        if exports(placement::INTERFACE) {
+            return PlacementPlugin::from_pre(self, name, bytes, instance_pre)
+                .map(|p| LoadedPlugin::Placement(Arc::new(p)));
+        }
+        Err(PluginError::Refused {
+            name: name.to_owned(),
+            reason: format!("the component exports none of the worlds the host knows ({worlds})"),
+        })
+    }
+
+    /// Loads a plugin of any known world from a file (named by its file name until it
+    /// names itself).
+    pub fn load_file(&self, path: &Path) -> Result<LoadedPlugin, PluginError> {
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let name = path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.load(&name, &bytes)
     }
 
     /// Loads a distribution plugin from a component's bytes.

@@ -7,6 +7,7 @@
 //! (send, then `pump` answers until every expected reply came) -> release the backend
 //! when the transaction is over (transaction pooling).
 
+mod admin;
 mod prepared;
 mod settings;
 
@@ -120,6 +121,11 @@ pub struct Session<S> {
     saw_commit: bool,
     timer: Option<(Instant, &'static str)>,
     max_msg: usize,
+    /// Who the client is and where: admin functions run with the client's rights.
+    user: User,
+    database: String,
+    /// An admin request waiting for the replies queued before it.
+    pending_admin: Option<Result<crate::admin::Request, crate::admin::AdminError>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -135,9 +141,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) {
         let pool = ctx.pool_for(&database, &user);
         let guard = ctx.cancels.register();
+        let mode = user.pool_mode;
         let mut s = Session {
+            user,
+            database,
+            pending_admin: None,
             max_msg: ctx.config.max_message_bytes,
-            mode: user.pool_mode,
+            mode,
             ctx: ctx.clone(),
             client,
             rbuf,
@@ -211,6 +221,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     break;
                 };
                 match frame.tag {
+                    tag::QUERY if !self.copy_in && let Some(req) = self.intercept(&frame) => {
+                        self.send_batch(None).await?;
+                        self.pending_admin = Some(req);
+                        must_pump = true;
+                        break;
+                    }
                     tag::QUERY | tag::FUNCTION_CALL => {
                         self.send_batch(None).await?;
                         self.queue_query(frame).await?;
@@ -237,6 +253,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.write_backend().await?;
                 self.pump().await?;
                 self.maybe_release();
+            }
+            if let Some(req) = self.pending_admin.take() {
+                self.run_admin(req).await?;
             }
             if self.rbuf.is_empty() && self.rbuf.capacity() > SHRINK_ABOVE {
                 self.rbuf = BytesMut::new();

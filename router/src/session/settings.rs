@@ -119,6 +119,29 @@ impl Settings {
         sql
     }
 
+    /// The same for the router's own control connections (admin functions), which
+    /// must stay in UTF-8 whatever the client uses.
+    pub fn control_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        for (k, v) in &self.startup {
+            if k.eq_ignore_ascii_case("client_encoding") {
+                continue;
+            }
+            sql.push_str("; SET ");
+            sql.push_str(k);
+            sql.push_str(" TO ");
+            sql.push_str(&dollar_quote(v));
+        }
+        for stmt in self.sets.values() {
+            if stmt.to_ascii_lowercase().contains("client_encoding") {
+                continue;
+            }
+            sql.push_str("; ");
+            sql.push_str(stmt);
+        }
+        sql
+    }
+
     /// Records a tracked statement that succeeded (outside a transaction, or in one
     /// that committed).
     pub fn record(&mut self, stmt: &SessionStmt) {

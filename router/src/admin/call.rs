@@ -1,0 +1,264 @@
+//! Recognising an admin function call (`SELECT create_distributed_table('t', 'id')`)
+//! and binding its arguments, positional or named (`shard_count => 8`), to the
+//! function's parameters, with Citus's names and defaults.
+
+use super::AdminError;
+use sqlparser::ast::{
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, SelectItem, SetExpr, Statement,
+    UnaryOperator, Value,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Func {
+    AddNode,
+    RemoveNode,
+    SetCoordinatorHost,
+    CreateDistributedTable,
+    CreateReferenceTable,
+    UndistributeTable,
+    GetShardId,
+    ReloadPlugins,
+}
+
+/// (function, SQL name, parameter names in order, how many are required).
+const FUNCS: &[(Func, &str, &[&str], usize)] = &[
+    (
+        Func::AddNode,
+        "citus_add_node",
+        &["nodename", "nodeport", "groupid", "noderole", "nodecluster"],
+        1,
+    ),
+    (Func::RemoveNode, "citus_remove_node", &["nodename", "nodeport"], 2),
+    (
+        Func::SetCoordinatorHost,
+        "citus_set_coordinator_host",
+        &["host", "port", "node_role", "node_cluster"],
+        1,
+    ),
+    (
+        Func::CreateDistributedTable,
+        "create_distributed_table",
+        &[
+            "table_name",
+            "distribution_column",
+            "distribution_type",
+            "colocate_with",
+            "shard_count",
+            "distribution_plugin",
+        ],
+        2,
+    ),
+    (Func::CreateReferenceTable, "create_reference_table", &["table_name"], 1),
+    (
+        Func::UndistributeTable,
+        "undistribute_table",
+        &["table_name", "cascade_via_foreign_keys"],
+        1,
+    ),
+    (
+        Func::GetShardId,
+        "get_shard_id_for_distribution_column",
+        &["table_name", "distribution_value"],
+        1,
+    ),
+    (Func::ReloadPlugins, "shardgate_reload_plugins", &[], 0),
+];
+
+/// Cheap test on every simple query: could this text call an admin function?
+pub fn may_be_call(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    const MARKS: &[&[u8]] = &[
+        b"citus_",
+        b"create_",
+        b"undistribute_",
+        b"get_shard_id_",
+        b"shardgate_",
+    ];
+    MARKS
+        .iter()
+        .any(|m| b.windows(m.len()).any(|w| w.eq_ignore_ascii_case(m)))
+}
+
+#[derive(Debug)]
+pub struct Call {
+    pub func: Func,
+    pub name: &'static str,
+    /// The result column's name (the function's, or the alias).
+    pub column: String,
+    /// One entry per parameter; `None`: not given or NULL.
+    args: Vec<Option<String>>,
+    params: &'static [&'static str],
+}
+
+impl Call {
+    pub fn arg(&self, name: &str) -> Option<&str> {
+        let i = self.params.iter().position(|p| *p == name)?;
+        self.args[i].as_deref()
+    }
+
+    pub fn required(&self, name: &str) -> Result<&str, AdminError> {
+        self.arg(name).ok_or_else(|| {
+            AdminError::InvalidParameter(format!("{}: {name} must not be NULL", self.name))
+        })
+    }
+}
+
+/// Parses `SELECT f(args) [AS alias]` when `f` is an admin function. `Ok(None)`: not
+/// an admin call (the statement goes to the coordinator as it is).
+pub fn parse(statements: &[Statement]) -> Result<Option<Call>, AdminError> {
+    let [Statement::Query(q)] = statements else {
+        if statements.iter().any(|s| find_call(s).is_some()) {
+            return Err(AdminError::NotSupported(
+                "an admin function must be called in a statement of its own".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let Some((f, column)) = find_call(&Statement::Query(q.clone())) else {
+        return Ok(None);
+    };
+    let SetExpr::Select(sel) = q.body.as_ref() else {
+        return Ok(None);
+    };
+    if sel.projection.len() != 1 || !sel.from.is_empty() || sel.selection.is_some() {
+        return Err(AdminError::NotSupported(
+            "an admin function must be called as SELECT f(...) on its own".into(),
+        ));
+    }
+    let (func, name, params, required) = FUNCS
+        .iter()
+        .find(|(_, n, _, _)| *n == f.0)
+        .copied()
+        .expect("find_call only returns known functions");
+    let mut args: Vec<Option<String>> = vec![None; params.len()];
+    let mut given = vec![false; params.len()];
+    let mut positional = 0;
+    let mut named_seen = false;
+    for a in f.1 {
+        let (slot, expr) = match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => {
+                if named_seen {
+                    return Err(AdminError::Syntax(
+                        "positional argument cannot follow named argument".into(),
+                    ));
+                }
+                positional += 1;
+                if positional > params.len() {
+                    return Err(no_such_function(name));
+                }
+                (positional - 1, e)
+            }
+            FunctionArg::Named {
+                name: sqlparser::ast::Ident { value: n, .. },
+                arg: FunctionArgExpr::Expr(e),
+                ..
+            }
+            | FunctionArg::ExprNamed {
+                name: Expr::Identifier(sqlparser::ast::Ident { value: n, .. }),
+                arg: FunctionArgExpr::Expr(e),
+                ..
+            } => {
+                named_seen = true;
+                let key = n.to_lowercase();
+                let Some(i) = params.iter().position(|p| *p == key) else {
+                    return Err(no_such_function(name));
+                };
+                (i, e)
+            }
+            _ => return Err(no_such_function(name)),
+        };
+        if given[slot] {
+            return Err(AdminError::Syntax(format!(
+                "argument \"{}\" of {name} is given twice",
+                params[slot]
+            )));
+        }
+        given[slot] = true;
+        args[slot] = constant(&expr, name)?;
+    }
+    if given.iter().take(required).any(|g| !g) {
+        return Err(no_such_function(name));
+    }
+    Ok(Some(Call {
+        func,
+        name,
+        column,
+        args,
+        params,
+    }))
+}
+
+fn no_such_function(name: &str) -> AdminError {
+    AdminError::UndefinedFunction(format!(
+        "function {name} with these arguments does not exist"
+    ))
+}
+
+/// The admin function a statement calls at its top level: (name, arguments), and the
+/// output column name.
+fn find_call(s: &Statement) -> Option<((&'static str, Vec<FunctionArg>), String)> {
+    let Statement::Query(q) = s else { return None };
+    let SetExpr::Select(sel) = q.body.as_ref() else {
+        return None;
+    };
+    for item in &sel.projection {
+        let (expr, alias) = match item {
+            SelectItem::UnnamedExpr(e) => (e, None),
+            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.value.clone())),
+            _ => continue,
+        };
+        let Expr::Function(f) = expr else { continue };
+        let parts = &f.name.0;
+        let fname = parts.last()?.as_ident()?.value.to_lowercase();
+        if parts.len() > 1 {
+            let schema = parts[0].as_ident()?.value.to_lowercase();
+            if !matches!(schema.as_str(), "pg_catalog" | "shardgate" | "citus") {
+                continue;
+            }
+        }
+        let Some((_, name, _, _)) = FUNCS.iter().find(|(_, n, _, _)| *n == fname) else {
+            continue;
+        };
+        let args = match &f.args {
+            FunctionArguments::None => Vec::new(),
+            FunctionArguments::List(l) => l.args.clone(),
+            FunctionArguments::Subquery(_) => continue,
+        };
+        return Some(((name, args), alias.unwrap_or_else(|| name.to_string())));
+    }
+    None
+}
+
+/// A constant argument: a literal, possibly cast or negated. NULL is `None`.
+fn constant(e: &Expr, func: &str) -> Result<Option<String>, AdminError> {
+    match e {
+        Expr::Value(v) => Ok(match &v.value {
+            Value::Null => None,
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. }) => {
+                Some(s.clone())
+            }
+            Value::Number(n, _) => Some(n.to_string()),
+            Value::Boolean(b) => Some(b.to_string()),
+            other => Some(other.to_string()),
+        }),
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => constant(expr, func),
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => Ok(constant(expr, func)?.map(|v| format!("-{v}"))),
+        Expr::TypedString(ts) => Ok(Some(match &ts.value.value {
+            Value::SingleQuotedString(s) => s.clone(),
+            other => other.to_string(),
+        })),
+        _ => Err(AdminError::NotSupported(format!(
+            "the arguments of {func} must be constants (got {e})"
+        ))),
+    }
+}
+
+/// Parses SQL text with Postgres's dialect.
+pub fn parse_sql(sql: &str) -> Result<Vec<Statement>, sqlparser::parser::ParserError> {
+    sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+}

@@ -1,0 +1,263 @@
+//! Admin SQL functions (Citus's names and arguments) and DDL on distributed and
+//! reference tables, intercepted from the client's simple queries and carried out by
+//! the router over control connections: the catalog change and the work on the
+//! workers commit together or not at all (see `fleet`).
+//!
+//! Protocol: `classify` decides, from the statement text and the catalog snapshot,
+//! whether a query is the router's to run; `execute` runs it and returns rows to send.
+
+mod call;
+mod data;
+mod ddl;
+mod distribute;
+mod error;
+mod fleet;
+mod nodes;
+mod shape;
+
+pub use call::{Func, may_be_call};
+pub use error::AdminError;
+
+use crate::backend::control::{ControlLogin, connect_node};
+use crate::catalog::{CATALOG_LOCK, CHANNEL, Snapshot};
+use crate::server::ServerCtx;
+use std::sync::Arc;
+use tokio_postgres::Client;
+
+/// What the router runs itself instead of forwarding.
+#[derive(Debug)]
+pub enum Request {
+    Call(call::Call),
+    Ddl(ddl::Ddl),
+}
+
+impl Request {
+    pub fn describe(&self) -> String {
+        match self {
+            Request::Call(c) => c.name.to_owned(),
+            Request::Ddl(d) => d.tag().to_owned(),
+        }
+    }
+}
+
+/// Rows (text) and a command tag for the client.
+#[derive(Debug, Default)]
+pub struct Reply {
+    /// Column name and type oid.
+    pub columns: Vec<(String, u32)>,
+    pub rows: Vec<Vec<Option<String>>>,
+    pub tag: String,
+    pub notices: Vec<String>,
+}
+
+pub(crate) const VOID_OID: u32 = 2278;
+
+impl Reply {
+    fn void(column: &str) -> Reply {
+        Reply {
+            columns: vec![(column.to_owned(), VOID_OID)],
+            rows: vec![vec![Some(String::new())]],
+            tag: "SELECT 1".into(),
+            notices: Vec::new(),
+        }
+    }
+
+    fn value(column: &str, oid: u32, v: String) -> Reply {
+        Reply {
+            columns: vec![(column.to_owned(), oid)],
+            rows: vec![vec![Some(v)]],
+            tag: "SELECT 1".into(),
+            notices: Vec::new(),
+        }
+    }
+}
+
+/// Decides whether the router runs `sql` itself. `Ok(None)`: forward it. A statement
+/// that does not parse is forwarded (Postgres reports the syntax error).
+pub fn classify(snap: &Snapshot, sql: &str) -> Result<Option<Request>, AdminError> {
+    let call_like = call::may_be_call(sql);
+    let ddl_like = !snap.names.is_empty() && ddl::may_be_ddl(sql);
+    if !call_like && !ddl_like {
+        return Ok(None);
+    }
+    let Ok(stmts) = call::parse_sql(sql) else {
+        return Ok(None);
+    };
+    if call_like && let Some(c) = call::parse(&stmts)? {
+        return Ok(Some(Request::Call(c)));
+    }
+    if ddl_like {
+        return Ok(ddl::classify(snap, stmts)?.map(Request::Ddl));
+    }
+    Ok(None)
+}
+
+/// Who asks, and where.
+pub struct AdminCtx<'a> {
+    pub server: &'a Arc<ServerCtx>,
+    /// The session's credentials towards the nodes: admin work runs with the client's
+    /// own rights.
+    pub login: ControlLogin,
+    pub database: String,
+    /// The session's settings (search_path...), applied to the coordinator connection
+    /// so that names resolve as they would for the client.
+    pub settings_sql: String,
+}
+
+impl AdminCtx<'_> {
+    pub async fn execute(&self, req: Request) -> Result<Reply, AdminError> {
+        let catalog = &self.server.catalog;
+        if self.database != catalog.database {
+            return Err(AdminError::Prerequisite {
+                message: format!(
+                    "distributed tables live in database \"{}\"; this session is connected to \"{}\"",
+                    catalog.database, self.database
+                ),
+                hint: Some(format!("connect to database \"{}\"", catalog.database)),
+            });
+        }
+        match req {
+            Request::Call(c) => match c.func {
+                Func::AddNode => nodes::add_node(self, &c).await,
+                Func::RemoveNode => nodes::remove_node(self, &c).await,
+                Func::SetCoordinatorHost => nodes::set_coordinator_host(self, &c).await,
+                Func::CreateDistributedTable => distribute::create_distributed_table(self, &c).await,
+                Func::CreateReferenceTable => distribute::create_reference_table(self, &c).await,
+                Func::UndistributeTable => distribute::undistribute_table(self, &c).await,
+                Func::GetShardId => distribute::get_shard_id(self, &c).await,
+                Func::ReloadPlugins => self.reload_plugins(&c).await,
+            },
+            Request::Ddl(d) => ddl::run(self, d).await,
+        }
+    }
+
+    fn login_ref(&self) -> &ControlLogin {
+        &self.login
+    }
+
+    /// A connection to the coordinator with the session's settings.
+    async fn coordinator(&self) -> Result<Client, AdminError> {
+        let node = &self.server.config.coordinator;
+        let c = connect_node(&self.login, &node.host, node.port, &self.database)
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(_) => AdminError::on(&node.name, e),
+                None => AdminError::Connect {
+                    node: "the coordinator".into(),
+                    reason: e.to_string(),
+                },
+            })?;
+        if !self.settings_sql.is_empty() {
+            c.batch_execute(&self.settings_sql)
+                .await
+                .map_err(|e| AdminError::on("coordinator", e))?;
+        }
+        Ok(c)
+    }
+
+    /// A coordinator transaction holding the catalog lock, and the catalog as of now.
+    async fn begin(&self) -> Result<(Client, Snapshot), AdminError> {
+        let c = self.coordinator().await?;
+        let on = |e| AdminError::on("coordinator", e);
+        c.batch_execute("BEGIN").await.map_err(on)?;
+        c.execute("SELECT pg_advisory_xact_lock($1)", &[&CATALOG_LOCK])
+            .await
+            .map_err(on)?;
+        let snap = Snapshot::read(&c).await.map_err(on)?;
+        Ok((c, snap))
+    }
+
+    /// Bumps the catalog version and notifies the other routers (in the transaction).
+    async fn bump(&self, c: &Client) -> Result<(), AdminError> {
+        c.batch_execute(&format!(
+            "UPDATE shardgate.catalog_state SET version = version + 1;
+             SELECT pg_notify('{CHANNEL}', version::text) FROM shardgate.catalog_state"
+        ))
+        .await
+        .map_err(|e| AdminError::on("coordinator", e))
+    }
+
+    /// Commits a change: workers prepare, the coordinator commits (the commit point),
+    /// the workers commit; then this router's snapshot is refreshed.
+    async fn commit(&self, coord: Client, fleet: Option<fleet::Fleet>) -> Result<(), AdminError> {
+        let on = |e| AdminError::on("coordinator", e);
+        let mut fleet = fleet;
+        if let Some(f) = &mut fleet
+            && let Err(e) = f.prepare().await
+        {
+            let _ = coord.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+        if let Err(e) = coord.batch_execute("COMMIT").await {
+            if let Some(f) = fleet {
+                f.rollback().await;
+            }
+            return Err(on(e));
+        }
+        let r = match fleet {
+            Some(f) => f.commit().await,
+            None => Ok(()),
+        };
+        if let Ok(snap) = Snapshot::load(&coord).await {
+            self.server.catalog.install(snap);
+        }
+        r
+    }
+
+    async fn abort(&self, coord: Client, fleet: Option<fleet::Fleet>) {
+        if let Some(f) = fleet {
+            f.rollback().await;
+        }
+        let _ = coord.batch_execute("ROLLBACK").await;
+    }
+
+    async fn reload_plugins(&self, _c: &call::Call) -> Result<Reply, AdminError> {
+        let in_use = self.server.catalog.snapshot().plugins_in_use();
+        let report = self.server.plugins.reload(&in_use).await;
+        let mut reply = Reply {
+            columns: vec![
+                ("plugin".into(), 25),
+                ("kind".into(), 25),
+                ("result".into(), 25),
+                ("detail".into(), 25),
+            ],
+            ..Reply::default()
+        };
+        for line in report.lines() {
+            reply.rows.push(vec![
+                Some(line.plugin.clone()),
+                Some(line.kind.clone()),
+                Some(line.result.clone()),
+                line.detail.clone(),
+            ]);
+        }
+        reply.tag = format!("SELECT {}", reply.rows.len());
+        Ok(reply)
+    }
+}
+
+/// Runs a change: `f` works inside the coordinator transaction (and usually opens a
+/// fleet); on error everything is rolled back.
+macro_rules! in_change {
+    ($actx:expr, $coord:ident, $fleet:ident, $body:block) => {{
+        let mut $fleet: Option<$crate::admin::fleet::Fleet> = None;
+        let r: Result<_, AdminError> = async {
+            let v: Result<_, AdminError> = async { $body }.await;
+            let v = v?;
+            $actx.bump(&$coord).await?;
+            Ok(v)
+        }
+        .await;
+        match r {
+            Ok(v) => {
+                $actx.commit($coord, $fleet).await?;
+                Ok(v)
+            }
+            Err(e) => {
+                $actx.abort($coord, $fleet).await;
+                Err(e)
+            }
+        }
+    }};
+}
+pub(crate) use in_change;

@@ -1,0 +1,153 @@
+//! Admin functions and distributed DDL inside a session: recognised in the client's
+//! simple queries, run by `crate::admin` after every earlier reply has been sent, and
+//! answered like a Postgres query (notices, rows, command tag, ReadyForQuery).
+
+use super::{Expect, Session, raise_sql};
+use crate::admin::{AdminCtx, AdminError, Reply, Request, classify};
+use crate::backend::control::ControlLogin;
+use crate::error::RouterError;
+use crate::protocol::{self, Frame, TxnStatus, btag, encode_error_fields};
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Whether the router runs this simple query itself.
+    pub(super) fn intercept(&self, frame: &Frame) -> Option<Result<Request, AdminError>> {
+        let body = frame.body();
+        let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).ok()?;
+        let snap = self.ctx.catalog.snapshot();
+        let empty;
+        // Distributed tables exist only in the catalog's database.
+        let snap = if self.database == self.ctx.catalog.database {
+            &*snap
+        } else {
+            empty = crate::catalog::Snapshot::default();
+            &empty
+        };
+        classify(snap, sql).transpose()
+    }
+
+    /// Runs an intercepted request once every earlier reply has been sent.
+    pub(super) async fn run_admin(
+        &mut self,
+        req: Result<Request, AdminError>,
+    ) -> Result<(), RouterError> {
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => return self.admin_refuse(e).await,
+        };
+        if self.status != TxnStatus::Idle || self.lease_in_transaction() {
+            return self
+                .admin_refuse(AdminError::InTransaction(req.describe()))
+                .await;
+        }
+        self.flush_client().await?;
+        let start = std::time::Instant::now();
+        let node = &self.ctx.config.coordinator;
+        let actx = AdminCtx {
+            server: &self.ctx,
+            login: ControlLogin {
+                user: self.user.name.clone(),
+                password: self.user.server_password.clone(),
+                connect_timeout: self.ctx.config.connect_timeout,
+                host: node.host.clone(),
+                port: node.port,
+            },
+            database: self.database.clone(),
+            settings_sql: self.settings.control_sql(),
+        };
+        let what = req.describe();
+        let result = actx.execute(req).await;
+        tracing::info!(what, ok = result.is_ok(), ms = start.elapsed().as_millis() as u64, "admin request");
+        match result {
+            Ok(reply) => {
+                encode_reply(&mut self.out, &reply);
+                protocol::encode_ready_for_query(&mut self.out, self.status);
+                Ok(())
+            }
+            Err(e) => self.admin_refuse(e).await,
+        }
+    }
+
+    fn lease_in_transaction(&self) -> bool {
+        self.lease.is_some() && self.mode == crate::backend::PoolMode::Transaction
+    }
+
+    /// The request fails. Outside a transaction the router answers; inside one the
+    /// backend raises the error itself so that the transaction is aborted exactly as
+    /// Postgres would abort it.
+    async fn admin_refuse(&mut self, e: AdminError) -> Result<(), RouterError> {
+        let e = RouterError::Admin(e);
+        let in_txn = self.status != TxnStatus::Idle;
+        if !in_txn {
+            self.client_error(&e);
+            protocol::encode_ready_for_query(&mut self.out, self.status);
+            return Ok(());
+        }
+        let u = e.user_facing().expect("admin errors are user facing");
+        self.ctx.metrics.error(u.code.code().as_bytes());
+        if let Err(e) = self.ensure_lease().await {
+            return self.refuse_request(e);
+        }
+        let code = u.raw_code.clone().unwrap_or_else(|| u.code.code().to_owned());
+        protocol::encode_simple_query(&mut self.bout, &raise_sql(&code, &u.message));
+        self.expect.push_back(Expect::Query {
+            tracked: None,
+            ok: false,
+        });
+        self.write_backend().await?;
+        self.pump().await?;
+        self.maybe_release();
+        Ok(())
+    }
+}
+
+/// NoticeResponses, RowDescription, DataRows, CommandComplete.
+fn encode_reply(out: &mut BytesMut, r: &Reply) {
+    for n in &r.notices {
+        encode_error_fields(
+            out,
+            btag::NOTICE_RESPONSE,
+            &[(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', "00000"), (b'M', n)],
+        );
+    }
+    if !r.columns.is_empty() {
+        let mut body = BytesMut::new();
+        body.put_i16(r.columns.len() as i16);
+        for (name, oid) in &r.columns {
+            body.put_slice(name.as_bytes());
+            body.put_u8(0);
+            body.put_u32(0); // table oid
+            body.put_i16(0); // column number
+            body.put_u32(*oid);
+            body.put_i16(-1); // type size
+            body.put_i32(-1); // type modifier
+            body.put_i16(0); // text format
+        }
+        frame(out, btag::ROW_DESCRIPTION, &body);
+        for row in &r.rows {
+            let mut body = BytesMut::new();
+            body.put_i16(row.len() as i16);
+            for v in row {
+                match v {
+                    None => body.put_i32(-1),
+                    Some(s) => {
+                        body.put_i32(s.len() as i32);
+                        body.put_slice(s.as_bytes());
+                    }
+                }
+            }
+            frame(out, btag::DATA_ROW, &body);
+        }
+    }
+    let mut body = BytesMut::new();
+    body.put_slice(r.tag.as_bytes());
+    body.put_u8(0);
+    frame(out, btag::COMMAND_COMPLETE, &body);
+}
+
+fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_i32((body.len() + 4) as i32);
+    out.put_slice(body);
+}
