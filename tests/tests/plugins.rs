@@ -368,7 +368,10 @@ fn placement_default_places_round_robin_from_the_colocation_id() {
         p.place_shards(0, 4, 2, &nodes).unwrap(),
         vec![vec![1, 2], vec![2, 3], vec![3, 1], vec![1, 2]]
     );
-    assert_eq!(p.place_shards(7, 0, 1, &nodes).unwrap(), Vec::<Vec<i32>>::new());
+    assert_eq!(
+        p.place_shards(7, 0, 1, &nodes).unwrap(),
+        Vec::<Vec<i32>>::new()
+    );
     // Too few eligible nodes, or none: the plugin's own error.
     let e = p.place_shards(0, 4, 4, &nodes).unwrap_err();
     assert!(
@@ -432,7 +435,8 @@ fn placement_default_rebalances_by_shard_count_and_isolates_on_the_least_loaded(
     let nodes = [stats(1, 5, 1.0), stats(3, 2, 1.0), stats(2, 2, 1.0)];
     assert_eq!(p.isolate_tenant(1, 1, &nodes).unwrap(), 2);
     assert_eq!(
-        p.isolate_tenant(1, 1, &[stats(1, 1, 1.0), stats(2, 4, 1.0)]).unwrap(),
+        p.isolate_tenant(1, 1, &[stats(1, 1, 1.0), stats(2, 4, 1.0)])
+            .unwrap(),
         1
     );
     let e = p.isolate_tenant(1, 1, &[]).unwrap_err();
@@ -489,7 +493,10 @@ fn the_builtins_load_and_a_file_replaces_the_builtin_of_its_name() {
     assert_eq!(names, ["hash-citus", "hash-pg-partition"]);
     let names: Vec<&str> = set.placements().map(|(n, _)| n).collect();
     assert_eq!(names, ["placement-default"]);
-    assert!(set.distributions().all(|(_, l)| l.source.to_string() == "builtin"));
+    assert!(
+        set.distributions()
+            .all(|(_, l)| l.source.to_string() == "builtin")
+    );
     assert_eq!(
         set.distribution("hash-citus").unwrap().content_hash(),
         shardgate::plugin::content_hash(builtin::HASH_CITUS)
@@ -549,7 +556,10 @@ fn an_in_use_distribution_plugin_is_swapped_only_for_a_build_that_hashes_alike()
     let Some(ReloadOutcome::Refused { reason }) = report.outcome("hash-citus") else {
         panic!("refused: {report}");
     };
-    assert!(reason.starts_with("plugin hash-citus: new build "), "{reason}");
+    assert!(
+        reason.starts_with("plugin hash-citus: new build "),
+        "{reason}"
+    );
     assert!(reason.contains("hashes text"), "{reason}");
     assert!(
         reason.ends_with("moving data to a new distribution function is a rebalance, not a swap"),
@@ -563,11 +573,18 @@ fn an_in_use_distribution_plugin_is_swapped_only_for_a_build_that_hashes_alike()
         "the loaded build stays"
     );
     assert_eq!(
-        set.distribution("hash-citus").unwrap().hash(&Value::Text("Tenant".into())).unwrap(),
+        set.distribution("hash-citus")
+            .unwrap()
+            .hash(&Value::Text("Tenant".into()))
+            .unwrap(),
         pg_hash::hashtext("Tenant") as i64
     );
     assert_eq!(set.generation(), generation, "nothing changed");
-    assert!(report.to_string().contains("hash-citus (distribution): refused"));
+    assert!(
+        report
+            .to_string()
+            .contains("hash-citus (distribution): refused")
+    );
 
     // A new build that hashes alike (same code, another content hash): replaced.
     let alike = rebuilt(builtin::HASH_CITUS, "alike");
@@ -582,7 +599,10 @@ fn an_in_use_distribution_plugin_is_swapped_only_for_a_build_that_hashes_alike()
     );
     assert_eq!(r.current().generation(), generation + 1);
     assert_eq!(
-        r.current().distribution("hash-citus").unwrap().content_hash(),
+        r.current()
+            .distribution("hash-citus")
+            .unwrap()
+            .content_hash(),
         shardgate::plugin::content_hash(&alike)
     );
 
@@ -601,7 +621,12 @@ fn an_in_use_distribution_plugin_is_swapped_only_for_a_build_that_hashes_alike()
         "{report}"
     );
     // ... and the build the catalog recorded is always welcome back, in use or not.
-    let variant_hash = r.current().distribution("hash-citus").unwrap().content_hash().to_owned();
+    let variant_hash = r
+        .current()
+        .distribution("hash-citus")
+        .unwrap()
+        .content_hash()
+        .to_owned();
     std::fs::remove_file(dir.path().join("hash-citus.wasm")).unwrap();
     let recorded_builtin = HashMap::from([("hash-citus".to_owned(), builtin_hash.clone())]);
     let report = r.reload_blocking(&recorded_builtin);
@@ -637,7 +662,10 @@ fn a_plugin_whose_file_is_gone_is_kept_while_in_use_and_removed_after() {
         ),
         "{report}"
     );
-    assert!(report.to_string().contains("misbehave.wasm is gone"), "{report}");
+    assert!(
+        report.to_string().contains("misbehave.wasm is gone"),
+        "{report}"
+    );
     assert!(r.current().distribution("test-misbehave").is_some());
     let report = r.reload_blocking(&HashMap::new());
     assert!(
@@ -655,7 +683,11 @@ fn a_plugin_whose_file_is_gone_is_kept_while_in_use_and_removed_after() {
 fn placement_plugins_swap_while_calls_run() {
     let dir = tempfile::tempdir().unwrap();
     let r = registry(Some(dir.path()));
-    let nodes = [node(1, true, true), node(2, true, true), node(3, true, true)];
+    let nodes = [
+        node(1, true, true),
+        node(2, true, true),
+        node(3, true, true),
+    ];
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let callers: Vec<_> = (0..2)
@@ -761,7 +793,11 @@ fn plugins_count_calls_failures_and_swaps() {
         .with_metrics(pm.clone()),
     );
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(builtin::TEST_MISBEHAVE_PATH, dir.path().join("misbehave.wasm")).unwrap();
+    std::fs::copy(
+        builtin::TEST_MISBEHAVE_PATH,
+        dir.path().join("misbehave.wasm"),
+    )
+    .unwrap();
     let r = PluginRegistry::new(host.clone(), Some(dir.path().to_path_buf())).unwrap();
     let set = r.current();
     let citus = set.distribution("hash-citus").unwrap();
@@ -772,20 +808,42 @@ fn plugins_count_calls_failures_and_swaps() {
     let text = |s: &str| Value::Text(s.to_owned());
     assert!(bad.hash(&text("trap")).is_err());
     assert!(bad.hash(&text("trap")).is_err());
-    assert!(matches!(bad.hash(&text("loop")), Err(PluginError::Timeout { .. })));
+    assert!(matches!(
+        bad.hash(&text("loop")),
+        Err(PluginError::Timeout { .. })
+    ));
     let alloc = bad.hash(&text("alloc")).unwrap_err();
-    assert!(matches!(bad.shard_index(&text("nonsense"), 4), Err(PluginError::Invalid { .. })));
+    assert!(matches!(
+        bad.shard_index(&text("nonsense"), 4),
+        Err(PluginError::Invalid { .. })
+    ));
     bad.hash(&text("fine")).unwrap();
     let pd = set.placement("placement-default").unwrap();
     pd.place_shards(0, 4, 1, &[node(1, true, true)]).unwrap();
 
     let out = metrics.render();
     let get = |s: &str| sample(&out, s).unwrap_or_else(|| panic!("no {s} in\n{out}"));
-    assert_eq!(get(r#"shardgate_plugin_calls_total{plugin="hash-citus"}"#), 10.0);
-    assert_eq!(get(r#"shardgate_plugin_call_seconds_count{plugin="hash-citus"}"#), 10.0);
-    assert_eq!(get(r#"shardgate_plugin_calls_total{plugin="test-misbehave"}"#), 6.0);
-    assert_eq!(get(r#"shardgate_plugin_calls_total{plugin="placement-default"}"#), 1.0);
-    assert_eq!(get(r#"shardgate_plugin_timeouts_total{plugin="test-misbehave"}"#), 1.0);
+    assert_eq!(
+        get(r#"shardgate_plugin_calls_total{plugin="hash-citus"}"#),
+        10.0
+    );
+    // One call in 8 is timed.
+    assert_eq!(
+        get(r#"shardgate_plugin_call_seconds_count{plugin="hash-citus"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"shardgate_plugin_calls_total{plugin="test-misbehave"}"#),
+        6.0
+    );
+    assert_eq!(
+        get(r#"shardgate_plugin_calls_total{plugin="placement-default"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"shardgate_plugin_timeouts_total{plugin="test-misbehave"}"#),
+        1.0
+    );
     let (traps, oom) = (
         get(r#"shardgate_plugin_traps_total{plugin="test-misbehave"}"#),
         get(r#"shardgate_plugin_out_of_memory_total{plugin="test-misbehave"}"#),
@@ -807,9 +865,16 @@ fn plugins_count_calls_failures_and_swaps() {
             ),
         )
     };
-    assert_eq!(info("hash-citus", "distribution", &builtin_version), Some(1.0));
     assert_eq!(
-        info("placement-default", "placement", short_hash(pd.content_hash())),
+        info("hash-citus", "distribution", &builtin_version),
+        Some(1.0)
+    );
+    assert_eq!(
+        info(
+            "placement-default",
+            "placement",
+            short_hash(pd.content_hash())
+        ),
         Some(1.0)
     );
 

@@ -236,7 +236,7 @@ async fn prepared_statements_with_more_clients_than_connections() {
     let direct = env.direct().await;
     let n: i64 = direct
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name <> 'shardgate'",
             &[],
         )
         .await
@@ -415,12 +415,12 @@ async fn broken_backend_connections_are_replaced() {
     a.batch_execute("CREATE TABLE t (x int)").await.unwrap();
     let direct = env.direct().await;
     let kill = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                WHERE datname = current_database() AND pid <> pg_backend_pid()";
+                WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name <> 'shardgate'";
     // The pooled connection dies while idle in the pool: the next query gets a new one.
     let killed: i64 = direct.query_one(kill, &[]).await.unwrap().get(0);
     assert_eq!(killed, 1);
     env.eventually(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name <> 'shardgate'",
         0,
     )
     .await;

@@ -52,7 +52,10 @@ impl Guest for PlacementDefault {
     /// Ties: the lowest group id. The moved shard is the one with the highest id on the
     /// source whose shard index the target does not already hold (a target never gets
     /// two placements of one colocated shard).
-    fn rebalance(placements: Vec<Placement>, nodes: Vec<NodeStats>) -> Result<Vec<ShardMove>, String> {
+    fn rebalance(
+        placements: Vec<Placement>,
+        nodes: Vec<NodeStats>,
+    ) -> Result<Vec<ShardMove>, String> {
         // group -> shard ids it holds (from the placements: they are the truth).
         let mut held: BTreeMap<i32, Vec<&Placement>> = BTreeMap::new();
         for n in &nodes {
@@ -79,14 +82,14 @@ impl Guest for PlacementDefault {
         for _ in 0..2 * placements.len() + 1 {
             // The source: most placements among all groups (a group without capacity
             // is drained first: it counts as fuller than any receiver).
-            let Some((&from, _)) = held
-                .iter()
-                .filter(|(_, v)| !v.is_empty())
-                .max_by(|(ga, a), (gb, b)| {
-                    let fa = !receivers.contains(ga);
-                    let fb = !receivers.contains(gb);
-                    (fa, a.len()).cmp(&(fb, b.len())).then(gb.cmp(ga))
-                })
+            let Some((&from, _)) =
+                held.iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .max_by(|(ga, a), (gb, b)| {
+                        let fa = !receivers.contains(ga);
+                        let fb = !receivers.contains(gb);
+                        (fa, a.len()).cmp(&(fb, b.len())).then(gb.cmp(ga))
+                    })
             else {
                 break;
             };
@@ -124,11 +127,19 @@ impl Guest for PlacementDefault {
 
     /// The group with the fewest shards (ties: the lowest group id); only groups with
     /// capacity > 0, plus the current group.
-    fn isolate_tenant(_colocation_id: i32, current_group: i32, nodes: Vec<NodeStats>) -> Result<i32, String> {
+    fn isolate_tenant(
+        _colocation_id: i32,
+        current_group: i32,
+        nodes: Vec<NodeStats>,
+    ) -> Result<i32, String> {
         nodes
             .iter()
             .filter(|n| n.capacity > 0.0 || n.group_id == current_group)
-            .min_by(|a, b| a.shard_count.cmp(&b.shard_count).then(a.group_id.cmp(&b.group_id)))
+            .min_by(|a, b| {
+                a.shard_count
+                    .cmp(&b.shard_count)
+                    .then(a.group_id.cmp(&b.group_id))
+            })
             .map(|n| n.group_id)
             .ok_or_else(|| "no node to hold the tenant".into())
     }

@@ -120,7 +120,8 @@ pub fn parse(statements: &[Statement]) -> Result<Option<Call>, AdminError> {
     let SetExpr::Select(sel) = q.body.as_ref() else {
         return Ok(None);
     };
-    if sel.projection.len() != 1 || !sel.from.is_empty() || sel.selection.is_some() {
+    let from_ok = sel.from.is_empty() || table_call(sel).is_some();
+    if sel.projection.len() != 1 || !from_ok || sel.selection.is_some() {
         return Err(AdminError::NotSupported(
             "an admin function must be called as SELECT f(...) on its own".into(),
         ));
@@ -201,6 +202,10 @@ fn find_call(s: &Statement) -> Option<((&'static str, Vec<FunctionArg>), String)
     let SetExpr::Select(sel) = q.body.as_ref() else {
         return None;
     };
+    // SELECT * FROM f(...)
+    if let Some(f) = table_call(sel) {
+        return Some(f);
+    }
     for item in &sel.projection {
         let (expr, alias) = match item {
             SelectItem::UnnamedExpr(e) => (e, None),
@@ -227,6 +232,29 @@ fn find_call(s: &Statement) -> Option<((&'static str, Vec<FunctionArg>), String)
         return Some(((name, args), alias.unwrap_or_else(|| name.to_string())));
     }
     None
+}
+
+/// `SELECT * FROM f(args)` of an admin function: (name, args), column name.
+fn table_call(sel: &sqlparser::ast::Select) -> Option<((&'static str, Vec<FunctionArg>), String)> {
+    use sqlparser::ast::TableFactor;
+    if sel.projection.len() != 1
+        || !matches!(sel.projection[0], SelectItem::Wildcard(_))
+        || sel.from.len() != 1
+        || !sel.from[0].joins.is_empty()
+    {
+        return None;
+    }
+    let TableFactor::Table {
+        name,
+        args: Some(args),
+        ..
+    } = &sel.from[0].relation
+    else {
+        return None;
+    };
+    let fname = name.0.last()?.as_ident()?.value.to_lowercase();
+    let (_, n, _, _) = FUNCS.iter().find(|(_, n, _, _)| *n == fname)?;
+    Some(((n, args.args.clone()), n.to_string()))
 }
 
 /// A constant argument: a literal, possibly cast or negated. NULL is `None`.

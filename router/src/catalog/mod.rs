@@ -38,7 +38,7 @@ pub struct Catalog {
     snap: ArcSwap<Snapshot>,
     /// Asks the background task to reload now (after this router changed the catalog).
     reload: Notify,
-    /// Signalled after every successful load.
+    /// Signalled after every load, and after every failed attempt.
     loaded: Notify,
 }
 
@@ -87,6 +87,8 @@ impl Catalog {
                 let detail = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
                 tracing::warn!(error = %e, detail, database = %self.database, "catalog connection failed; retrying");
             }
+            // A start waiting for the first load learns that it failed.
+            self.loaded.notify_waiters();
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}

@@ -49,13 +49,13 @@ impl std::fmt::Debug for DistributionPlugin {
 impl DistributionPlugin {
     pub(super) fn load(host: &PluginHost, name: &str, bytes: &[u8]) -> Result<Self, PluginError> {
         let component = host.compile(name, bytes)?;
-        let instance_pre = host
-            .linker()
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::Refused {
-                name: name.to_owned(),
-                reason: format!("{e:#}"),
-            })?;
+        let instance_pre =
+            host.linker()
+                .instantiate_pre(&component)
+                .map_err(|e| PluginError::Refused {
+                    name: name.to_owned(),
+                    reason: format!("{e:#}"),
+                })?;
         Self::from_pre(host, name, bytes, instance_pre)
     }
 

@@ -46,7 +46,8 @@ pub(super) struct InstancePool<P: Instantiate> {
     deadline_ticks: u64,
     idle: Mutex<Vec<Slot<P::Instance>>>,
     /// Per-plugin counters, resolved once when the plugin has named itself (None: the
-    /// host has no metrics, and calls do not read the clock).
+    /// host has no metrics, and calls do not read the clock; with metrics, one call in
+    /// `TIMING_SAMPLE` reads it).
     metrics: Option<CallMetrics>,
 }
 
@@ -81,10 +82,15 @@ impl<P: Instantiate> InstancePool<P> {
     ) -> Result<R, PluginError> {
         match &self.metrics {
             None => self.call_inner(name, f),
-            Some(m) => {
+            Some(m) if m.timed() => {
                 let start = Instant::now();
                 let r = self.call_inner(name, f);
-                m.record(start.elapsed(), r.as_ref().err());
+                m.record_timed(start.elapsed(), r.as_ref().err());
+                r
+            }
+            Some(m) => {
+                let r = self.call_inner(name, f);
+                m.record(r.as_ref().err());
                 r
             }
         }
@@ -109,7 +115,17 @@ impl<P: Instantiate> InstancePool<P> {
             }
         };
         slot.store.set_epoch_deadline(self.deadline_ticks);
-        match f(&mut slot.store, &slot.instance) {
+        // A host function that panics (WASI I/O such as a write to stderr needs a
+        // runtime it may not block on here) fails the call, not the router's task.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            f(&mut slot.store, &slot.instance)
+        }))
+        .unwrap_or_else(|_| {
+            Err(wasmtime::Error::msg(
+                "the plugin called a host interface that plugins cannot use here (WASI I/O)",
+            ))
+        });
+        match r {
             Ok(r) => {
                 let mut idle = self.idle.lock();
                 if idle.len() < MAX_IDLE_INSTANCES {
@@ -130,7 +146,8 @@ impl<P: Instantiate> InstancePool<P> {
             };
         }
         let detail = format!("{e:#}");
-        if detail.contains("memory") && detail.contains("limit") {
+        // StoreLimits with trap_on_grow_failure: "forcing trap when growing memory".
+        if detail.contains("growing memory") || (detail.contains("memory") && detail.contains("limit")) {
             PluginError::OutOfMemory {
                 name,
                 limit_bytes: self.limits.memory_bytes,

@@ -18,7 +18,7 @@ mod registry;
 
 pub use distribution::{DistributionPlugin, ShardScheme, Value, ValueType};
 pub use error::PluginError;
-pub use metrics::{PluginMetrics, short_hash};
+pub use metrics::{PluginMetrics, TIMING_SAMPLE, short_hash};
 pub use placement::{
     NodeStats, PlacementNode, PlacementPlugin, ShardMove, ShardPlacement, validate_isolation,
     validate_moves, validate_placement,

@@ -22,7 +22,10 @@ pub(super) const INTERFACE: &str = "shardgate:placement/placer@0.1.0";
 /// The world this module loads.
 pub const WORLD: &str = "shardgate:placement@0.1.0";
 
-impl_instantiate!(bindings::PlacementPre<super::HostState>, bindings::Placement);
+impl_instantiate!(
+    bindings::PlacementPre<super::HostState>,
+    bindings::Placement
+);
 
 /// A worker node, as `pg_dist_node` describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -336,7 +339,8 @@ pub fn validate_moves(
         };
         match capacity.get(&m.to_group) {
             None => return Err(format!("move {i}: unknown group {}", m.to_group)),
-            Some(c) if !(*c > 0.0) => {
+            // NaN has no capacity either.
+            Some(c) if c.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) => {
                 return Err(format!(
                     "move {i}: group {} has no capacity for shards",
                     m.to_group
@@ -356,7 +360,11 @@ pub fn validate_moves(
 }
 
 /// The group for an isolated tenant: a known group (or the current one).
-pub fn validate_isolation(group: i32, current_group: i32, nodes: &[NodeStats]) -> Result<(), String> {
+pub fn validate_isolation(
+    group: i32,
+    current_group: i32,
+    nodes: &[NodeStats],
+) -> Result<(), String> {
     if group == current_group || nodes.iter().any(|n| n.group_id == group) {
         Ok(())
     } else {
@@ -448,7 +456,10 @@ mod tests {
             (vec![mv(11, 1, 4)], "no capacity"),
             (vec![mv(10, 1, 2)], "group 2 already holds shard 10"),
             // The first move took shard 11 away from group 1.
-            (vec![mv(11, 1, 3), mv(11, 1, 2)], "move 1: group 1 does not hold"),
+            (
+                vec![mv(11, 1, 3), mv(11, 1, 2)],
+                "move 1: group 1 does not hold",
+            ),
         ];
         for (moves, want) in cases {
             let e = validate_moves(&moves, &placements, &nodes).unwrap_err();

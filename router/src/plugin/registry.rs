@@ -98,16 +98,30 @@ impl PluginSet {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReloadOutcome {
     /// New: no plugin of this name was loaded.
-    Loaded { version: String },
+    Loaded {
+        version: String,
+    },
     /// A new build replaced the loaded one.
-    Replaced { from: String, to: String },
-    Unchanged { version: String },
+    Replaced {
+        from: String,
+        to: String,
+    },
+    Unchanged {
+        version: String,
+    },
     /// Not loaded, or not swapped in; whatever was loaded stays.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// Gone from the directory but in use: the loaded build stays.
-    Kept { version: String, reason: String },
+    Kept {
+        version: String,
+        reason: String,
+    },
     /// Gone from the directory and not in use: unloaded.
-    Removed { version: String },
+    Removed {
+        version: String,
+    },
 }
 
 /// One line of a reload report.
@@ -156,9 +170,10 @@ impl ReloadReport {
                         "replaced",
                         Some(format!("build {from} -> {to} from {}", e.source)),
                     ),
-                    ReloadOutcome::Unchanged { version } => {
-                        ("unchanged", Some(format!("build {version} from {}", e.source)))
-                    }
+                    ReloadOutcome::Unchanged { version } => (
+                        "unchanged",
+                        Some(format!("build {version} from {}", e.source)),
+                    ),
                     ReloadOutcome::Refused { reason } => ("refused", Some(reason.clone())),
                     ReloadOutcome::Kept { version, reason } => {
                         ("kept", Some(format!("build {version}: {reason}")))
@@ -839,7 +854,13 @@ pub(crate) fn probe_values(t: ValueType) -> Vec<Value> {
             .collect(),
         ValueType::Int8 => [i64::MIN, i64::MIN + 1, -1, 0, 1, 42, i64::MAX - 1, i64::MAX]
             .into_iter()
-            .chain([i32::MIN as i64, i32::MAX as i64, 1 << 32, -(1 << 32), u32::MAX as i64])
+            .chain([
+                i32::MIN as i64,
+                i32::MAX as i64,
+                1 << 32,
+                -(1 << 32),
+                u32::MAX as i64,
+            ])
             .chain(small)
             // Large, then smaller (40 bits cleared) pseudo-random values.
             .chain((0..1200).map(|i| (rng.next() >> if i < 1000 { 0 } else { 40 }) as i64))
@@ -847,8 +868,24 @@ pub(crate) fn probe_values(t: ValueType) -> Vec<Value> {
             .collect(),
         ValueType::Text | ValueType::Varchar => {
             let fixed = [
-                "", " ", "a", "A", "0", "42", "tenant", "Tenant", "TENANT-42", "é", "É",
-                "ß", "日本語", "Ελληνικά", "🦀", "a\u{0}b", "tab\there", "line\nbreak",
+                "",
+                " ",
+                "a",
+                "A",
+                "0",
+                "42",
+                "tenant",
+                "Tenant",
+                "TENANT-42",
+                "é",
+                "É",
+                "ß",
+                "日本語",
+                "Ελληνικά",
+                "🦀",
+                "a\u{0}b",
+                "tab\there",
+                "line\nbreak",
             ];
             let alphabet: Vec<char> = "abcXYZ019 -_.éÉüß日本🦀Ωω".chars().collect();
             let mut random = Vec::new();

@@ -27,6 +27,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         classify(snap, sql).transpose()
     }
 
+    /// Admin functions and DDL on distributed tables are run by the router for simple
+    /// queries only; through the extended protocol they would reach the coordinator
+    /// alone, so they are refused there (by the backend, so the transaction state is
+    /// Postgres's own).
+    pub(super) fn refuse_extended_admin(&mut self, query: &[u8]) -> bool {
+        let Ok(sql) = std::str::from_utf8(query) else {
+            return false;
+        };
+        let sql = sql.trim_end_matches('\0');
+        let snap = self.ctx.catalog.snapshot();
+        let empty;
+        let snap = if self.database == self.ctx.catalog.database {
+            &*snap
+        } else {
+            empty = crate::catalog::Snapshot::default();
+            &empty
+        };
+        let what = match classify(snap, sql) {
+            Ok(None) => return false,
+            Ok(Some(r)) => r.describe(),
+            Err(e) => e.to_string(),
+        };
+        self.raise_on_backend(
+            crate::error::sqlstate::FEATURE_NOT_SUPPORTED.code(),
+            &format!(
+                "{what}: shardgate runs admin functions and DDL on distributed tables for simple queries only; send it without parameters through the simple query protocol"
+            ),
+        );
+        true
+    }
+
     /// Runs an intercepted request once every earlier reply has been sent.
     pub(super) async fn run_admin(
         &mut self,

@@ -444,7 +444,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match f.tag {
             tag::PARSE => {
                 let p = protocol::decode_parse(f.body())?;
-                if p.name.is_empty() {
+                if self.refuse_extended_admin(p.query) {
+                    self.needs_sync = true;
+                } else if p.name.is_empty() {
                     self.bout.extend_from_slice(&f.raw);
                     self.expect.push_back(msg(true));
                 } else if self.stmts.contains_key(p.name) {
@@ -496,6 +498,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tag::BIND => {
                 let b = protocol::decode_bind(f.body())?;
                 match self.stmts.get(b.statement).cloned() {
+                    Some(prep) if self.refuse_extended_admin(&prep.query) => {}
                     Some(prep) if !b.statement.is_empty() => {
                         self.ensure_prepared(&prep);
                         protocol::encode_bind(&mut self.bout, b.portal, &prep.name, b.rest);
