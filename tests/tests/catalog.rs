@@ -190,6 +190,20 @@ async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_t
     assert_eq!(total, 2000);
     assert_eq!(prepared_left(&env).await, 0);
 
+    // Queries are not routed to shards yet: rather than answer from the empty shell,
+    // the router refuses them, in both protocols, and the session goes on.
+    let e = c.batch_execute("SELECT count(*) FROM Companies").await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    let e = c.query("SELECT * FROM companies WHERE id = $1", &[&1i64]).await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c.batch_execute("INSERT INTO companies (id) VALUES (1)").await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "25P02", "the transaction is aborted as Postgres would abort it");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(one(&c, "SELECT 'companies'").await.unwrap().as_deref(), Some("companies"));
+
     // get_shard_id_for_distribution_column agrees with where the row is.
     let sid: i64 = one(&c, "SELECT get_shard_id_for_distribution_column('companies', 42)")
         .await

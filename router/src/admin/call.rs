@@ -64,19 +64,17 @@ const FUNCS: &[(Func, &str, &[&str], usize)] = &[
     (Func::ReloadPlugins, "shardgate_reload_plugins", &[], 0),
 ];
 
-/// Cheap test on every simple query: could this text call an admin function?
+/// Cheap test on every simple query: could this text call an admin function? Every
+/// admin function's name has a `_` right after one of these words.
 pub fn may_be_call(sql: &str) -> bool {
+    const WORDS: &[&[u8]] = &[b"citus", b"create", b"undistribute", b"get", b"shardgate"];
     let b = sql.as_bytes();
-    const MARKS: &[&[u8]] = &[
-        b"citus_",
-        b"create_",
-        b"undistribute_",
-        b"get_shard_id_",
-        b"shardgate_",
-    ];
-    MARKS
-        .iter()
-        .any(|m| b.windows(m.len()).any(|w| w.eq_ignore_ascii_case(m)))
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'_'
+            && WORDS
+                .iter()
+                .any(|w| i >= w.len() && b[i - w.len()..i].eq_ignore_ascii_case(w))
+    })
 }
 
 #[derive(Debug)]
@@ -289,4 +287,46 @@ fn constant(e: &Expr, func: &str) -> Result<Option<String>, AdminError> {
 /// Parses SQL text with Postgres's dialect.
 pub fn parse_sql(sql: &str) -> Result<Vec<Statement>, sqlparser::parser::ParserError> {
     sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(sql: &str) -> Result<Option<Call>, AdminError> {
+        parse(&parse_sql(sql).unwrap())
+    }
+
+    #[test]
+    fn recognises_calls() {
+        assert!(may_be_call("SELECT create_distributed_table('t', 'id')"));
+        assert!(may_be_call("select CITUS_add_node('h', 1)"));
+        assert!(!may_be_call("SELECT abalance FROM pgbench_accounts WHERE aid = 1"));
+        let c = call("SELECT create_distributed_table('t', 'id', shard_count => 8, colocate_with => 'none')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.func, Func::CreateDistributedTable);
+        assert_eq!(c.arg("table_name"), Some("t"));
+        assert_eq!(c.arg("shard_count"), Some("8"));
+        assert_eq!(c.arg("colocate_with"), Some("none"));
+        assert_eq!(c.arg("distribution_plugin"), None);
+        let c = call("SELECT * FROM shardgate_reload_plugins()").unwrap().unwrap();
+        assert_eq!(c.func, Func::ReloadPlugins);
+        let c = call("SELECT pg_catalog.citus_add_node('h', 5433) AS id").unwrap().unwrap();
+        assert_eq!((c.column.as_str(), c.arg("nodeport")), ("id", Some("5433")));
+        assert!(call("SELECT create_table_x(1)").unwrap().is_none());
+        assert!(call("SELECT 1").unwrap().is_none());
+        assert!(matches!(
+            call("SELECT create_distributed_table('t')"),
+            Err(AdminError::UndefinedFunction(_))
+        ));
+        assert!(matches!(
+            call("SELECT create_distributed_table('t', 'id', shard_count => 1, shard_count => 2)"),
+            Err(AdminError::Syntax(_))
+        ));
+        assert!(matches!(
+            call("SELECT create_reference_table(t.x) FROM t"),
+            Err(AdminError::NotSupported(_))
+        ));
+    }
 }

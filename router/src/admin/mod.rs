@@ -16,6 +16,7 @@ mod nodes;
 mod shape;
 
 pub use call::{Func, may_be_call};
+pub use ddl::may_be_ddl;
 pub use error::AdminError;
 
 use crate::backend::control::{ControlLogin, connect_node};
@@ -261,3 +262,126 @@ macro_rules! in_change {
     }};
 }
 pub(crate) use in_change;
+
+/// The first distributed or reference table a statement names, if any: such
+/// statements are not routed to shards yet, and running them on the coordinator's
+/// empty shell would give wrong answers, so they are refused. Identifiers are found
+/// with a small lexer (string literals, quoted identifiers, comments and dollar quotes
+/// skipped); a column that happens to share a distributed table's name is refused too
+/// (a false refusal, never a wrong answer).
+pub fn touches_distributed<'s>(snap: &'s Snapshot, sql: &str) -> Option<&'s str> {
+    if snap.names.is_empty() {
+        return None;
+    }
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let found = |ident: &str| snap.names.get_key_value(ident).map(|(k, _)| k.as_str());
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == b'\'' {
+                        if b.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < b.len() {
+                    if b[i] == b'"' {
+                        if b.get(i + 1) == Some(&b'"') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                let ident = sql[start..i.min(b.len())].replace("\"\"", "\"");
+                if let Some(t) = found(&ident) {
+                    return Some(t);
+                }
+                i += 1;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 2;
+            }
+            b'$' => {
+                // $tag$ ... $tag$ (or $1, a parameter)
+                let start = i;
+                i += 1;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                if i < b.len() && b[i] == b'$' && !b[start + 1..i].iter().any(u8::is_ascii_digit)
+                {
+                    let tag = &sql[start..=i];
+                    i += 1;
+                    match sql[i..].find(tag) {
+                        Some(end) => i += end + tag.len(),
+                        None => i = b.len(),
+                    }
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                let start = i;
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                let word = &sql[start..i];
+                let lower;
+                let word = if word.bytes().any(|c| c.is_ascii_uppercase()) {
+                    lower = word.to_ascii_lowercase();
+                    lower.as_str()
+                } else {
+                    word
+                };
+                if let Some(t) = found(word) {
+                    return Some(t);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_distributed_tables_by_token() {
+        let mut snap = Snapshot::default();
+        snap.names.insert("orders".into(), vec![1]);
+        snap.names.insert("Mixed".into(), vec![2]);
+        assert_eq!(touches_distributed(&snap, "SELECT * FROM orders WHERE id = 1"), Some("orders"));
+        assert_eq!(touches_distributed(&snap, "select * from public.ORDERS"), Some("orders"));
+        assert_eq!(touches_distributed(&snap, "SELECT * FROM \"Mixed\""), Some("Mixed"));
+        assert_eq!(touches_distributed(&snap, "SELECT * FROM mixed"), None);
+        assert_eq!(touches_distributed(&snap, "SELECT 'orders', $x$ orders $x$ -- orders"), None);
+        assert_eq!(touches_distributed(&snap, "SELECT * FROM orders_archive /* orders */"), None);
+        assert_eq!(touches_distributed(&snap, "SELECT $1::int FROM orders"), Some("orders"));
+        assert_eq!(touches_distributed(&snap, "SELECT 'it''s' || x FROM t"), None);
+    }
+}

@@ -58,6 +58,11 @@ impl Catalog {
         self.snap.load_full()
     }
 
+    /// The current snapshot without taking a reference (for a quick look).
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snap.load()
+    }
+
     pub fn login(&self) -> &ControlLogin {
         &self.login
     }

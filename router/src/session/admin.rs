@@ -5,56 +5,64 @@
 use super::{Expect, Session, raise_sql};
 use crate::admin::{AdminCtx, AdminError, Reply, Request, classify};
 use crate::backend::control::ControlLogin;
+use crate::catalog::Snapshot;
 use crate::error::RouterError;
 use crate::protocol::{self, Frame, TxnStatus, btag, encode_error_fields};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// The catalog of databases that hold no distributed tables.
+static EMPTY: std::sync::LazyLock<Snapshot> = std::sync::LazyLock::new(Snapshot::default);
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    /// Whether the router runs this simple query itself.
+    /// Whether the router runs this simple query itself (or refuses it).
     pub(super) fn intercept(&self, frame: &Frame) -> Option<Result<Request, AdminError>> {
         let body = frame.body();
         let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).ok()?;
-        let snap = self.ctx.catalog.snapshot();
-        let empty;
-        // Distributed tables exist only in the catalog's database.
-        let snap = if self.database == self.ctx.catalog.database {
-            &*snap
-        } else {
-            empty = crate::catalog::Snapshot::default();
-            &empty
-        };
-        classify(snap, sql).transpose()
+        self.admin_check(sql)
+    }
+
+    /// Admin calls and DDL on distributed tables (the router runs them), and other
+    /// statements that name a distributed table (refused until queries are routed to
+    /// shards: the coordinator's table is an empty shell).
+    fn admin_check(&self, sql: &str) -> Option<Result<Request, AdminError>> {
+        let guess = crate::admin::may_be_call(sql) || crate::admin::may_be_ddl(sql);
+        let in_catalog_db = self.database == self.ctx.catalog.database;
+        if !guess && !in_catalog_db {
+            return None;
+        }
+        let guard = self.ctx.catalog.peek();
+        let snap: &Snapshot = if in_catalog_db { &guard } else { &EMPTY };
+        if guess {
+            match classify(snap, sql) {
+                Ok(None) => {}
+                other => return other.transpose(),
+            }
+        }
+        crate::admin::touches_distributed(snap, sql).map(|t| {
+            Err(AdminError::NotSupported(format!(
+                "\"{t}\" is a distributed table: shardgate does not route queries on distributed tables to their shards yet"
+            )))
+        })
     }
 
     /// Admin functions and DDL on distributed tables are run by the router for simple
     /// queries only; through the extended protocol they would reach the coordinator
     /// alone, so they are refused there (by the backend, so the transaction state is
-    /// Postgres's own).
+    /// Postgres's own). The same for statements that name a distributed table.
     pub(super) fn refuse_extended_admin(&mut self, query: &[u8]) -> bool {
         let Ok(sql) = std::str::from_utf8(query) else {
             return false;
         };
-        let sql = sql.trim_end_matches('\0');
-        let snap = self.ctx.catalog.snapshot();
-        let empty;
-        let snap = if self.database == self.ctx.catalog.database {
-            &*snap
-        } else {
-            empty = crate::catalog::Snapshot::default();
-            &empty
-        };
-        let what = match classify(snap, sql) {
-            Ok(None) => return false,
-            Ok(Some(r)) => r.describe(),
-            Err(e) => e.to_string(),
-        };
-        self.raise_on_backend(
-            crate::error::sqlstate::FEATURE_NOT_SUPPORTED.code(),
-            &format!(
-                "{what}: shardgate runs admin functions and DDL on distributed tables for simple queries only; send it without parameters through the simple query protocol"
+        let message = match self.admin_check(sql.trim_end_matches('\0')) {
+            None => return false,
+            Some(Ok(r)) => format!(
+                "{}: shardgate runs admin functions and DDL on distributed tables for simple queries only; send it without parameters through the simple query protocol",
+                r.describe()
             ),
-        );
+            Some(Err(e)) => e.to_string(),
+        };
+        self.raise_on_backend(crate::error::sqlstate::FEATURE_NOT_SUPPORTED.code(), &message);
         true
     }
 
