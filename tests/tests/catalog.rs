@@ -645,3 +645,73 @@ async fn the_catalog_survives_a_restart_and_two_routers_agree_within_a_second() 
     assert_eq!(t.column.as_deref(), Some("id"));
     third.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_functions_work_through_the_extended_protocol() {
+    let env = fleet(2).await;
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE t (id int8, v text)").await.unwrap();
+    c.batch_execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 40) g")
+        .await
+        .unwrap();
+    // tokio-postgres: prepare (Parse + Describe) then Bind/Execute with binary values.
+    let n = c
+        .execute(
+            "SELECT create_distributed_table($1, $2, shard_count => $3)",
+            &[&"t", &"id", &4i32],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let sid: i64 = c
+        .query_one(
+            "SELECT get_shard_id_for_distribution_column($1, $2)",
+            &[&"t", &"7"],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let simple = one(&c, "SELECT get_shard_id_for_distribution_column('t', 7)")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sid.to_string(), simple);
+    let rows = c
+        .query("SELECT * FROM shardgate_reload_plugins()", &[])
+        .await
+        .unwrap();
+    assert!(rows.iter().any(|r| r.get::<_, String>(0) == "hash-citus"));
+    // Errors keep their SQLSTATE and the session goes on.
+    let e = c
+        .execute("SELECT create_distributed_table($1, $2)", &[&"nope", &"id"])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42P01");
+    // A driver: psycopg 3 (text-format parameters, one batch per call).
+    let script = format!(
+        r#"
+import psycopg
+with psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname={db}", autocommit=True) as conn:
+    conn.execute("CREATE TABLE p (k text, n int)")
+    conn.execute("INSERT INTO p SELECT 'k' || g, g FROM generate_series(1, 30) g")
+    conn.execute("SELECT create_distributed_table(%s, %s, shard_count => %s)", ("p", "k", 3))
+    (sid,) = conn.execute("SELECT get_shard_id_for_distribution_column(%s, %s)", ("p", "k5")).fetchone()
+    print(sid)
+"#,
+        port = env.port(),
+        db = env.db
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let simple = one(&c, "SELECT get_shard_id_for_distribution_column('p', 'k5')")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sid, simple);
+    assert_eq!(shard_tables(&env, "p").await, 3);
+}

@@ -103,7 +103,10 @@ impl Call {
 
 /// Parses `SELECT f(args) [AS alias]` when `f` is an admin function. `Ok(None)`: not
 /// an admin call (the statement goes to the coordinator as it is).
-pub fn parse(statements: &[Statement]) -> Result<Option<Call>, AdminError> {
+pub fn parse(
+    statements: &[Statement],
+    values: &[Option<String>],
+) -> Result<Option<Call>, AdminError> {
     let [Statement::Query(q)] = statements else {
         if statements.iter().any(|s| find_call(s).is_some()) {
             return Err(AdminError::NotSupported(
@@ -173,7 +176,7 @@ pub fn parse(statements: &[Statement]) -> Result<Option<Call>, AdminError> {
             )));
         }
         given[slot] = true;
-        args[slot] = constant(&expr, name)?;
+        args[slot] = constant(&expr, name, values)?;
     }
     if given.iter().take(required).any(|g| !g) {
         return Err(no_such_function(name));
@@ -185,6 +188,59 @@ pub fn parse(statements: &[Statement]) -> Result<Option<Call>, AdminError> {
         args,
         params,
     }))
+}
+
+/// The types of the `$n` parameters of an admin call (extended protocol Describe):
+/// integers for ports, counts and groups, boolean for flags, text otherwise.
+pub fn placeholder_types(statements: &[Statement]) -> Vec<u32> {
+    let mut types: Vec<u32> = Vec::new();
+    let Some(((name, args), _)) = statements.first().and_then(find_call) else {
+        return types;
+    };
+    let params = FUNCS
+        .iter()
+        .find(|(_, n, _, _)| *n == name)
+        .map(|f| f.2)
+        .unwrap_or(&[]);
+    for (i, a) in args.iter().enumerate() {
+        let (pname, e) = match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => (params.get(i).copied(), e),
+            FunctionArg::Named {
+                name,
+                arg: FunctionArgExpr::Expr(e),
+                ..
+            } => (params.iter().copied().find(|p| *p == name.value.to_lowercase()), e),
+            FunctionArg::ExprNamed {
+                name: Expr::Identifier(name),
+                arg: FunctionArgExpr::Expr(e),
+                ..
+            } => (params.iter().copied().find(|p| *p == name.value.to_lowercase()), e),
+            _ => continue,
+        };
+        let mut e = e;
+        while let Expr::Cast { expr, .. } | Expr::Nested(expr) = e {
+            e = expr;
+        }
+        let Expr::Value(v) = e else { continue };
+        let Value::Placeholder(p) = &v.value else {
+            continue;
+        };
+        let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) else {
+            continue;
+        };
+        if n == 0 || n > 1000 {
+            continue;
+        }
+        if types.len() < n {
+            types.resize(n, 25);
+        }
+        types[n - 1] = match pname {
+            Some("nodeport" | "port" | "groupid" | "shard_count") => 23,
+            Some("cascade_via_foreign_keys") => 16,
+            _ => 25,
+        };
+    }
+    types
 }
 
 fn no_such_function(name: &str) -> AdminError {
@@ -256,10 +312,25 @@ fn table_call(sel: &sqlparser::ast::Select) -> Option<((&'static str, Vec<Functi
 }
 
 /// A constant argument: a literal, possibly cast or negated. NULL is `None`.
-fn constant(e: &Expr, func: &str) -> Result<Option<String>, AdminError> {
+fn constant(e: &Expr, func: &str, params: &[Option<String>]) -> Result<Option<String>, AdminError> {
     match e {
         Expr::Value(v) => Ok(match &v.value {
             Value::Null => None,
+            // Not bound yet (a Parse being looked at): unknown.
+            Value::Placeholder(_) if params.is_empty() => None,
+            Value::Placeholder(p) => {
+                let n: usize = p
+                    .strip_prefix('$')
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n >= 1 && *n <= params.len())
+                    .ok_or_else(|| {
+                        AdminError::InvalidParameter(format!(
+                            "there is no parameter {p} ({} given)",
+                            params.len()
+                        ))
+                    })?;
+                params[n - 1].clone()
+            }
             Value::SingleQuotedString(s)
             | Value::EscapedStringLiteral(s)
             | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. }) => {
@@ -269,11 +340,11 @@ fn constant(e: &Expr, func: &str) -> Result<Option<String>, AdminError> {
             Value::Boolean(b) => Some(b.to_string()),
             other => Some(other.to_string()),
         }),
-        Expr::Cast { expr, .. } | Expr::Nested(expr) => constant(expr, func),
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => constant(expr, func, params),
         Expr::UnaryOp {
             op: UnaryOperator::Minus,
             expr,
-        } => Ok(constant(expr, func)?.map(|v| format!("-{v}"))),
+        } => Ok(constant(expr, func, params)?.map(|v| format!("-{v}"))),
         Expr::TypedString(ts) => Ok(Some(match &ts.value.value {
             Value::SingleQuotedString(s) => s.clone(),
             other => other.to_string(),
@@ -294,7 +365,7 @@ mod tests {
     use super::*;
 
     fn call(sql: &str) -> Result<Option<Call>, AdminError> {
-        parse(&parse_sql(sql).unwrap())
+        parse(&parse_sql(sql).unwrap(), &[])
     }
 
     #[test]

@@ -16,6 +16,13 @@ mod nodes;
 mod shape;
 
 pub use call::{Func, may_be_call};
+
+/// The parameter types of an admin call's `$n` placeholders.
+pub fn placeholder_types(sql: &str) -> Vec<u32> {
+    call::parse_sql(sql)
+        .map(|s| call::placeholder_types(&s))
+        .unwrap_or_default()
+}
 pub use ddl::may_be_ddl;
 pub use error::AdminError;
 
@@ -33,6 +40,22 @@ pub enum Request {
 }
 
 impl Request {
+    /// The result columns (name, type oid), known before running.
+    pub fn columns(&self) -> Vec<(String, u32)> {
+        match self {
+            Request::Call(c) => match c.func {
+                Func::AddNode => vec![(c.column.clone(), 23)],
+                Func::GetShardId => vec![(c.column.clone(), 20)],
+                Func::ReloadPlugins => ["plugin", "kind", "result", "detail"]
+                    .iter()
+                    .map(|n| (n.to_string(), 25))
+                    .collect(),
+                _ => vec![(c.column.clone(), VOID_OID)],
+            },
+            Request::Ddl(_) => Vec::new(),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Request::Call(c) => c.name.to_owned(),
@@ -76,6 +99,15 @@ impl Reply {
 /// Decides whether the router runs `sql` itself. `Ok(None)`: forward it. A statement
 /// that does not parse is forwarded (Postgres reports the syntax error).
 pub fn classify(snap: &Snapshot, sql: &str) -> Result<Option<Request>, AdminError> {
+    classify_with(snap, sql, &[])
+}
+
+/// `classify` with the values of `$n` parameters (extended protocol), as text.
+pub fn classify_with(
+    snap: &Snapshot,
+    sql: &str,
+    params: &[Option<String>],
+) -> Result<Option<Request>, AdminError> {
     let call_like = call::may_be_call(sql);
     let ddl_like = !snap.names.is_empty() && ddl::may_be_ddl(sql);
     if !call_like && !ddl_like {
@@ -84,7 +116,7 @@ pub fn classify(snap: &Snapshot, sql: &str) -> Result<Option<Request>, AdminErro
     let Ok(stmts) = call::parse_sql(sql) else {
         return Ok(None);
     };
-    if call_like && let Some(c) = call::parse(&stmts)? {
+    if call_like && let Some(c) = call::parse(&stmts, params)? {
         return Ok(Some(Request::Call(c)));
     }
     if ddl_like {

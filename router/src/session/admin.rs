@@ -3,8 +3,7 @@
 //! answered like a Postgres query (notices, rows, command tag, ReadyForQuery).
 
 use super::{Expect, Session, raise_sql};
-use crate::admin::{AdminCtx, AdminError, Reply, Request, classify};
-use crate::backend::control::ControlLogin;
+use crate::admin::{AdminError, Reply, Request, classify};
 use crate::catalog::Snapshot;
 use crate::error::RouterError;
 use crate::protocol::{self, Frame, TxnStatus, btag, encode_error_fields};
@@ -25,7 +24,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Admin calls and DDL on distributed tables (the router runs them), and other
     /// statements that name a distributed table (refused until queries are routed to
     /// shards: the coordinator's table is an empty shell).
-    fn admin_check(&self, sql: &str) -> Option<Result<Request, AdminError>> {
+    pub(super) fn admin_check(&self, sql: &str) -> Option<Result<Request, AdminError>> {
         let guess = crate::admin::may_be_call(sql) || crate::admin::may_be_ddl(sql);
         let in_catalog_db = self.database == self.ctx.catalog.database;
         if !guess && !in_catalog_db {
@@ -81,23 +80,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .await;
         }
         self.flush_client().await?;
-        let start = std::time::Instant::now();
-        let node = &self.ctx.config.coordinator;
-        let actx = AdminCtx {
-            server: &self.ctx,
-            login: ControlLogin {
-                user: self.user.name.clone(),
-                password: self.user.server_password.clone(),
-                connect_timeout: self.ctx.config.connect_timeout,
-                host: node.host.clone(),
-                port: node.port,
-            },
-            database: self.database.clone(),
-            settings_sql: self.settings.control_sql(),
-        };
-        let what = req.describe();
-        let result = actx.execute(req).await;
-        tracing::info!(what, ok = result.is_ok(), ms = start.elapsed().as_millis() as u64, "admin request");
+        let result = self.run_admin_request(req).await;
         match result {
             Ok(reply) => {
                 encode_reply(&mut self.out, &reply);

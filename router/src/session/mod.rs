@@ -8,6 +8,7 @@
 //! when the transaction is over (transaction pooling).
 
 mod admin;
+mod admin_ext;
 mod prepared;
 mod settings;
 
@@ -124,6 +125,9 @@ pub struct Session<S> {
     /// Who the client is and where: admin functions run with the client's rights.
     user: User,
     database: String,
+    /// Admin statements and portals of the extended protocol, kept by the router.
+    admin_stmts: HashMap<Bytes, admin_ext::AdminStmt>,
+    admin_portals: HashMap<Bytes, admin_ext::AdminPortal>,
     /// An admin request waiting for the replies queued before it.
     pending_admin: Option<Result<crate::admin::Request, crate::admin::AdminError>>,
 }
@@ -146,6 +150,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             user,
             database,
             pending_admin: None,
+            admin_stmts: HashMap::new(),
+            admin_portals: HashMap::new(),
             max_msg: ctx.config.max_message_bytes,
             mode,
             ctx: ctx.clone(),
@@ -338,6 +344,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         if self.answer_locally(end.as_ref()) {
+            return Ok(());
+        }
+        if self.try_admin_batch(end.as_ref()).await? {
             return Ok(());
         }
         if let Err(e) = self.ensure_lease().await {
