@@ -715,3 +715,78 @@ with psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname={db}", aut
     assert_eq!(sid, simple);
     assert_eq!(shard_tables(&env, "p").await, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_keys_point_at_the_shard_beside_them() {
+    let env = fleet(2).await;
+    let c = env.client().await;
+    script(
+        &c,
+        "CREATE TABLE countries (code text PRIMARY KEY);
+         CREATE TABLE accounts (id int8 PRIMARY KEY, country text REFERENCES countries (code));
+         CREATE TABLE orders (account_id int8 REFERENCES accounts (id), n int);
+         CREATE TABLE loose (id int8 REFERENCES accounts (id));
+         SELECT create_reference_table('countries');
+         SELECT create_distributed_table('accounts', 'id', shard_count => 4);
+         SELECT create_distributed_table('orders', 'account_id', colocate_with => 'accounts')",
+    )
+    .await
+    .unwrap();
+    // Not colocated: refused.
+    let e = c
+        .batch_execute("SELECT create_distributed_table('loose', 'id', colocate_with => 'none')")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    let country = shards(&c, "countries").await[0].0;
+    let (sa, so) = (shards(&c, "accounts").await, shards(&c, "orders").await);
+    for (a, o) in sa.iter().zip(&so) {
+        let w = env.worker(worker_of_group(&env, &c, a.4).await).await;
+        let refs: Vec<String> = w
+            .query(
+                "SELECT confrelid::regclass::text FROM pg_constraint WHERE contype = 'f' AND conrelid = $1::text::regclass",
+                &[&format!("accounts_{}", a.0)],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(refs, vec![format!("countries_{country}")]);
+        let refs: Vec<String> = w
+            .query(
+                "SELECT confrelid::regclass::text FROM pg_constraint WHERE contype = 'f' AND conrelid = $1::text::regclass",
+                &[&format!("orders_{}", o.0)],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(refs, vec![format!("accounts_{}", a.0)], "same shard index");
+        let e = w
+            .batch_execute(&format!("INSERT INTO orders_{} VALUES (12345, 1)", o.0))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "23503", "enforced on the shard");
+    }
+    // A foreign key added later goes the same way.
+    c.batch_execute("CREATE TABLE items (account_id int8, sku text)").await.unwrap();
+    c.batch_execute("SELECT create_distributed_table('items', 'account_id', colocate_with => 'accounts')")
+        .await
+        .unwrap();
+    c.batch_execute("ALTER TABLE items ADD CONSTRAINT items_account_fk FOREIGN KEY (account_id) REFERENCES accounts (id)")
+        .await
+        .unwrap();
+    let si = shards(&c, "items").await;
+    let w = env.worker(worker_of_group(&env, &c, si[1].4).await).await;
+    let r: String = w
+        .query_one(
+            "SELECT confrelid::regclass::text FROM pg_constraint WHERE conname = $1",
+            &[&format!("items_account_fk_{}", si[1].0)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(r, format!("accounts_{}", sa[1].0));
+}
