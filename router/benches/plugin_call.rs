@@ -24,7 +24,21 @@ fn per_op(label: &str, iters: u32, mut f: impl FnMut(u32)) -> f64 {
 }
 
 fn main() {
-    let host = PluginHost::new(None, Limits::default()).expect("plugin host");
+    // A long deadline: a stall of this shared machine must not fail a measurement.
+    let limits = Limits {
+        call_timeout: std::time::Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let host = PluginHost::new(None, limits.clone()).expect("plugin host");
+    // As the router runs it: with per-plugin metrics (every call counted, 1 in 8 timed).
+    let metered_host = PluginHost::new(None, limits)
+        .expect("plugin host")
+        .with_metrics(std::sync::Arc::new(
+            shardgate::plugin::PluginMetrics::new(&prometheus::Registry::new()).expect("metrics"),
+        ));
+    let metered = metered_host
+        .load_distribution_bytes("hash-citus", builtin::HASH_CITUS)
+        .expect("hash-citus loads");
     let plugin = host
         .load_distribution_bytes("hash-citus", builtin::HASH_CITUS)
         .expect("hash-citus loads");
@@ -36,7 +50,14 @@ fn main() {
         black_box(
             plugin
                 .hash(&Value::Int8(black_box(i as i64 * 7919)))
-                .unwrap(),
+                .expect("hash"),
+        );
+    });
+    let metered_int = per_op("plugin hash-citus int8, with metrics", 500_000, |i| {
+        black_box(
+            metered
+                .hash(&Value::Int8(black_box(i as i64 * 7919)))
+                .expect("hash"),
         );
     });
     let native_text = per_op("native hashtext (16 bytes)", 5_000_000, |_| {
@@ -46,12 +67,13 @@ fn main() {
         black_box(
             plugin
                 .hash(&Value::Text(black_box(text).to_owned()))
-                .unwrap(),
+                .expect("hash"),
         );
     });
     println!(
-        "call overhead: int8 {:.1} ns, text {:.1} ns (plugin minus native)",
+        "call overhead: int8 {:.1} ns, text {:.1} ns (plugin minus native); metrics add {:.1} ns",
         plugin_int - native_int,
-        plugin_text - native_text
+        plugin_text - native_text,
+        metered_int - plugin_int
     );
 }

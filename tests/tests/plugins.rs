@@ -745,7 +745,7 @@ async fn the_watcher_reloads_when_the_directory_changes() {
     let dir = tempfile::tempdir().unwrap();
     let r = registry(Some(dir.path()));
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = r.spawn_watcher(Arc::new(|| HashMap::new()), stop.clone());
+    let task = r.spawn_watcher(Arc::new(HashMap::new), stop.clone());
     let generation = r.current().generation();
     std::fs::write(
         dir.path().join("placement.wasm"),

@@ -36,7 +36,7 @@ use tokio_postgres::Client;
 #[derive(Debug)]
 pub enum Request {
     Call(call::Call),
-    Ddl(ddl::Ddl),
+    Ddl(Box<ddl::Ddl>),
 }
 
 impl Request {
@@ -120,7 +120,7 @@ pub fn classify_with(
         return Ok(Some(Request::Call(c)));
     }
     if ddl_like {
-        return Ok(ddl::classify(snap, stmts)?.map(Request::Ddl));
+        return Ok(ddl::classify(snap, stmts)?.map(|d| Request::Ddl(Box::new(d))));
     }
     Ok(None)
 }
@@ -160,7 +160,7 @@ impl AdminCtx<'_> {
                 Func::GetShardId => distribute::get_shard_id(self, &c).await,
                 Func::ReloadPlugins => self.reload_plugins(&c).await,
             },
-            Request::Ddl(d) => ddl::run(self, d).await,
+            Request::Ddl(d) => ddl::run(self, *d).await,
         }
     }
 
