@@ -71,11 +71,20 @@ impl Catalog {
     /// the client's next statement sees its own change; older versions never replace
     /// newer ones.
     pub fn install(&self, snap: Snapshot) {
-        let cur = self.snap.load();
-        if snap.version >= cur.version {
-            self.snap.store(Arc::new(snap));
-        }
+        self.store_if_newer(Arc::new(snap));
         self.reload.notify_one();
+    }
+
+    /// Stores `snap` unless a newer one is there already (loads race: the background
+    /// task and admin functions both install).
+    fn store_if_newer(&self, snap: Arc<Snapshot>) {
+        self.snap.rcu(|cur| {
+            if snap.version >= cur.version {
+                snap.clone()
+            } else {
+                cur.clone()
+            }
+        });
     }
 
     /// Connects, migrates and loads once (used at start so the router begins with a
@@ -169,10 +178,8 @@ impl Catalog {
     async fn load(&self, client: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
         let snap = Snapshot::load(client).await?;
         let v = snap.version;
-        if v >= self.snap.load().version {
-            tracing::debug!(version = v, tables = snap.tables.len(), "catalog loaded");
-            self.snap.store(Arc::new(snap));
-        }
+        tracing::debug!(version = v, tables = snap.tables.len(), "catalog loaded");
+        self.store_if_newer(Arc::new(snap));
         self.loaded.notify_waiters();
         Ok(v)
     }
