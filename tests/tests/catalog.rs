@@ -77,9 +77,12 @@ async fn worker_of_group(env: &TestEnv, c: &Client, group: i32) -> usize {
 }
 
 async fn prepared_left(env: &TestEnv) -> i64 {
-    let mut n = count(&env.direct().await, "SELECT count(*) FROM pg_prepared_xacts").await;
+    let d = env.direct().await;
+    let mut n = count(&d, "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()").await;
+    // Commit records are deleted once every worker committed.
+    n += count(&d, "SELECT count(*) FROM shardgate.pg_dist_transaction").await;
     for i in 0..env.worker_ports.len() {
-        n += count(&env.worker(i).await, "SELECT count(*) FROM pg_prepared_xacts").await;
+        n += count(&env.worker(i).await, "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()").await;
     }
     n
 }
@@ -469,6 +472,23 @@ async fn ddl_reaches_every_shard_all_or_nothing() {
         on_every_shard("SELECT count(*) FROM information_schema.columns WHERE table_name = '{shard}' AND column_name = 'extra' AND data_type = 'bigint'".into()).await,
         4
     );
+    // DROP INDEX reaches the shards' copies of the index.
+    c.batch_execute("DROP INDEX t_v_idx").await.unwrap();
+    assert_eq!(
+        on_every_shard("SELECT count(*) FROM pg_indexes WHERE tablename = '{shard}' AND indexname = 't_v_idx_{id}'".into()).await,
+        0
+    );
+    // Names longer than Postgres's 63 bytes once suffixed stay distinct per shard.
+    c.batch_execute("CREATE INDEX an_index_name_that_is_long_enough_to_need_cutting_down_x ON t (v)")
+        .await
+        .unwrap();
+    assert_eq!(
+        on_every_shard("SELECT count(*) FROM pg_indexes WHERE tablename = '{shard}' AND indexname LIKE 'an\\_index\\_name%'".into()).await,
+        4
+    );
+    // Column-level uniqueness would escape the checks: refused.
+    let e = c.batch_execute("ALTER TABLE t ADD COLUMN u int UNIQUE").await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
     // The distribution column cannot change.
     let e = c.batch_execute("ALTER TABLE t DROP COLUMN id").await.unwrap_err();
     assert_eq!(code(&e), "0A000");
@@ -594,6 +614,12 @@ async fn nodes_are_added_and_removed_with_their_reference_tables() {
         .await
         .unwrap();
     assert_eq!(count(&w, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'r\\_%'").await, 0);
+    // The last copy of a reference table cannot go with its node.
+    let e = c
+        .batch_execute(&format!("SELECT citus_remove_node('127.0.0.1', {})", env.worker_ports[0]))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "55000", "{e:?}");
     assert_eq!(
         count(&c, &format!("SELECT count(*) FROM shardgate.pg_dist_node WHERE nodeport = {port}")).await,
         0

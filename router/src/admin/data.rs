@@ -23,6 +23,8 @@ const CHUNK: usize = 64 * 1024;
 /// A shard as the data move sees it.
 pub struct ShardDest {
     pub index: i32,
+    /// The shard's schema (unquoted): the staging table goes beside it.
+    pub schema: String,
     /// Qualified, quoted shard table name.
     pub table: String,
     pub groups: Vec<i32>,
@@ -98,8 +100,7 @@ pub async fn into_hash_shards(
             .iter()
             .find(|s| s.groups.contains(&g))
             .expect("group has a shard");
-        let schema = s.table.rsplit_once('.').map(|(a, _)| a).unwrap_or("public");
-        format!("{schema}.{}", quote_ident(stage_name))
+        super::shape::qualified(&s.schema, stage_name)
     };
     let mut dests: HashMap<i32, Dest> = HashMap::new();
     for &g in &groups {

@@ -26,6 +26,10 @@ impl Ddl {
         match &self.stmt {
             Statement::CreateIndex(_) => "CREATE INDEX",
             Statement::AlterTable { .. } => "ALTER TABLE",
+            Statement::Drop {
+                object_type: ObjectType::Index,
+                ..
+            } => "DROP INDEX",
             Statement::Drop { .. } => "DROP TABLE",
             Statement::Truncate { .. } => "TRUNCATE TABLE",
             _ => "DDL",
@@ -70,7 +74,14 @@ fn last_ident(n: &ObjectName) -> Option<String> {
 /// table's (the exact resolution, search_path included, happens on the coordinator).
 pub fn classify(snap: &Snapshot, stmts: Vec<Statement>) -> Result<Option<Ddl>, AdminError> {
     let touches = |s: &Statement| {
-        names_of(s)
+        // An index's name says nothing about its table: every DROP INDEX is looked at.
+        matches!(
+            s,
+            Statement::Drop {
+                object_type: ObjectType::Index,
+                ..
+            }
+        ) || names_of(s)
             .iter()
             .any(|n| last_ident(n).is_some_and(|r| snap.names.contains_key(&r)))
     };
@@ -98,7 +109,7 @@ fn shard_object(t: &TableMeta, shard_id: i64) -> ObjectName {
 }
 
 fn suffixed(id: &Ident, shard_id: i64) -> Ident {
-    Ident::with_quote('"', format!("{}_{shard_id}", fold(id)))
+    Ident::with_quote('"', crate::catalog::shard_name(&fold(id), shard_id))
 }
 
 fn fold(id: &Ident) -> String {
@@ -119,6 +130,45 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
     let tag = d.tag();
     let (coord, snap) = a.begin().await?;
     let result = in_change!(a, coord, fleet, {
+        let mut shard_sql: Vec<(i32, String)> = Vec::new();
+        if let Statement::Drop {
+            object_type: ObjectType::Index,
+            names,
+            cascade,
+            ..
+        } = &d.stmt
+        {
+            for n in names {
+                let row = coord
+                    .query_opt(
+                        "SELECT i.indrelid, c.relname::text FROM pg_index i
+                         JOIN pg_class c ON c.oid = i.indexrelid
+                         WHERE i.indexrelid = to_regclass($1)",
+                        &[&n.to_string()],
+                    )
+                    .await
+                    .map_err(db)?;
+                let Some((table, index)) = row.map(|r| (r.get::<_, u32>(0), r.get::<_, String>(1)))
+                else {
+                    continue;
+                };
+                let Some(t) = snap.tables.get(&table) else { continue };
+                for s in &t.shards {
+                    for g in &s.placements {
+                        shard_sql.push((
+                            *g,
+                            format!(
+                                "DROP INDEX IF EXISTS {}{}",
+                                qualified(&t.schema, &crate::catalog::shard_name(&index, s.id)),
+                                if *cascade { " CASCADE" } else { "" }
+                            ),
+                        ));
+                    }
+                }
+            }
+            coord.batch_execute(&d.sql).await.map_err(db)?;
+            return propagate(a, &snap, &mut fleet, shard_sql).await;
+        }
         // Which named tables are distributed, resolved as the client would.
         let mut targets: Vec<Arc<TableMeta>> = Vec::new();
         for n in names_of(&d.stmt) {
@@ -133,7 +183,6 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
             coord.batch_execute(&d.sql).await.map_err(db)?;
             return Ok(());
         }
-        let mut shard_sql: Vec<(i32, String)> = Vec::new();
         match &d.stmt {
             Statement::CreateIndex(ci) => {
                 let t = &targets[0];
@@ -173,7 +222,7 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                     let mut ci2 = ci.clone();
                     ci2.table_name = shard_object(t, s.id);
                     ci2.name = Some(ObjectName(vec![ObjectNamePart::Identifier(
-                        Ident::with_quote('"', format!("{name}_{}", s.id)),
+                        Ident::with_quote('"', crate::catalog::shard_name(&name, s.id)),
                     )]));
                     for g in &s.placements {
                         shard_sql.push((*g, Statement::CreateIndex(ci2.clone()).to_string()));
@@ -275,35 +324,48 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
             }
             _ => unreachable!("classify only accepts these statements"),
         }
-        let mut groups: Vec<i32> = shard_sql.iter().map(|(g, _)| *g).collect();
-        groups.sort_unstable();
-        groups.dedup();
-        let nodes = groups
-            .iter()
-            .map(|g| {
-                snap.node_by_group(*g).ok_or_else(|| AdminError::Prerequisite {
-                    message: format!("no primary node in group {g}"),
-                    hint: None,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let f = Fleet::open(a.login_ref(), &a.database, &nodes).await?;
-        let fleet = fleet.insert(f);
-        for g in groups {
-            let sql: Vec<&str> = shard_sql
-                .iter()
-                .filter(|(x, _)| *x == g)
-                .map(|(_, s)| s.as_str())
-                .collect();
-            fleet.exec(g, &sql.join(";\n")).await?;
-        }
-        Ok(())
+        propagate(a, &snap, &mut fleet, shard_sql).await
     });
     result?;
     Ok(Reply {
         tag: tag.to_owned(),
         ..Reply::default()
     })
+}
+
+/// Opens a transaction on every node that gets shard statements and runs them there.
+async fn propagate(
+    a: &AdminCtx<'_>,
+    snap: &Snapshot,
+    fleet: &mut Option<Fleet>,
+    shard_sql: Vec<(i32, String)>,
+) -> Result<(), AdminError> {
+    let mut groups: Vec<i32> = shard_sql.iter().map(|(g, _)| *g).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let nodes = groups
+        .iter()
+        .map(|g| {
+            snap.node_by_group(*g).ok_or_else(|| AdminError::Prerequisite {
+                message: format!("no primary node in group {g}"),
+                hint: None,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let f = Fleet::open(a.login_ref(), &a.database, &nodes).await?;
+    let fleet = fleet.insert(f);
+    for g in groups {
+        let sql: Vec<&str> = shard_sql
+            .iter()
+            .filter(|(x, _)| *x == g)
+            .map(|(_, s)| s.as_str())
+            .collect();
+        fleet.exec(g, &sql.join(";\n")).await?;
+    }
+    Ok(())
 }
 
 /// What Citus refuses too: changing the distribution column, renaming the table.
@@ -333,6 +395,21 @@ fn check_alter(t: &TableMeta, ops: &[AlterTableOperation]) -> Result<(), AdminEr
             AlterTableOperation::RenameColumn {
                 old_column_name, ..
             } if Some(fold(old_column_name).as_str()) == col => return Err(on_dist()),
+            // Column-level UNIQUE / PRIMARY KEY / REFERENCES would get names of
+            // Postgres's choosing on each shard, and skip the checks above.
+            AlterTableOperation::AddColumn { column_def, .. }
+                if column_def.options.iter().any(|o| {
+                    matches!(
+                        o.option,
+                        sqlparser::ast::ColumnOption::Unique { .. }
+                            | sqlparser::ast::ColumnOption::ForeignKey { .. }
+                    )
+                }) =>
+            {
+                return Err(AdminError::NotSupported(
+                    "add the column first, then its UNIQUE, PRIMARY KEY or REFERENCES constraint as a named table constraint (ALTER TABLE ... ADD CONSTRAINT name ...)".into(),
+                ));
+            }
             _ => {}
         }
     }
@@ -374,7 +451,7 @@ fn rename_in_op(
                 Some(n) => suffixed(n, shard_id),
                 None => Ident::with_quote(
                     '"',
-                    format!("{}_{shard_id}", generated.unwrap_or("constraint")),
+                    crate::catalog::shard_name(generated.unwrap_or("constraint"), shard_id),
                 ),
             };
             if let TableConstraint::PrimaryKey { columns, .. } | TableConstraint::Unique { columns, .. } =

@@ -272,6 +272,7 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
             }
             dests.push(ShardDest {
                 index: i as i32,
+                schema: schema.clone(),
                 table: qualified(&schema, &shard_name(&rel, *id)),
                 groups: groups.clone(),
             });

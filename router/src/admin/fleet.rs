@@ -3,10 +3,13 @@
 //! coordinator (the catalog change is the commit point), then COMMIT PREPARED on the
 //! workers. Any failure before the coordinator's commit rolls everything back.
 //!
-//! The window between the coordinator's COMMIT and the workers' COMMIT PREPARED is the
-//! only one where a crash leaves prepared transactions behind; their global ids start
-//! with `sg_admin_` and the coordinator's catalog says whether they belong to a
-//! committed change (the 2PC recovery of the transactions issue finishes them).
+//! Before its COMMIT the coordinator writes one row per prepared transaction into
+//! `shardgate.pg_dist_transaction` (the commit records), so whether a prepared
+//! `sg_admin_...` transaction belongs to a committed change can always be decided: a
+//! row means commit, no row means roll back. Rows are deleted once the worker
+//! committed. A crash in between leaves the decision to the 2PC recovery of the
+//! transactions issue (or an operator); an ambiguous COMMIT (the connection broke) is
+//! resolved by looking for the rows.
 
 use super::AdminError;
 use crate::backend::control::{ControlLogin, connect_node};
@@ -128,25 +131,37 @@ impl Fleet {
         }
     }
 
-    /// Phase two, after the coordinator committed. A node that does not confirm is
-    /// reported (the change is committed; its prepared transaction waits for recovery).
-    pub async fn commit(self) -> Result<(), AdminError> {
+    /// The prepared transactions: (group, gid).
+    pub fn prepared(&self) -> Vec<(i32, String)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| Some((n.group, n.prepared.clone()?)))
+            .collect()
+    }
+
+    /// Phase two, after the coordinator committed: the gids committed, and the first
+    /// failure (that node's transaction stays prepared until recovered).
+    pub async fn commit(self) -> (Vec<String>, Option<AdminError>) {
         let mut err = None;
+        let mut done = Vec::new();
         for n in &self.nodes {
-            if let Some(gid) = &n.prepared
-                && let Err(e) = n
-                    .client
-                    .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
-                    .await
+            let Some(gid) = &n.prepared else { continue };
+            match n
+                .client
+                .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+                .await
             {
-                tracing::error!(node = %n.addr, gid, error = %e, "COMMIT PREPARED failed; the transaction stays prepared until recovered");
-                err.get_or_insert(AdminError::InDoubt {
-                    node: n.addr.clone(),
-                    reason: e.to_string(),
-                });
+                Ok(()) => done.push(gid.clone()),
+                Err(e) => {
+                    tracing::error!(node = %n.addr, gid, error = %e, "COMMIT PREPARED failed; the transaction stays prepared until recovered");
+                    err.get_or_insert(AdminError::InDoubt {
+                        node: n.addr.clone(),
+                        reason: e.to_string(),
+                    });
+                }
             }
         }
-        err.map_or(Ok(()), Err)
+        (done, err)
     }
 
     pub async fn rollback(mut self) {

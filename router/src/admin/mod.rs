@@ -210,8 +210,8 @@ impl AdminCtx<'_> {
         .map_err(|e| AdminError::on("coordinator", e))
     }
 
-    /// Commits a change: workers prepare, the coordinator commits (the commit point),
-    /// the workers commit; then this router's snapshot is refreshed.
+    /// Commits a change: workers prepare, the coordinator records them and commits (the
+    /// commit point), this router's snapshot is refreshed, the workers commit.
     async fn commit(&self, coord: Client, fleet: Option<fleet::Fleet>) -> Result<(), AdminError> {
         let on = |e| AdminError::on("coordinator", e);
         let mut fleet = fleet;
@@ -221,20 +221,93 @@ impl AdminCtx<'_> {
             let _ = coord.batch_execute("ROLLBACK").await;
             return Err(e);
         }
-        if let Err(e) = coord.batch_execute("COMMIT").await {
-            if let Some(f) = fleet {
-                f.rollback().await;
+        let prepared = fleet.as_ref().map(|f| f.prepared()).unwrap_or_default();
+        for (group, gid) in &prepared {
+            if let Err(e) = coord
+                .execute(
+                    "INSERT INTO shardgate.pg_dist_transaction (groupid, gid) VALUES ($1, $2)",
+                    &[group, gid],
+                )
+                .await
+            {
+                self.abort(coord, fleet).await;
+                return Err(on(e));
             }
-            return Err(on(e));
         }
-        let r = match fleet {
-            Some(f) => f.commit().await,
-            None => Ok(()),
+        let mut broken = false;
+        match coord.batch_execute("COMMIT").await {
+            Ok(()) => {}
+            // The coordinator said no: nothing committed.
+            Err(e) if e.as_db_error().is_some() => {
+                if let Some(f) = fleet {
+                    f.rollback().await;
+                }
+                return Err(on(e));
+            }
+            // The connection broke: the commit may or may not have happened. The
+            // commit records say which.
+            Err(e) => {
+                let Some((_, gid)) = prepared.first() else {
+                    return Err(AdminError::Connect {
+                        node: "the coordinator".into(),
+                        reason: format!("{e}; the change may or may not have been applied"),
+                    });
+                };
+                let committed = match self.coordinator().await {
+                    Ok(c) => c
+                        .query_opt(
+                            "SELECT 1 FROM shardgate.pg_dist_transaction WHERE gid = $1",
+                            &[gid],
+                        )
+                        .await
+                        .map(|r| r.is_some())
+                        .ok(),
+                    Err(_) => None,
+                };
+                broken = true;
+                match committed {
+                    Some(false) => {
+                        if let Some(f) = fleet {
+                            f.rollback().await;
+                        }
+                        return Err(on(e));
+                    }
+                    Some(true) => {}
+                    None => {
+                        return Err(AdminError::InDoubt {
+                            node: "the coordinator".into(),
+                            reason: format!(
+                                "{e}; the workers' transactions stay prepared until recovery decides from shardgate.pg_dist_transaction"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        // Committed: this router sees its own change from now on.
+        let c = if broken {
+            self.coordinator().await.ok()
+        } else {
+            Some(coord)
         };
-        if let Ok(snap) = Snapshot::load(&coord).await {
+        if let Some(c) = &c
+            && let Ok(snap) = Snapshot::load(c).await
+        {
             self.server.catalog.install(snap);
         }
-        r
+        let Some(f) = fleet else { return Ok(()) };
+        let (done, err) = f.commit().await;
+        if let Some(c) = &c
+            && !done.is_empty()
+        {
+            let _ = c
+                .execute(
+                    "DELETE FROM shardgate.pg_dist_transaction WHERE gid = ANY($1)",
+                    &[&done],
+                )
+                .await;
+        }
+        err.map_or(Ok(()), Err)
     }
 
     async fn abort(&self, coord: Client, fleet: Option<fleet::Fleet>) {
@@ -312,8 +385,16 @@ pub fn touches_distributed<'s>(snap: &'s Snapshot, sql: &str) -> Option<&'s str>
         let c = b[i];
         match c {
             b'\'' => {
+                // E'...' strings take backslash escapes.
+                let escapes = i > 0
+                    && matches!(b[i - 1], b'e' | b'E')
+                    && (i < 2 || !(b[i - 2].is_ascii_alphanumeric() || b[i - 2] == b'_'));
                 i += 1;
                 while i < b.len() {
+                    if escapes && b[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
                     if b[i] == b'\'' {
                         if b.get(i + 1) == Some(&b'\'') {
                             i += 2;
@@ -415,5 +496,7 @@ mod tests {
         assert_eq!(touches_distributed(&snap, "SELECT * FROM orders_archive /* orders */"), None);
         assert_eq!(touches_distributed(&snap, "SELECT $1::int FROM orders"), Some("orders"));
         assert_eq!(touches_distributed(&snap, "SELECT 'it''s' || x FROM t"), None);
+        assert_eq!(touches_distributed(&snap, "SELECT E'\\'' AS q, count(*) FROM orders"), Some("orders"));
+        assert_eq!(touches_distributed(&snap, "SELECT e'\\\\' FROM orders"), Some("orders"));
     }
 }

@@ -162,9 +162,12 @@ pub async fn remove_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminEr
         let mut tables: Vec<_> = snap.tables.values().collect();
         tables.sort_by_key(|t| t.oid);
         for t in &tables {
-            if t.method == Method::Hash
-                && let Some(s) = t.shards.iter().find(|s| s.placements.contains(&group))
-            {
+            // A hash shard lives on one node; a reference table's last copy is data too.
+            let only_here = |s: &&crate::catalog::Shard| {
+                s.placements.contains(&group)
+                    && (t.method == Method::Hash || s.placements.iter().all(|g| *g == group))
+            };
+            if let Some(s) = t.shards.iter().find(only_here) {
                 return Err(AdminError::Prerequisite {
                     message: format!(
                         "cannot remove or disable the node {host}:{port} because it contains the only shard placement for shard {}",

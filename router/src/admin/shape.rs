@@ -84,6 +84,25 @@ impl TableShape {
         schema: &str,
         name: &str,
     ) -> Result<TableShape, tokio_postgres::Error> {
+        // Definitions are printed with every name qualified (pg_catalog only on the
+        // path): the workers resolve them with search paths of their own.
+        let saved: String = c
+            .query_one("SELECT current_setting('search_path')", &[])
+            .await?
+            .get(0);
+        c.batch_execute("SET LOCAL search_path = pg_catalog").await?;
+        let shape = Self::read_qualified(c, oid, schema, name).await;
+        c.execute("SELECT set_config('search_path', $1, true)", &[&saved])
+            .await?;
+        shape
+    }
+
+    async fn read_qualified(
+        c: &Client,
+        oid: u32,
+        schema: &str,
+        name: &str,
+    ) -> Result<TableShape, tokio_postgres::Error> {
         let columns = c
             .query(
                 "SELECT a.attnum, a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid,
@@ -237,7 +256,7 @@ impl TableShape {
             .collect();
         out.push(format!("CREATE TABLE {shard} ({})", cols.join(", ")));
         for k in &self.constraints {
-            let name = quote_ident(&format!("{}_{shard_id}", k.name));
+            let name = quote_ident(&crate::catalog::shard_name(&k.name, shard_id));
             let def = match k.references {
                 Some(target) => fk_to_shard(&k.def, target, meta, shard_index, snap)?,
                 None => k.def.clone(),
@@ -301,7 +320,7 @@ fn index_on_shard(i: &Index, shard: &str, shard_id: i64) -> Result<String, Admin
     let head = &i.def[..on];
     let head = head
         .strip_suffix(&i.quoted_name)
-        .map(|h| format!("{h}{}", quote_ident(&format!("{}_{shard_id}", i.name))))
+        .map(|h| format!("{h}{}", quote_ident(&crate::catalog::shard_name(&i.name, shard_id))))
         .ok_or_else(|| {
             AdminError::NotSupported(format!("cannot copy index \"{}\" to the shards", i.name))
         })?;

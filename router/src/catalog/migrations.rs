@@ -1,12 +1,13 @@
 //! The catalog's schema on the coordinator, as numbered migrations. Each runs once, in
 //! order, inside one transaction that holds the catalog lock, and is recorded in
 //! `shardgate.schema_migrations`; a router that finds a newer schema than it knows
-//! refuses to touch it.
+//! leaves it as it is and warns.
 
 /// (version, name, SQL). Never edit a released migration: add a new one.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "citus-compatible metadata tables",
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "citus-compatible metadata tables",
     r#"
 CREATE TABLE shardgate.catalog_state (
     id boolean PRIMARY KEY DEFAULT true CHECK (id),
@@ -77,4 +78,18 @@ CREATE TABLE shardgate.pg_dist_placement (
 );
 CREATE INDEX pg_dist_placement_shardid_idx ON shardgate.pg_dist_placement (shardid);
 "#,
-)];
+    ),
+    (
+        2,
+        "commit records of prepared transactions",
+        r#"
+-- One row per transaction prepared on a worker whose change the coordinator committed;
+-- deleted once the worker committed it. A prepared transaction without a row here
+-- belongs to a change that did not commit.
+CREATE TABLE shardgate.pg_dist_transaction (
+    groupid integer NOT NULL,
+    gid text PRIMARY KEY
+);
+"#,
+    ),
+];

@@ -208,7 +208,16 @@ pub async fn migrate(
         None
     };
     let newest = migrations::MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-    if have.is_some_and(|h| h >= newest) {
+    if let Some(h) = have
+        && h >= newest
+    {
+        if h > newest {
+            tracing::warn!(
+                catalog = h,
+                known = newest,
+                "the catalog was created by a newer shardgate; this router does not migrate it"
+            );
+        }
         return Ok(());
     }
     client.batch_execute("BEGIN").await?;

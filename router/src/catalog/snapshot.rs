@@ -74,9 +74,38 @@ impl TableMeta {
     }
 }
 
-/// `<table>_<shardid>`, as Citus names shards.
-pub fn shard_name(table: &str, id: i64) -> String {
-    format!("{table}_{id}")
+/// `<name>_<shardid>`, as Citus names shards and their indexes and constraints. A
+/// name that would pass Postgres's 63-byte limit is cut and given a hash of the whole
+/// name, so that the shards of one long name stay distinct.
+pub fn shard_name(name: &str, id: i64) -> String {
+    const MAX: usize = 63;
+    let suffix = format!("_{id}");
+    if name.len() + suffix.len() <= MAX {
+        return format!("{name}{suffix}");
+    }
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(name.as_bytes());
+    let hash = format!("{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3]);
+    let mut keep = MAX - suffix.len() - hash.len() - 1;
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}_{hash}{suffix}", &name[..keep])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_names_are_cut_with_a_hash() {
+        assert_eq!(super::shard_name("orders", 102008), "orders_102008");
+        let long = "x".repeat(62);
+        let a = super::shard_name(&long, 102008);
+        assert!(a.len() <= 63 && a.ends_with("_102008"), "{a}");
+        let other = format!("{}y", "x".repeat(61));
+        assert_ne!(super::shard_name(&other, 102008), a);
+        let accents = "é".repeat(40);
+        assert!(super::shard_name(&accents, 1).len() <= 63);
+    }
 }
 
 #[derive(Debug, Default)]

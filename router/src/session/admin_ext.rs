@@ -104,7 +104,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         protocol::encode_ready_for_query(&mut self.out, self.status);
+        // Portals end with the (implicit) transaction at Sync, as in Postgres.
+        self.admin_portals.clear();
         Ok(true)
+    }
+
+    /// A batch that goes to the backend redefines the statement and portal names it
+    /// uses: the router's admin statements of those names are gone.
+    pub(super) fn forget_admin_names(&mut self, end: Option<&Frame>) {
+        if self.admin_stmts.is_empty() && self.admin_portals.is_empty() {
+            return;
+        }
+        for f in &self.batch {
+            match f.tag {
+                tag::PARSE => {
+                    if let Ok(p) = protocol::decode_parse(f.body()) {
+                        self.admin_stmts.remove(p.name);
+                    }
+                }
+                tag::BIND => {
+                    if let Ok(b) = protocol::decode_bind(f.body()) {
+                        self.admin_portals.remove(b.portal);
+                    }
+                }
+                tag::CLOSE => match protocol::decode_target(f.body()) {
+                    Ok((b'S', n)) => {
+                        self.admin_stmts.remove(n);
+                    }
+                    Ok((_, n)) => {
+                        self.admin_portals.remove(n);
+                    }
+                    Err(_) => {}
+                },
+                _ => {}
+            }
+        }
+        if matches!(end, Some(f) if f.tag == tag::SYNC) {
+            self.admin_portals.clear();
+        }
     }
 
     async fn admin_message(&mut self, f: &Frame) -> Result<(), AdminError> {

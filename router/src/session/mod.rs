@@ -343,10 +343,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.batch.is_empty() && end.is_none() {
             return Ok(());
         }
-        if self.answer_locally(end.as_ref()) {
+        if self.try_admin_batch(end.as_ref()).await? {
             return Ok(());
         }
-        if self.try_admin_batch(end.as_ref()).await? {
+        self.forget_admin_names(end.as_ref());
+        if self.answer_locally(end.as_ref()) {
             return Ok(());
         }
         if let Err(e) = self.ensure_lease().await {
