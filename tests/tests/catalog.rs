@@ -193,6 +193,15 @@ async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_t
     assert_eq!(total, 2000);
     assert_eq!(prepared_left(&env).await, 0);
 
+    // The coordinator's table refuses rows from anyone but shardgate's admin work.
+    let e = env
+        .direct()
+        .await
+        .batch_execute("INSERT INTO companies (id, name) VALUES (-1, 'stray')")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+
     // Queries are not routed to shards yet: rather than answer from the empty shell,
     // the router refuses them, in both protocols, and the session goes on.
     let e = c.batch_execute("SELECT count(*) FROM Companies").await.unwrap_err();
@@ -550,6 +559,9 @@ async fn undistribute_brings_the_rows_back() {
     let d = env.direct().await;
     assert_eq!(count(&d, "SELECT count(*) FROM t").await, 300);
     assert_eq!(count(&d, "SELECT count(*) FROM t WHERE v <> 'v' || id").await, 0);
+    d.batch_execute("INSERT INTO t VALUES (0, 'v0'); DELETE FROM t WHERE id = 0")
+        .await
+        .expect("a local table again: writable");
     assert_eq!(shard_tables(&env, "t").await, 0);
     assert_eq!(count(&c, "SELECT count(*) FROM shardgate.pg_dist_partition").await, 0);
     // And it can be distributed again.

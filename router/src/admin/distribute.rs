@@ -303,6 +303,7 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
                 .await
                 .map_err(db)?;
         }
+        super::guard(&coord, &qualified(&schema, &rel)).await?;
         coord
             .execute(
                 "INSERT INTO shardgate.pg_dist_partition
@@ -462,6 +463,7 @@ pub async fn create_reference_table(a: &AdminCtx<'_>, call: &Call) -> Result<Rep
             .batch_execute(&format!("DELETE FROM ONLY {}", qualified(&schema, &rel)))
             .await
             .map_err(db)?;
+        super::guard(&coord, &qualified(&schema, &rel)).await?;
         coord
             .execute(
                 "INSERT INTO shardgate.pg_dist_partition
@@ -532,6 +534,13 @@ pub async fn undistribute_table(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, 
             }
         }
         delete_metadata(&coord, oid, meta.colocation_id).await?;
+        coord
+            .batch_execute(&format!(
+                "DROP TRIGGER IF EXISTS shardgate_guard ON {}",
+                qualified(&schema, &rel)
+            ))
+            .await
+            .map_err(db)?;
         Ok(())
     });
     result?;

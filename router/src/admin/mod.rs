@@ -64,6 +64,16 @@ impl Request {
     }
 }
 
+/// Puts the guard trigger on a distributed table's coordinator table.
+pub(crate) async fn guard(c: &Client, qualified_table: &str) -> Result<(), AdminError> {
+    c.batch_execute(&format!(
+        "CREATE TRIGGER shardgate_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {qualified_table}
+         FOR EACH STATEMENT EXECUTE FUNCTION shardgate.guard_shell()"
+    ))
+    .await
+    .map_err(|e| AdminError::on("coordinator", e))
+}
+
 /// Rows (text) and a command tag for the client.
 #[derive(Debug, Default)]
 pub struct Reply {
@@ -194,6 +204,10 @@ impl AdminCtx<'_> {
         let on = |e| AdminError::on("coordinator", e);
         c.batch_execute("BEGIN").await.map_err(on)?;
         c.execute("SELECT pg_advisory_xact_lock($1)", &[&CATALOG_LOCK])
+            .await
+            .map_err(on)?;
+        // The guard on distributed tables' coordinator tables lets admin work through.
+        c.batch_execute("SET LOCAL shardgate.admin = on")
             .await
             .map_err(on)?;
         let snap = Snapshot::read(&c).await.map_err(on)?;

@@ -92,4 +92,23 @@ CREATE TABLE shardgate.pg_dist_transaction (
 );
 "#,
     ),
+    (
+        3,
+        "guard on the coordinator's tables of distributed tables",
+        r#"
+-- The coordinator keeps an empty table for each distributed or reference table (its
+-- definition). Rows written there would be stranded, whoever writes them (a router
+-- that has not seen the change yet, a direct connection): only shardgate's own admin
+-- work (which sets shardgate.admin) may write.
+CREATE FUNCTION shardgate.guard_shell() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF coalesce(current_setting('shardgate.admin', true), '') <> 'on' THEN
+        RAISE EXCEPTION 'table % is distributed: its rows live in the shards', TG_TABLE_NAME
+            USING ERRCODE = '0A000', HINT = 'write through shardgate';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+"#,
+    ),
 ];
