@@ -580,6 +580,11 @@ async fn nodes_are_added_and_removed_with_their_reference_tables() {
          INSERT INTO r SELECT g, 'x' FROM generate_series(1, 20) g;
          SELECT create_reference_table('r');
          CREATE TABLE h (k int8);
+         CREATE TABLE a1 (x int);
+         CREATE TABLE b1 (x int PRIMARY KEY);
+         ALTER TABLE a1 ADD CONSTRAINT a1_b1 FOREIGN KEY (x) REFERENCES b1 (x);
+         SELECT create_reference_table('b1');
+         SELECT create_reference_table('a1');
          SELECT citus_set_coordinator_host('127.0.0.1');",
     )
     .await
@@ -607,6 +612,11 @@ async fn nodes_are_added_and_removed_with_their_reference_tables() {
     .await
     .unwrap();
     assert_eq!(count(&w, &format!("SELECT count(*) FROM r_{shard}")).await, 20);
+    // Reference tables whose foreign keys point at later ones were copied too.
+    assert_eq!(
+        count(&w, "SELECT count(*) FROM pg_constraint WHERE conname LIKE 'a1\\_b1\\_%'").await,
+        1
+    );
     assert_eq!(
         count(&c, "SELECT count(*) FROM shardgate.pg_dist_node WHERE groupid = 0 AND NOT shouldhaveshards").await,
         1,

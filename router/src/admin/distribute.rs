@@ -379,11 +379,12 @@ async fn insert_shard(
     Ok(())
 }
 
-/// The nodes that hold reference tables: every active primary.
+/// The nodes that hold reference tables: every active primary worker (the
+/// coordinator's own table of a reference table is its definition, kept empty).
 pub fn reference_nodes(snap: &Snapshot) -> Vec<&NodeRow> {
     snap.nodes
         .iter()
-        .filter(|n| n.is_active && n.role == "primary")
+        .filter(|n| n.is_active && n.role == "primary" && n.group_id != 0)
         .collect()
 }
 

@@ -95,6 +95,7 @@ pub async fn add_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminError
             .cloned()
             .collect();
         refs.sort_by_key(|t| t.oid);
+        let mut fks: Vec<String> = Vec::new();
         for t in refs {
             let Some(shard) = t.shards.first() else {
                 continue;
@@ -106,9 +107,10 @@ pub async fn add_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminError
                 method: Method::Reference,
                 colocation_id: t.colocation_id,
             };
-            fleet
-                .exec(group, &shape.shard_ddl(&target, shard.id, 0, &snap)?.join(";\n"))
-                .await?;
+            // Foreign keys between reference tables go on once all of them are copied.
+            let (ddl, fk) = shape.shard_ddl_split(&target, shard.id, 0, &snap)?;
+            fleet.exec(group, &ddl.join(";\n")).await?;
+            fks.extend(fk);
             let src = shard
                 .placements
                 .iter()
@@ -139,6 +141,9 @@ pub async fn add_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminError
                 )
                 .await
                 .map_err(db)?;
+        }
+        if !fks.is_empty() {
+            fleet.exec(group, &fks.join(";\n")).await?;
         }
         Ok(node_id)
     });

@@ -230,6 +230,21 @@ impl TableShape {
         shard_index: i32,
         snap: &Snapshot,
     ) -> Result<Vec<String>, AdminError> {
+        let (mut out, fks) = self.shard_ddl_split(meta, shard_id, shard_index, snap)?;
+        out.extend(fks);
+        Ok(out)
+    }
+
+    /// The same, with the foreign keys apart (to add once every referenced shard
+    /// exists and holds its rows).
+    pub fn shard_ddl_split(
+        &self,
+        meta: &ShardTarget,
+        shard_id: i64,
+        shard_index: i32,
+        snap: &Snapshot,
+    ) -> Result<(Vec<String>, Vec<String>), AdminError> {
+        let mut fks = Vec::new();
         let shard = qualified(&self.schema, &crate::catalog::shard_name(&self.name, shard_id));
         let mut out = vec![format!(
             "CREATE SCHEMA IF NOT EXISTS {}",
@@ -257,16 +272,18 @@ impl TableShape {
         out.push(format!("CREATE TABLE {shard} ({})", cols.join(", ")));
         for k in &self.constraints {
             let name = quote_ident(&crate::catalog::shard_name(&k.name, shard_id));
-            let def = match k.references {
-                Some(target) => fk_to_shard(&k.def, target, meta, shard_index, snap)?,
-                None => k.def.clone(),
-            };
-            out.push(format!("ALTER TABLE {shard} ADD CONSTRAINT {name} {def}"));
+            match k.references {
+                Some(target) => {
+                    let def = fk_to_shard(&k.def, target, meta, shard_index, snap)?;
+                    fks.push(format!("ALTER TABLE {shard} ADD CONSTRAINT {name} {def}"));
+                }
+                None => out.push(format!("ALTER TABLE {shard} ADD CONSTRAINT {name} {}", k.def)),
+            }
         }
         for i in &self.indexes {
             out.push(index_on_shard(i, &shard, shard_id)?);
         }
-        Ok(out)
+        Ok((out, fks))
     }
 }
 
