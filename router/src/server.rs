@@ -144,6 +144,7 @@ impl Server {
             .map(|w| (w.host.clone(), w.port))
             .collect();
         crate::catalog::start(&catalog, seed, background.clone(), config.connect_timeout).await;
+        tokio::spawn(recover_loop(catalog.clone(), background.clone()));
         {
             let catalog = catalog.clone();
             plugins.clone().spawn_watcher(
@@ -241,6 +242,29 @@ impl Server {
         self.background.cancel();
         // Let the Terminate messages of closed connections go out.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Finishes admin changes a crash left prepared on workers, at start and then every
+/// `RECOVER_EVERY`.
+async fn recover_loop(catalog: Arc<Catalog>, stop: CancellationToken) {
+    const RECOVER_EVERY: Duration = Duration::from_secs(30);
+    let mut tick = tokio::time::interval(RECOVER_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if catalog.peek().version == 0 {
+            continue;
+        }
+        match crate::admin::recover(catalog.login(), &catalog.database, RECOVER_EVERY).await {
+            Ok(r) if r != crate::admin::Recovered::default() => {
+                tracing::info!(committed = r.committed, rolled_back = r.rolled_back, "recovered prepared admin transactions")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "recovery of prepared admin transactions failed"),
+        }
     }
 }
 

@@ -838,3 +838,43 @@ async fn foreign_keys_point_at_the_shard_beside_them() {
         .get(0);
     assert_eq!(r, format!("accounts_{}", sa[1].0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_finishes_admin_transactions_a_crash_left_prepared() {
+    let env = fleet(2).await;
+    let w = env.worker(0).await;
+    w.batch_execute("CREATE TABLE landed (x int)").await.unwrap();
+    // A change whose coordinator committed (a commit record) and one that never did.
+    w.batch_execute(
+        "BEGIN; INSERT INTO landed VALUES (1); PREPARE TRANSACTION 'sg_admin_00000000000000aa_1'",
+    )
+    .await
+    .unwrap();
+    w.batch_execute(
+        "BEGIN; INSERT INTO landed VALUES (2); PREPARE TRANSACTION 'sg_admin_00000000000000bb_1'",
+    )
+    .await
+    .unwrap();
+    env.direct()
+        .await
+        .batch_execute("INSERT INTO shardgate.pg_dist_transaction VALUES (1, 'sg_admin_00000000000000aa_1')")
+        .await
+        .unwrap();
+    let catalog = &env.router.ctx().catalog;
+    let r = shardgate::admin::recover(catalog.login(), &env.db, Duration::ZERO)
+        .await
+        .unwrap();
+    // The router's own pass at start may have taken the unrecorded one already (it
+    // needs no grace period); the recorded one waits for the grace period, so it is ours.
+    assert_eq!(r.committed, 1);
+    assert!(r.rolled_back <= 1);
+    let rows: Vec<i32> = w
+        .query("SELECT x FROM landed ORDER BY x", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![1], "the recorded change committed, the other rolled back");
+    assert_eq!(prepared_left(&env).await, 0, "nothing prepared, no record left");
+}

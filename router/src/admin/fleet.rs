@@ -152,6 +152,10 @@ impl Fleet {
                 .await
             {
                 Ok(()) => done.push(gid.clone()),
+                // Recovery finished it already.
+                Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42704") => {
+                    done.push(gid.clone())
+                }
                 Err(e) => {
                     tracing::error!(node = %n.addr, gid, error = %e, "COMMIT PREPARED failed; the transaction stays prepared until recovered");
                     err.get_or_insert(AdminError::InDoubt {

@@ -13,6 +13,7 @@ mod distribute;
 mod error;
 mod fleet;
 mod nodes;
+mod recover;
 mod shape;
 
 pub use call::{Func, may_be_call};
@@ -25,6 +26,7 @@ pub fn placeholder_types(sql: &str) -> Vec<u32> {
 }
 pub use ddl::may_be_ddl;
 pub use error::AdminError;
+pub use recover::{Recovered, recover};
 
 use crate::backend::control::{ControlLogin, connect_node};
 use crate::catalog::{CATALOG_LOCK, CHANNEL, Snapshot};
