@@ -7,8 +7,8 @@
 //! `shardgate.pg_dist_transaction` (the commit records), so whether a prepared
 //! `sg_admin_...` transaction belongs to a committed change can always be decided: a
 //! row means commit, no row means roll back. Rows are deleted once the worker
-//! committed. A crash in between leaves the decision to the 2PC recovery of the
-//! transactions issue (or an operator); an ambiguous COMMIT (the connection broke) is
+//! committed. A crash in between is finished by `recover` (every router, at start and
+//! every 30 s); an ambiguous COMMIT (the connection broke) is
 //! resolved by looking for the rows.
 
 use super::AdminError;
