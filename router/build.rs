@@ -11,6 +11,7 @@ const PLUGINS: &[&str] = &[
     "hash-citus",
     "hash-pg-partition",
     "placement-default",
+    "planner-fastpath",
     "test-misbehave",
     "test-hash-variant",
 ];

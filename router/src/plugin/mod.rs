@@ -4,8 +4,9 @@
 //! interruption, a ticker thread that stops on `Drop`) and a memory cap (`StoreLimits`);
 //! a trap, a timeout or too much memory fails that call, never the router.
 //!
-//! Plugin ABI (WIT, in `wit/`): `shardgate:distribution@0.1.0` (world `distribution`)
-//! and `shardgate:placement@0.1.0` (world `placement`). A component whose world the host
+//! Plugin ABI (WIT, in `wit/`): `shardgate:distribution@0.1.0` (world `distribution`),
+//! `shardgate:placement@0.1.0` (world `placement`) and `shardgate:planner@0.1.0` (world
+//! `planner-tier`). A component whose world the host
 //! does not know is refused by name. The loaded set of plugins, and its reload, live in
 //! [`registry`]; see `README.md` beside this file.
 
@@ -14,6 +15,7 @@ mod error;
 mod instances;
 mod metrics;
 mod placement;
+mod planner;
 mod registry;
 
 pub use distribution::{DistributionPlugin, ShardScheme, Value, ValueType};
@@ -22,6 +24,10 @@ pub use metrics::{PluginMetrics, TIMING_SAMPLE, short_hash};
 pub use placement::{
     NodeStats, PlacementNode, PlacementPlugin, ShardMove, ShardPlacement, validate_isolation,
     validate_moves, validate_placement,
+};
+pub use planner::{
+    Combiner, LimitMerge, Literal, MergeKind, PlanOutcome, PlanTarget, PlanTemplate, PlannerPlugin,
+    PlannerTable, PlannerTableKind, ShardKey, SortKey, validate_plan,
 };
 pub use registry::{
     Loaded, PluginRegistry, PluginSet, PluginSource, ReloadEntry, ReloadLine, ReloadOutcome,
@@ -44,6 +50,10 @@ pub mod builtin {
     pub const HASH_PG_PARTITION: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_HASH_PG_PARTITION"));
     /// `placement-default`, the default placement plugin.
     pub const PLACEMENT_DEFAULT: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLACEMENT_DEFAULT"));
+    /// `planner-fastpath`, the fast-path planner tier (one statement, one distributed
+    /// table, the shard pinned by equality on the distribution column). Not in [`ALL`]
+    /// yet: sessions do not ask planner tiers so far.
+    pub const PLANNER_FASTPATH: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLANNER_FASTPATH"));
     /// A plugin that misbehaves on request, for the host's tests (not embedded).
     pub const TEST_MISBEHAVE_PATH: &str = env!("SHARDGATE_PLUGIN_TEST_MISBEHAVE");
     /// A distribution plugin that calls itself `hash-citus` but hashes text
@@ -59,13 +69,14 @@ pub mod builtin {
 }
 
 /// The worlds the host loads, for refusals.
-pub const KNOWN_WORLDS: &[&str] = &[distribution::WORLD, placement::WORLD];
+pub const KNOWN_WORLDS: &[&str] = &[distribution::WORLD, placement::WORLD, planner::WORLD];
 
 /// A plugin of any world the host knows.
 #[derive(Clone, Debug)]
 pub enum LoadedPlugin {
     Distribution(Arc<DistributionPlugin>),
     Placement(Arc<PlacementPlugin>),
+    Planner(Arc<PlannerPlugin>),
 }
 
 impl LoadedPlugin {
@@ -74,6 +85,7 @@ impl LoadedPlugin {
         match self {
             LoadedPlugin::Distribution(p) => p.name(),
             LoadedPlugin::Placement(p) => p.name(),
+            LoadedPlugin::Planner(p) => p.name(),
         }
     }
 
@@ -82,14 +94,16 @@ impl LoadedPlugin {
         match self {
             LoadedPlugin::Distribution(p) => p.content_hash(),
             LoadedPlugin::Placement(p) => p.content_hash(),
+            LoadedPlugin::Planner(p) => p.content_hash(),
         }
     }
 
-    /// `distribution` or `placement` (the `kind` metric label).
+    /// `distribution`, `placement` or `planner` (the `kind` metric label).
     pub fn kind(&self) -> &'static str {
         match self {
             LoadedPlugin::Distribution(_) => "distribution",
             LoadedPlugin::Placement(_) => "placement",
+            LoadedPlugin::Planner(_) => "planner",
         }
     }
 }
@@ -308,6 +322,10 @@ impl PluginHost {
         if exports(placement::INTERFACE) {
             return PlacementPlugin::from_pre(self, name, bytes, instance_pre)
                 .map(|p| LoadedPlugin::Placement(Arc::new(p)));
+        }
+        if exports(planner::INTERFACE) {
+            return PlannerPlugin::from_pre(self, name, bytes, instance_pre)
+                .map(|p| LoadedPlugin::Planner(Arc::new(p)));
         }
         Err(PluginError::Refused {
             name: name.to_owned(),

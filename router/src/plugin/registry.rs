@@ -2,10 +2,12 @@
 //! `ArcSwap`, rebuilt whole by a reload (statements already planned keep the `Arc` of
 //! the set they started with). A reload applies DESIGN.md's rule: a distribution
 //! plugin that placed rows may be replaced only by a build that hashes a probe set
-//! identically; placement plugins swap freely.
+//! identically; placement and planner plugins swap freely.
 
 use super::metrics::short_hash;
-use super::{DistributionPlugin, LoadedPlugin, PlacementPlugin, PluginError, PluginHost};
+use super::{
+    DistributionPlugin, LoadedPlugin, PlacementPlugin, PlannerPlugin, PluginError, PluginHost,
+};
 use super::{ShardScheme, Value, ValueType, builtin};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -65,6 +67,7 @@ pub struct PluginSet {
     generation: u64,
     distribution: BTreeMap<String, Loaded<DistributionPlugin>>,
     placement: BTreeMap<String, Loaded<PlacementPlugin>>,
+    planner: BTreeMap<String, Loaded<PlannerPlugin>>,
 }
 
 impl PluginSet {
@@ -81,6 +84,16 @@ impl PluginSet {
     /// The placement plugin that names itself `name`.
     pub fn placement(&self, name: &str) -> Option<&Arc<PlacementPlugin>> {
         self.placement.get(name).map(|l| &l.plugin)
+    }
+
+    /// The planner tier plugin that names itself `name`.
+    pub fn planner(&self, name: &str) -> Option<&Arc<PlannerPlugin>> {
+        self.planner.get(name).map(|l| &l.plugin)
+    }
+
+    /// Planner tier plugins by name.
+    pub fn planners(&self) -> impl Iterator<Item = (&str, &Loaded<PlannerPlugin>)> {
+        self.planner.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// Distribution plugins by name.
@@ -129,7 +142,7 @@ pub enum ReloadOutcome {
 pub struct ReloadEntry {
     /// The plugin's name, or the file's name when it did not load far enough to say.
     pub plugin: String,
-    /// `distribution` or `placement` (None: unknown, the file did not load).
+    /// `distribution`, `placement` or `planner` (None: unknown, the file did not load).
     pub kind: Option<&'static str>,
     /// Where the build this line is about comes from.
     pub source: PluginSource,
@@ -274,6 +287,7 @@ impl PluginRegistry {
             generation: 0,
             distribution: BTreeMap::new(),
             placement: BTreeMap::new(),
+            planner: BTreeMap::new(),
         };
         let mut inner = Inner {
             host,
@@ -390,7 +404,7 @@ impl PluginRegistry {
     }
 }
 
-/// What both plugin kinds offer the reload.
+/// What every plugin kind offers the reload.
 trait Plugin {
     const KIND: &'static str;
     fn content_hash(&self) -> &str;
@@ -410,10 +424,18 @@ impl Plugin for PlacementPlugin {
     }
 }
 
+impl Plugin for PlannerPlugin {
+    const KIND: &'static str = "planner";
+    fn content_hash(&self) -> &str {
+        PlannerPlugin::content_hash(self)
+    }
+}
+
 /// The plugins a reload would like to have, before the swap rule is applied.
 struct Wanted {
     distribution: BTreeMap<String, Loaded<DistributionPlugin>>,
     placement: BTreeMap<String, Loaded<PlacementPlugin>>,
+    planner: BTreeMap<String, Loaded<PlannerPlugin>>,
 }
 
 impl Wanted {
@@ -457,6 +479,7 @@ impl Wanted {
         match p {
             LoadedPlugin::Distribution(d) => put(&mut self.distribution, &name, d, source, entries),
             LoadedPlugin::Placement(d) => put(&mut self.placement, &name, d, source, entries),
+            LoadedPlugin::Planner(d) => put(&mut self.planner, &name, d, source, entries),
         }
     }
 }
@@ -469,6 +492,7 @@ impl Inner {
         let mut wanted = Wanted {
             distribution: BTreeMap::new(),
             placement: BTreeMap::new(),
+            planner: BTreeMap::new(),
         };
         for b in &self.builtins {
             wanted.add(b.clone(), PluginSource::Builtin, &mut entries);
@@ -511,6 +535,12 @@ impl Inner {
                                 wanted.placement.insert(name.clone(), l.clone());
                             }
                         }
+                        for (name, l) in &old.planner {
+                            if l.source == source {
+                                kept.push(format!("{name} {}", short_hash(&l.content_hash)));
+                                wanted.planner.insert(name.clone(), l.clone());
+                            }
+                        }
                         let mut reason = e.to_string();
                         if !kept.is_empty() {
                             reason += &format!("; the loaded build stays ({})", kept.join(", "));
@@ -551,6 +581,15 @@ impl Inner {
             &mut entries,
             &mut changed,
         );
+        let planner = reconcile(
+            &old.planner,
+            wanted.planner,
+            |_, _, _| Ok(()),
+            |_| false,
+            metrics,
+            &mut entries,
+            &mut changed,
+        );
         let generation = if changed {
             old.generation + 1
         } else {
@@ -564,11 +603,15 @@ impl Inner {
                 for (name, l) in &placement {
                     m.set_loaded(name, "placement", &l.content_hash);
                 }
+                for (name, l) in &planner {
+                    m.set_loaded(name, "planner", &l.content_hash);
+                }
             }
             self.current.store(Arc::new(PluginSet {
                 generation,
                 distribution,
                 placement,
+                planner,
             }));
         }
         ReloadReport {
@@ -590,6 +633,9 @@ impl Inner {
         }
         if let Some(l) = old.placement.values().find(|l| l.content_hash == hash) {
             return Ok(LoadedPlugin::Placement(l.plugin.clone()));
+        }
+        if let Some(l) = old.planner.values().find(|l| l.content_hash == hash) {
+            return Ok(LoadedPlugin::Planner(l.plugin.clone()));
         }
         let name = path
             .file_name()
