@@ -53,6 +53,9 @@ pub struct Index {
 
 #[derive(Debug)]
 pub struct TableShape {
+    /// Statements that create the user types (enums, composites) the columns use, on
+    /// a worker that lacks them.
+    pub types: Vec<String>,
     pub schema: String,
     pub name: String,
     pub columns: Vec<Column>,
@@ -171,7 +174,54 @@ impl TableShape {
                 keys: r.get(4),
             })
             .collect();
+        let mut types = Vec::new();
+        for r in c
+            .query(
+                "SELECT DISTINCT t.oid, n.nspname::text, t.typname::text, t.typtype::text
+                 FROM pg_attribute a
+                 JOIN pg_type at ON at.oid = a.atttypid
+                 JOIN pg_type t ON t.oid = CASE WHEN at.typcategory = 'A' AND at.typelem <> 0
+                                               THEN at.typelem ELSE at.oid END
+                 JOIN pg_namespace n ON n.oid = t.typnamespace
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (t.typtype = 'e' OR (t.typtype = 'c' AND
+                        (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))
+                 ORDER BY t.oid",
+                &[&oid],
+            )
+            .await?
+        {
+            let (toid, ns, name, kind): (u32, String, String, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            let body: Option<String> = if kind == "e" {
+                c.query_one(
+                    "SELECT 'ENUM (' || coalesce(string_agg(quote_literal(enumlabel::text), ', ' ORDER BY enumsortorder), '') || ')'
+                     FROM pg_enum WHERE enumtypid = $1",
+                    &[&toid],
+                )
+                .await?
+                .get(0)
+            } else {
+                c.query_one(
+                    "SELECT '(' || string_agg(quote_ident(attname) || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attnum) || ')'
+                     FROM pg_attribute
+                     WHERE attrelid = (SELECT typrelid FROM pg_type WHERE oid = $1)
+                       AND attnum > 0 AND NOT attisdropped",
+                    &[&toid],
+                )
+                .await?
+                .get(0)
+            };
+            if let Some(body) = body {
+                types.push(format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&ns)));
+                types.push(format!(
+                    "DO $sg$ BEGIN CREATE TYPE {} AS {body}; EXCEPTION WHEN duplicate_object THEN NULL; END $sg$",
+                    qualified(&ns, &name)
+                ));
+            }
+        }
         Ok(TableShape {
+            types,
             schema: schema.to_owned(),
             name: name.to_owned(),
             columns,
@@ -246,10 +296,11 @@ impl TableShape {
     ) -> Result<(Vec<String>, Vec<String>), AdminError> {
         let mut fks = Vec::new();
         let shard = qualified(&self.schema, &crate::catalog::shard_name(&self.name, shard_id));
-        let mut out = vec![format!(
+        let mut out = self.types.clone();
+        out.push(format!(
             "CREATE SCHEMA IF NOT EXISTS {}",
             quote_ident(&self.schema)
-        )];
+        ));
         let cols: Vec<String> = self
             .columns
             .iter()
