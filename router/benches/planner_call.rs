@@ -65,9 +65,17 @@ fn main() {
         black_box(sqlparser::parser::Parser::parse_sql(&dialect, black_box(select)).unwrap());
     });
     per_op("planner-fastpath miss (pgbench -S select)", 5_000, |_| {
-        black_box(planner.plan(black_box(select), &[23], &tables).expect("plans"));
+        black_box(
+            planner
+                .plan(black_box(select), &[23], &tables)
+                .expect("plans"),
+        );
     });
     per_op("planner-fastpath miss (pgbench update)", 5_000, |_| {
-        black_box(planner.plan(black_box(update), &[23, 23], &tables).expect("plans"));
+        black_box(
+            planner
+                .plan(black_box(update), &[23, 23], &tables)
+                .expect("plans"),
+        );
     });
 }

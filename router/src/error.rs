@@ -5,8 +5,8 @@
 
 use crate::admin::AdminError;
 use crate::backend::{BackendError, PoolError};
-use crate::plugin::PluginError;
 use crate::frontend::AuthError;
+use crate::plugin::PluginError;
 use crate::protocol::{Frame, ProtocolError, btag, encode_error_fields};
 use bytes::BytesMut;
 
@@ -311,9 +311,11 @@ pub fn plugin_facing(e: &PluginError) -> UserFacing {
         PluginError::Rejected { .. } => {
             UserFacing::new(Error, INVALID_PARAMETER_VALUE, e.to_string())
         }
-        PluginError::Read { .. } | PluginError::Refused { .. } => {
-            UserFacing::new(Error, EXTERNAL_ROUTINE_EXCEPTION, "a plugin could not be loaded")
-        }
+        PluginError::Read { .. } | PluginError::Refused { .. } => UserFacing::new(
+            Error,
+            EXTERNAL_ROUTINE_EXCEPTION,
+            "a plugin could not be loaded",
+        ),
         PluginError::Trap { .. } | PluginError::Invalid { .. } => {
             UserFacing::new(Error, EXTERNAL_ROUTINE_EXCEPTION, e.to_string())
         }

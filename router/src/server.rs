@@ -2,12 +2,12 @@
 //! endpoint, and graceful shutdown (stop accepting, let open transactions finish up
 //! to `shutdown_timeout`, then close what is left).
 
+use crate::backend::control::ControlLogin;
 use crate::backend::{Login, Pool, PoolKey, PoolSettings, Pools};
+use crate::catalog::Catalog;
 use crate::config::{Config, User};
 use crate::error::{RouterError, StartError};
 use crate::frontend::{CancelRegistry, handle_connection, load_tls};
-use crate::backend::control::ControlLogin;
-use crate::catalog::Catalog;
 use crate::metrics::{Metrics, serve_metrics};
 use crate::plugin::{Limits, PluginHost, PluginMetrics, PluginRegistry};
 use crate::session::PreparedRegistry;
@@ -260,7 +260,11 @@ async fn recover_loop(catalog: Arc<Catalog>, stop: CancellationToken) {
         }
         match crate::admin::recover(catalog.login(), &catalog.database, RECOVER_EVERY).await {
             Ok(r) if r != crate::admin::Recovered::default() => {
-                tracing::info!(committed = r.committed, rolled_back = r.rolled_back, "recovered prepared admin transactions")
+                tracing::info!(
+                    committed = r.committed,
+                    rolled_back = r.rolled_back,
+                    "recovered prepared admin transactions"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "recovery of prepared admin transactions failed"),

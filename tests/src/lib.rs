@@ -184,7 +184,13 @@ impl TestEnv {
 
     /// Another router over the same coordinator and catalog (as a second deployment).
     pub async fn second_router(&self) -> Server {
-        start_router(&env_config(&self.opts, &self.db, self.pg_port, &self.worker_ports)).await
+        start_router(&env_config(
+            &self.opts,
+            &self.db,
+            self.pg_port,
+            &self.worker_ports,
+        ))
+        .await
     }
 
     /// The config this test's routers run with.
@@ -263,16 +269,23 @@ impl Drop for TestEnv {
     }
 }
 
-
 /// A router config for one test: its database holds the catalog; workers are seeded
 /// into the catalog when it is created.
 pub fn env_config(opts: &EnvOptions, db: &str, pg_port: u16, workers: &[u16]) -> Config {
     let mut text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nauth_method = \"{}\"\npool_size = {}\npool_mode = \"{}\"\npool_acquire_timeout_ms = 20000\n{}\n\n[coordinator]\nhost = \"127.0.0.1\"\nport = {}\n\n[catalog]\ndatabase = \"{db}\"\n\n{}\n{}\n",
-        opts.auth_method, opts.pool_size, opts.pool_mode, opts.server, pg_port, opts.extra, opts.users
+        opts.auth_method,
+        opts.pool_size,
+        opts.pool_mode,
+        opts.server,
+        pg_port,
+        opts.extra,
+        opts.users
     );
     for p in workers {
-        text.push_str(&format!("\n[[workers]]\nhost = \"127.0.0.1\"\nport = {p}\n"));
+        text.push_str(&format!(
+            "\n[[workers]]\nhost = \"127.0.0.1\"\nport = {p}\n"
+        ));
     }
     Config::from_toml(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
 }

@@ -42,7 +42,10 @@ async fn script(c: &Client, sql: &str) -> Result<(), Error> {
 }
 
 async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 /// (shardid, shardindex, min, max, groupid) of a table, from the catalog through the router.
@@ -78,11 +81,19 @@ async fn worker_of_group(env: &TestEnv, c: &Client, group: i32) -> usize {
 
 async fn prepared_left(env: &TestEnv) -> i64 {
     let d = env.direct().await;
-    let mut n = count(&d, "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()").await;
+    let mut n = count(
+        &d,
+        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+    )
+    .await;
     // Commit records are deleted once every worker committed.
     n += count(&d, "SELECT count(*) FROM shardgate.pg_dist_transaction").await;
     for i in 0..env.worker_ports.len() {
-        n += count(&env.worker(i).await, "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()").await;
+        n += count(
+            &env.worker(i).await,
+            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+        )
+        .await;
     }
     n
 }
@@ -109,7 +120,8 @@ async fn shard_tables(env: &TestEnv, table: &str) -> i64 {
 async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_them() {
     let env = fleet(2).await;
     let c = env.client().await;
-    script(&c, 
+    script(
+        &c,
         "CREATE TABLE companies (
              id bigint PRIMARY KEY,
              name text NOT NULL DEFAULT 'unnamed',
@@ -153,13 +165,19 @@ async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_t
 
     // The coordinator's table is now an empty shell; every row is in exactly the shard
     // whose hash range holds Postgres's own hashint8(id), with its columns intact.
-    assert_eq!(count(&env.direct().await, "SELECT count(*) FROM companies").await, 0);
+    assert_eq!(
+        count(&env.direct().await, "SELECT count(*) FROM companies").await,
+        0
+    );
     let mut total = 0;
     for (id, _idx, min, max, group) in &s {
         let w = env.worker(worker_of_group(&env, &c, *group).await).await;
         let t = format!("companies_{id}");
         total += count(&w, &format!("SELECT count(*) FROM {t}")).await;
-        let (min, max): (i32, i32) = (min.as_ref().unwrap().parse().unwrap(), max.as_ref().unwrap().parse().unwrap());
+        let (min, max): (i32, i32) = (
+            min.as_ref().unwrap().parse().unwrap(),
+            max.as_ref().unwrap().parse().unwrap(),
+        );
         let misplaced = count(
             &w,
             &format!("SELECT count(*) FROM {t} WHERE hashint8(id) NOT BETWEEN {min} AND {max}"),
@@ -186,9 +204,11 @@ async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_t
             .await
             .unwrap_err();
         assert_eq!(code(&err), "23514", "CHECK constraint on the shard");
-        w.batch_execute(&format!("INSERT INTO {t} (id) VALUES (-7); DELETE FROM {t} WHERE id = -7"))
-            .await
-            .expect("defaults on the shard");
+        w.batch_execute(&format!(
+            "INSERT INTO {t} (id) VALUES (-7); DELETE FROM {t} WHERE id = -7"
+        ))
+        .await
+        .expect("defaults on the shard");
     }
     assert_eq!(total, 2000);
     assert_eq!(prepared_left(&env).await, 0);
@@ -204,35 +224,62 @@ async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_t
 
     // Queries are not routed to shards yet: rather than answer from the empty shell,
     // the router refuses them, in both protocols, and the session goes on.
-    let e = c.batch_execute("SELECT count(*) FROM Companies").await.unwrap_err();
+    let e = c
+        .batch_execute("SELECT count(*) FROM Companies")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "0A000", "{e:?}");
-    let e = c.query("SELECT * FROM companies WHERE id = $1", &[&1i64]).await.unwrap_err();
+    let e = c
+        .query("SELECT * FROM companies WHERE id = $1", &[&1i64])
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "0A000", "{e:?}");
     c.batch_execute("BEGIN").await.unwrap();
-    let e = c.batch_execute("INSERT INTO companies (id) VALUES (1)").await.unwrap_err();
+    let e = c
+        .batch_execute("INSERT INTO companies (id) VALUES (1)")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "0A000");
     let e = c.batch_execute("SELECT 1").await.unwrap_err();
-    assert_eq!(code(&e), "25P02", "the transaction is aborted as Postgres would abort it");
+    assert_eq!(
+        code(&e),
+        "25P02",
+        "the transaction is aborted as Postgres would abort it"
+    );
     c.batch_execute("ROLLBACK").await.unwrap();
-    assert_eq!(one(&c, "SELECT 'companies'").await.unwrap().as_deref(), Some("companies"));
+    assert_eq!(
+        one(&c, "SELECT 'companies'").await.unwrap().as_deref(),
+        Some("companies")
+    );
 
     // get_shard_id_for_distribution_column agrees with where the row is.
-    let sid: i64 = one(&c, "SELECT get_shard_id_for_distribution_column('companies', 42)")
-        .await
-        .unwrap()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let sid: i64 = one(
+        &c,
+        "SELECT get_shard_id_for_distribution_column('companies', 42)",
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .parse()
+    .unwrap();
     let (_, _, _, _, group) = s.iter().find(|x| x.0 == sid).unwrap();
     let w = env.worker(worker_of_group(&env, &c, *group).await).await;
-    assert_eq!(count(&w, &format!("SELECT count(*) FROM companies_{sid} WHERE id = 42")).await, 1);
+    assert_eq!(
+        count(
+            &w,
+            &format!("SELECT count(*) FROM companies_{sid} WHERE id = 42")
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn colocated_tables_share_nodes_and_reference_tables_are_everywhere() {
     let env = fleet(2).await;
     let c = env.client().await;
-    script(&c, 
+    script(
+        &c,
         "CREATE TABLE a (id int8 PRIMARY KEY);
          CREATE TABLE b (aid int8, x int);
          CREATE TABLE d (k int8);
@@ -257,11 +304,20 @@ async fn colocated_tables_share_nodes_and_reference_tables_are_everywhere() {
         }
     };
     assert_eq!(coloc("a").await, coloc("b").await);
-    assert_eq!(coloc("a").await, coloc("d").await, "default colocation: same type and count");
+    assert_eq!(
+        coloc("a").await,
+        coloc("d").await,
+        "default colocation: same type and count"
+    );
     let (sa, sb) = (shards(&c, "a").await, shards(&c, "b").await);
     assert_eq!(sa.len(), 6);
     for (x, y) in sa.iter().zip(&sb) {
-        assert_eq!((x.1, x.4), (y.1, y.4), "shard index {} on the same node", x.1);
+        assert_eq!(
+            (x.1, x.4),
+            (y.1, y.4),
+            "shard index {} on the same node",
+            x.1
+        );
     }
     // An int4 column goes to another group.
     c.batch_execute("SELECT create_distributed_table('i4', 'k', shard_count => 6)")
@@ -274,10 +330,18 @@ async fn colocated_tables_share_nodes_and_reference_tables_are_everywhere() {
     assert_eq!(sr[0].0, sr[1].0);
     for i in 0..2 {
         let w = env.worker(i).await;
-        assert_eq!(count(&w, &format!("SELECT count(*) FROM countries_{}", sr[0].0)).await, 50);
+        assert_eq!(
+            count(&w, &format!("SELECT count(*) FROM countries_{}", sr[0].0)).await,
+            50
+        );
     }
     assert_eq!(
-        one(&c, "SELECT get_shard_id_for_distribution_column('countries')").await.unwrap(),
+        one(
+            &c,
+            "SELECT get_shard_id_for_distribution_column('countries')"
+        )
+        .await
+        .unwrap(),
         Some(sr[0].0.to_string())
     );
 }
@@ -286,7 +350,8 @@ async fn colocated_tables_share_nodes_and_reference_tables_are_everywhere() {
 async fn hash_pg_partition_places_rows_as_native_hash_partitions_would() {
     let env = fleet(2).await;
     let c = env.client().await;
-    script(&c, 
+    script(
+        &c,
         "CREATE TABLE events (tenant text, n int);
          INSERT INTO events SELECT 'tenant-' || g, g FROM generate_series(1, 500) g;
          SELECT create_distributed_table('events', 'tenant', shard_count => 5,
@@ -299,7 +364,8 @@ async fn hash_pg_partition_places_rows_as_native_hash_partitions_would() {
     let mut total = 0;
     for (id, idx, _, _, group) in &s {
         let w = env.worker(worker_of_group(&env, &c, *group).await).await;
-        script(&w, 
+        script(
+            &w,
             "CREATE TABLE IF NOT EXISTS hp_parent (tenant text) PARTITION BY HASH (tenant)",
         )
         .await
@@ -313,7 +379,10 @@ async fn hash_pg_partition_places_rows_as_native_hash_partitions_would() {
             ),
         )
         .await;
-        assert_eq!(wrong, 0, "shard index {idx} holds what remainder {idx} would");
+        assert_eq!(
+            wrong, 0,
+            "shard index {idx} holds what remainder {idx} would"
+        );
     }
     assert_eq!(total, 500);
 }
@@ -322,7 +391,8 @@ async fn hash_pg_partition_places_rows_as_native_hash_partitions_would() {
 async fn bad_input_gets_a_clear_error_and_leaves_the_catalog_unchanged() {
     let env = fleet(2).await;
     let c = env.client().await;
-    script(&c, 
+    script(
+        &c,
         "CREATE TABLE t (id int8 PRIMARY KEY, amount numeric, email text, UNIQUE (email));
          CREATE TABLE ok (id int8);
          CREATE TABLE other (k int4);
@@ -345,15 +415,39 @@ async fn bad_input_gets_a_clear_error_and_leaves_the_catalog_unchanged() {
         ("SELECT create_distributed_table('t', 'id')", "42P16"), // UNIQUE (email) lacks id
         ("SELECT create_distributed_table('ok', 'id')", "42P16"), // already distributed
         ("SELECT create_distributed_table('other', 'k')", "42P16"),
-        ("SELECT create_distributed_table('ok', 'id', colocate_with => 'other')", "42P16"),
-        ("SELECT create_distributed_table('t', 'id', shard_count => 0)", "22023"),
-        ("SELECT create_distributed_table('t', 'id', distribution_plugin => 'nope')", "42704"),
-        ("SELECT create_distributed_table('t', 'id', distribution_type => 'range')", "0A000"),
+        (
+            "SELECT create_distributed_table('ok', 'id', colocate_with => 'other')",
+            "42P16",
+        ),
+        (
+            "SELECT create_distributed_table('t', 'id', shard_count => 0)",
+            "22023",
+        ),
+        (
+            "SELECT create_distributed_table('t', 'id', distribution_plugin => 'nope')",
+            "42704",
+        ),
+        (
+            "SELECT create_distributed_table('t', 'id', distribution_type => 'range')",
+            "0A000",
+        ),
         ("SELECT create_distributed_table('t')", "42883"),
-        ("SELECT create_distributed_table('t', 'id', bogus => 1)", "42883"),
-        ("SELECT create_distributed_table(now()::text, 'id')", "0A000"),
-        ("SELECT get_shard_id_for_distribution_column('ok', 'abc')", "22P02"),
-        ("SELECT get_shard_id_for_distribution_column('t', 1)", "22023"),
+        (
+            "SELECT create_distributed_table('t', 'id', bogus => 1)",
+            "42883",
+        ),
+        (
+            "SELECT create_distributed_table(now()::text, 'id')",
+            "0A000",
+        ),
+        (
+            "SELECT get_shard_id_for_distribution_column('ok', 'abc')",
+            "22P02",
+        ),
+        (
+            "SELECT get_shard_id_for_distribution_column('t', 1)",
+            "22023",
+        ),
         ("SELECT undistribute_table('t')", "22023"),
         ("SELECT citus_remove_node('127.0.0.1', 1)", "42704"),
         ("SELECT create_reference_table('nope')", "42P01"),
@@ -405,10 +499,14 @@ async fn a_worker_that_is_down_fails_the_call_and_changes_nothing() {
     let c = env.client().await;
     // A third node that existed when registered and is gone now.
     let (node, _dir) = shardgate_tests::start_node(&Default::default());
-    node.psql("postgres", &format!("CREATE DATABASE {}", env.db)).unwrap();
-    one(&c, &format!("SELECT citus_add_node('127.0.0.1', {})", node.port))
-        .await
+    node.psql("postgres", &format!("CREATE DATABASE {}", env.db))
         .unwrap();
+    one(
+        &c,
+        &format!("SELECT citus_add_node('127.0.0.1', {})", node.port),
+    )
+    .await
+    .unwrap();
     node.stop("immediate").unwrap();
     c.batch_execute("CREATE TABLE t (id int8); INSERT INTO t VALUES (1), (2), (3)")
         .await
@@ -418,9 +516,16 @@ async fn a_worker_that_is_down_fails_the_call_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), "08006", "{e:?}");
-    assert_eq!(count(&c, "SELECT count(*) FROM shardgate.pg_dist_partition").await, 0);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM shardgate.pg_dist_partition").await,
+        0
+    );
     assert_eq!(shard_tables(&env, "t").await, 0);
-    assert_eq!(count(&env.direct().await, "SELECT count(*) FROM t").await, 3, "rows stay");
+    assert_eq!(
+        count(&env.direct().await, "SELECT count(*) FROM t").await,
+        3,
+        "rows stay"
+    );
     assert_eq!(prepared_left(&env).await, 0);
 }
 
@@ -428,7 +533,8 @@ async fn a_worker_that_is_down_fails_the_call_and_changes_nothing() {
 async fn ddl_reaches_every_shard_all_or_nothing() {
     let env = fleet(2).await;
     let c = env.client().await;
-    script(&c, 
+    script(
+        &c,
         "CREATE TABLE t (id int8 PRIMARY KEY, v text);
          INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;
          SELECT create_distributed_table('t', 'id', shard_count => 4);
@@ -446,17 +552,33 @@ async fn ddl_reaches_every_shard_all_or_nothing() {
             let mut n = 0;
             for (id, _, _, _, g) in &s {
                 let w = env.worker(worker_of_group(env, c, *g).await).await;
-                n += count(&w, &sql.replace("{shard}", &format!("t_{id}")).replace("{id}", &id.to_string())).await;
+                n += count(
+                    &w,
+                    &sql.replace("{shard}", &format!("t_{id}"))
+                        .replace("{id}", &id.to_string()),
+                )
+                .await;
             }
             n
         }
     };
-    let col = |name: &'static str| format!("SELECT count(*) FROM information_schema.columns WHERE table_name = '{{shard}}' AND column_name = '{name}'");
+    let col = |name: &'static str| {
+        format!(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = '{{shard}}' AND column_name = '{name}'"
+        )
+    };
 
-    c.batch_execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 5").await.unwrap();
+    c.batch_execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 5")
+        .await
+        .unwrap();
     assert_eq!(on_every_shard(col("extra")).await, 4);
-    assert_eq!(on_every_shard("SELECT count(*) FROM {shard} WHERE extra <> 5".into()).await, 0);
-    c.batch_execute("CREATE INDEX t_v_idx ON t (v)").await.unwrap();
+    assert_eq!(
+        on_every_shard("SELECT count(*) FROM {shard} WHERE extra <> 5".into()).await,
+        0
+    );
+    c.batch_execute("CREATE INDEX t_v_idx ON t (v)")
+        .await
+        .unwrap();
     assert_eq!(
         on_every_shard("SELECT count(*) FROM pg_indexes WHERE tablename = '{shard}' AND indexname = 't_v_idx_{id}'".into()).await,
         4
@@ -466,17 +588,29 @@ async fn ddl_reaches_every_shard_all_or_nothing() {
         on_every_shard("SELECT count(*) FROM pg_indexes WHERE tablename = '{shard}' AND indexname = 't_extra_idx_{id}'".into()).await,
         4
     );
-    c.batch_execute("ALTER TABLE t ADD CONSTRAINT v_not_empty CHECK (v <> '')").await.unwrap();
+    c.batch_execute("ALTER TABLE t ADD CONSTRAINT v_not_empty CHECK (v <> '')")
+        .await
+        .unwrap();
     assert_eq!(
-        on_every_shard("SELECT count(*) FROM pg_constraint WHERE conname = 'v_not_empty_{id}'".into()).await,
+        on_every_shard(
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'v_not_empty_{id}'".into()
+        )
+        .await,
         4
     );
-    c.batch_execute("ALTER TABLE t DROP CONSTRAINT v_not_empty").await.unwrap();
+    c.batch_execute("ALTER TABLE t DROP CONSTRAINT v_not_empty")
+        .await
+        .unwrap();
     assert_eq!(
-        on_every_shard("SELECT count(*) FROM pg_constraint WHERE conname = 'v_not_empty_{id}'".into()).await,
+        on_every_shard(
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'v_not_empty_{id}'".into()
+        )
+        .await,
         0
     );
-    c.batch_execute("ALTER TABLE t ALTER COLUMN extra TYPE bigint").await.unwrap();
+    c.batch_execute("ALTER TABLE t ALTER COLUMN extra TYPE bigint")
+        .await
+        .unwrap();
     assert_eq!(
         on_every_shard("SELECT count(*) FROM information_schema.columns WHERE table_name = '{shard}' AND column_name = 'extra' AND data_type = 'bigint'".into()).await,
         4
@@ -488,32 +622,59 @@ async fn ddl_reaches_every_shard_all_or_nothing() {
         0
     );
     // Names longer than Postgres's 63 bytes once suffixed stay distinct per shard.
-    c.batch_execute("CREATE INDEX an_index_name_that_is_long_enough_to_need_cutting_down_x ON t (v)")
-        .await
-        .unwrap();
+    c.batch_execute(
+        "CREATE INDEX an_index_name_that_is_long_enough_to_need_cutting_down_x ON t (v)",
+    )
+    .await
+    .unwrap();
     assert_eq!(
         on_every_shard("SELECT count(*) FROM pg_indexes WHERE tablename = '{shard}' AND indexname LIKE 'an\\_index\\_name%'".into()).await,
         4
     );
     // Column-level uniqueness would escape the checks: refused.
-    let e = c.batch_execute("ALTER TABLE t ADD COLUMN u int UNIQUE").await.unwrap_err();
+    let e = c
+        .batch_execute("ALTER TABLE t ADD COLUMN u int UNIQUE")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "0A000");
     // The distribution column cannot change.
-    let e = c.batch_execute("ALTER TABLE t DROP COLUMN id").await.unwrap_err();
+    let e = c
+        .batch_execute("ALTER TABLE t DROP COLUMN id")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "0A000");
     // A unique index without the distribution column is refused.
-    let e = c.batch_execute("CREATE UNIQUE INDEX ON t (v)").await.unwrap_err();
+    let e = c
+        .batch_execute("CREATE UNIQUE INDEX ON t (v)")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "42P16");
 
     // All or nothing: one shard already has the column, so the ALTER fails there and
     // nowhere else changes (nor the coordinator).
     let (first, _, _, _, g) = s[2].clone();
     let w = env.worker(worker_of_group(&env, &c, g).await).await;
-    w.batch_execute(&format!("ALTER TABLE t_{first} ADD COLUMN clash int")).await.unwrap();
-    let e = c.batch_execute("ALTER TABLE t ADD COLUMN clash int").await.unwrap_err();
+    w.batch_execute(&format!("ALTER TABLE t_{first} ADD COLUMN clash int"))
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("ALTER TABLE t ADD COLUMN clash int")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "42701", "{e:?}");
-    assert!(e.as_db_error().unwrap().detail().unwrap_or("").contains("node"), "names the node");
-    assert_eq!(on_every_shard(col("clash")).await, 1, "only the diverged shard");
+    assert!(
+        e.as_db_error()
+            .unwrap()
+            .detail()
+            .unwrap_or("")
+            .contains("node"),
+        "names the node"
+    );
+    assert_eq!(
+        on_every_shard(col("clash")).await,
+        1,
+        "only the diverged shard"
+    );
     assert_eq!(
         count(&env.direct().await, "SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'clash'").await,
         0
@@ -523,7 +684,10 @@ async fn ddl_reaches_every_shard_all_or_nothing() {
     // DDL inside a transaction block: refused, and the transaction is aborted as
     // Postgres would abort it.
     c.batch_execute("BEGIN").await.unwrap();
-    let e = c.batch_execute("ALTER TABLE t ADD COLUMN later int").await.unwrap_err();
+    let e = c
+        .batch_execute("ALTER TABLE t ADD COLUMN later int")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "25001");
     let e = c.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(code(&e), "25P02");
@@ -531,15 +695,27 @@ async fn ddl_reaches_every_shard_all_or_nothing() {
 
     // TRUNCATE reaches the shards and the reference table's copies.
     c.batch_execute("TRUNCATE t, r").await.unwrap();
-    assert_eq!(on_every_shard("SELECT count(*) FROM {shard}".into()).await, 0);
+    assert_eq!(
+        on_every_shard("SELECT count(*) FROM {shard}".into()).await,
+        0
+    );
     // DROP TABLE removes the shards and the catalog rows.
     c.batch_execute("DROP TABLE t").await.unwrap();
     assert_eq!(shard_tables(&env, "t").await, 0);
-    assert_eq!(count(&c, "SELECT count(*) FROM shardgate.pg_dist_partition").await, 1);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM shardgate.pg_dist_partition").await,
+        1
+    );
     c.batch_execute("DROP TABLE r").await.unwrap();
     assert_eq!(shard_tables(&env, "r").await, 0);
-    assert_eq!(count(&c, "SELECT count(*) FROM shardgate.pg_dist_shard").await, 0);
-    assert_eq!(count(&c, "SELECT count(*) FROM shardgate.pg_dist_colocation").await, 0);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM shardgate.pg_dist_shard").await,
+        0
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM shardgate.pg_dist_colocation").await,
+        0
+    );
     assert_eq!(prepared_left(&env).await, 0);
 }
 
@@ -547,23 +723,35 @@ async fn ddl_reaches_every_shard_all_or_nothing() {
 async fn undistribute_brings_the_rows_back() {
     let env = fleet(2).await;
     let c = env.client().await;
-    script(&c, 
+    script(
+        &c,
         "CREATE TABLE t (id int8, v text);
          INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 300) g;
          SELECT create_distributed_table('t', 'id', shard_count => 4);",
     )
     .await
     .unwrap();
-    assert_eq!(count(&env.direct().await, "SELECT count(*) FROM t").await, 0);
-    c.batch_execute("SELECT undistribute_table('t')").await.unwrap();
+    assert_eq!(
+        count(&env.direct().await, "SELECT count(*) FROM t").await,
+        0
+    );
+    c.batch_execute("SELECT undistribute_table('t')")
+        .await
+        .unwrap();
     let d = env.direct().await;
     assert_eq!(count(&d, "SELECT count(*) FROM t").await, 300);
-    assert_eq!(count(&d, "SELECT count(*) FROM t WHERE v <> 'v' || id").await, 0);
+    assert_eq!(
+        count(&d, "SELECT count(*) FROM t WHERE v <> 'v' || id").await,
+        0
+    );
     d.batch_execute("INSERT INTO t VALUES (0, 'v0'); DELETE FROM t WHERE id = 0")
         .await
         .expect("a local table again: writable");
     assert_eq!(shard_tables(&env, "t").await, 0);
-    assert_eq!(count(&c, "SELECT count(*) FROM shardgate.pg_dist_partition").await, 0);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM shardgate.pg_dist_partition").await,
+        0
+    );
     // And it can be distributed again.
     c.batch_execute("SELECT create_distributed_table('t', 'id', shard_count => 2)")
         .await
@@ -575,7 +763,8 @@ async fn undistribute_brings_the_rows_back() {
 async fn nodes_are_added_and_removed_with_their_reference_tables() {
     let env = fleet(1).await;
     let c = env.client().await;
-    script(&c, 
+    script(
+        &c,
         "CREATE TABLE r (k int PRIMARY KEY, v text);
          INSERT INTO r SELECT g, 'x' FROM generate_series(1, 20) g;
          SELECT create_reference_table('r');
@@ -600,25 +789,43 @@ async fn nodes_are_added_and_removed_with_their_reference_tables() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        one(&c, &format!("SELECT citus_add_node('127.0.0.1', {port})")).await.unwrap().unwrap(),
+        one(&c, &format!("SELECT citus_add_node('127.0.0.1', {port})"))
+            .await
+            .unwrap()
+            .unwrap(),
         id,
         "adding twice returns the same node"
     );
-    let shard = count(&c, "SELECT shardid FROM shardgate.pg_dist_shard WHERE logicalrelid = 'r'::regclass").await;
+    let shard = count(
+        &c,
+        "SELECT shardid FROM shardgate.pg_dist_shard WHERE logicalrelid = 'r'::regclass",
+    )
+    .await;
     let w = shardgate_tests::connect(&format!(
         "host=127.0.0.1 port={port} user=postgres dbname={} sslmode=disable",
         env.db
     ))
     .await
     .unwrap();
-    assert_eq!(count(&w, &format!("SELECT count(*) FROM r_{shard}")).await, 20);
+    assert_eq!(
+        count(&w, &format!("SELECT count(*) FROM r_{shard}")).await,
+        20
+    );
     // Reference tables whose foreign keys point at later ones were copied too.
     assert_eq!(
-        count(&w, "SELECT count(*) FROM pg_constraint WHERE conname LIKE 'a1\\_b1\\_%'").await,
+        count(
+            &w,
+            "SELECT count(*) FROM pg_constraint WHERE conname LIKE 'a1\\_b1\\_%'"
+        )
+        .await,
         1
     );
     assert_eq!(
-        count(&c, "SELECT count(*) FROM shardgate.pg_dist_node WHERE groupid = 0 AND NOT shouldhaveshards").await,
+        count(
+            &c,
+            "SELECT count(*) FROM shardgate.pg_dist_node WHERE groupid = 0 AND NOT shouldhaveshards"
+        )
+        .await,
         1,
         "the coordinator is registered in group 0 without shards"
     );
@@ -631,19 +838,35 @@ async fn nodes_are_added_and_removed_with_their_reference_tables() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), "55000");
-    c.batch_execute("SELECT undistribute_table('h')").await.unwrap();
+    c.batch_execute("SELECT undistribute_table('h')")
+        .await
+        .unwrap();
     c.batch_execute(&format!("SELECT citus_remove_node('127.0.0.1', {port})"))
         .await
         .unwrap();
-    assert_eq!(count(&w, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'r\\_%'").await, 0);
+    assert_eq!(
+        count(
+            &w,
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'r\\_%'"
+        )
+        .await,
+        0
+    );
     // The last copy of a reference table cannot go with its node.
     let e = c
-        .batch_execute(&format!("SELECT citus_remove_node('127.0.0.1', {})", env.worker_ports[0]))
+        .batch_execute(&format!(
+            "SELECT citus_remove_node('127.0.0.1', {})",
+            env.worker_ports[0]
+        ))
         .await
         .unwrap_err();
     assert_eq!(code(&e), "55000", "{e:?}");
     assert_eq!(
-        count(&c, &format!("SELECT count(*) FROM shardgate.pg_dist_node WHERE nodeport = {port}")).await,
+        count(
+            &c,
+            &format!("SELECT count(*) FROM shardgate.pg_dist_node WHERE nodeport = {port}")
+        )
+        .await,
         0
     );
 }
@@ -653,7 +876,8 @@ async fn the_catalog_survives_a_restart_and_two_routers_agree_within_a_second() 
     let env = fleet(2).await;
     let other = env.second_router().await;
     let c = env.client().await;
-    script(&c, 
+    script(
+        &c,
         "CREATE TABLE t (id int8); SELECT create_distributed_table('t', 'id', shard_count => 3)",
     )
     .await
@@ -662,7 +886,10 @@ async fn the_catalog_survives_a_restart_and_two_routers_agree_within_a_second() 
     assert_eq!(env.router.ctx().catalog.snapshot().tables.len(), 1);
     let start = Instant::now();
     while other.ctx().catalog.snapshot().tables.len() != 1 {
-        assert!(start.elapsed() < Duration::from_secs(1), "second router did not see the change");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "second router did not see the change"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // A change made through the second router reaches the first.
@@ -678,11 +905,16 @@ async fn the_catalog_survives_a_restart_and_two_routers_agree_within_a_second() 
         .unwrap();
     let start = Instant::now();
     while env.router.ctx().catalog.snapshot().tables.len() != 2 {
-        assert!(start.elapsed() < Duration::from_secs(1), "first router did not see the change");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "first router did not see the change"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // DDL through the first router on the table the second one distributed.
-    c.batch_execute("ALTER TABLE u ADD COLUMN x int").await.unwrap();
+    c.batch_execute("ALTER TABLE u ADD COLUMN x int")
+        .await
+        .unwrap();
     other.abort();
     // A fresh router reads the same catalog.
     let third = env.second_router().await;
@@ -698,7 +930,9 @@ async fn the_catalog_survives_a_restart_and_two_routers_agree_within_a_second() 
 async fn admin_functions_work_through_the_extended_protocol() {
     let env = fleet(2).await;
     let c = env.client().await;
-    c.batch_execute("CREATE TABLE t (id int8, v text)").await.unwrap();
+    c.batch_execute("CREATE TABLE t (id int8, v text)")
+        .await
+        .unwrap();
     c.batch_execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 40) g")
         .await
         .unwrap();
@@ -754,7 +988,11 @@ with psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname={db}", aut
         .arg(&script)
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let simple = one(&c, "SELECT get_shard_id_for_distribution_column('p', 'k5')")
         .await
@@ -819,10 +1057,14 @@ async fn foreign_keys_point_at_the_shard_beside_them() {
         assert_eq!(code(&e), "23503", "enforced on the shard");
     }
     // A foreign key added later goes the same way.
-    c.batch_execute("CREATE TABLE items (account_id int8, sku text)").await.unwrap();
-    c.batch_execute("SELECT create_distributed_table('items', 'account_id', colocate_with => 'accounts')")
+    c.batch_execute("CREATE TABLE items (account_id int8, sku text)")
         .await
         .unwrap();
+    c.batch_execute(
+        "SELECT create_distributed_table('items', 'account_id', colocate_with => 'accounts')",
+    )
+    .await
+    .unwrap();
     c.batch_execute("ALTER TABLE items ADD CONSTRAINT items_account_fk FOREIGN KEY (account_id) REFERENCES accounts (id)")
         .await
         .unwrap();
@@ -843,7 +1085,9 @@ async fn foreign_keys_point_at_the_shard_beside_them() {
 async fn recovery_finishes_admin_transactions_a_crash_left_prepared() {
     let env = fleet(2).await;
     let w = env.worker(0).await;
-    w.batch_execute("CREATE TABLE landed (x int)").await.unwrap();
+    w.batch_execute("CREATE TABLE landed (x int)")
+        .await
+        .unwrap();
     // A change whose coordinator committed (a commit record) and one that never did.
     w.batch_execute(
         "BEGIN; INSERT INTO landed VALUES (1); PREPARE TRANSACTION 'sg_admin_00000000000000aa_1'",
@@ -857,7 +1101,9 @@ async fn recovery_finishes_admin_transactions_a_crash_left_prepared() {
     .unwrap();
     env.direct()
         .await
-        .batch_execute("INSERT INTO shardgate.pg_dist_transaction VALUES (1, 'sg_admin_00000000000000aa_1')")
+        .batch_execute(
+            "INSERT INTO shardgate.pg_dist_transaction VALUES (1, 'sg_admin_00000000000000aa_1')",
+        )
         .await
         .unwrap();
     let catalog = &env.router.ctx().catalog;
@@ -875,6 +1121,14 @@ async fn recovery_finishes_admin_transactions_a_crash_left_prepared() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(rows, vec![1], "the recorded change committed, the other rolled back");
-    assert_eq!(prepared_left(&env).await, 0, "nothing prepared, no record left");
+    assert_eq!(
+        rows,
+        vec![1],
+        "the recorded change committed, the other rolled back"
+    );
+    assert_eq!(
+        prepared_left(&env).await,
+        0,
+        "nothing prepared, no record left"
+    );
 }

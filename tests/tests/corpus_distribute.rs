@@ -42,16 +42,26 @@ async fn rows_in_shards(env: &TestEnv, c: &Client, table: &str) -> i64 {
     let mut total = 0;
     for (id, schema, group) in shards {
         let port: i32 = c
-            .query_one("SELECT nodeport FROM shardgate.pg_dist_node WHERE groupid = $1", &[&group])
+            .query_one(
+                "SELECT nodeport FROM shardgate.pg_dist_node WHERE groupid = $1",
+                &[&group],
+            )
             .await
             .unwrap()
             .get(0);
-        let w = env.worker_ports.iter().position(|p| *p as i32 == port).unwrap();
+        let w = env
+            .worker_ports
+            .iter()
+            .position(|p| *p as i32 == port)
+            .unwrap();
         let shard = shardgate::catalog::shard_name(table, id);
         total += env
             .worker(w)
             .await
-            .query_one(&format!("SELECT count(*) FROM \"{schema}\".\"{shard}\""), &[])
+            .query_one(
+                &format!("SELECT count(*) FROM \"{schema}\".\"{shard}\""),
+                &[],
+            )
             .await
             .unwrap()
             .get::<_, i64>(0);
@@ -114,14 +124,14 @@ async fn every_corpus_schema_distributes_with_its_rows() {
                     // copies are all checked by tests/catalog.rs).
                     let after = rows_in_shards(&env, &c, &table).await;
                     if after != before {
-                        failures.push(format!("{name}: {table}: {before} rows before, {after} in the shards"));
+                        failures.push(format!(
+                            "{name}: {table}: {before} rows before, {after} in the shards"
+                        ));
                     }
                 }
                 Err(e) => {
                     let code = e.as_db_error().map(|d| d.code().code().to_owned());
-                    let expected = UNHASHABLE
-                        .iter()
-                        .any(|(d, t)| *d == name && *t == table);
+                    let expected = UNHASHABLE.iter().any(|(d, t)| *d == name && *t == table);
                     if !(expected && code.as_deref() == Some("42883")) {
                         failures.push(format!("{name}: {s}: {e:?}"));
                     }
@@ -130,5 +140,10 @@ async fn every_corpus_schema_distributes_with_its_rows() {
         }
         eprintln!("{name}: distributed");
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

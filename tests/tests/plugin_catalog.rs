@@ -60,7 +60,11 @@ fn rebuilt(bytes: &[u8], tag: u32) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misbehaving_distribution_plugin_fails_only_its_statement() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(builtin::TEST_MISBEHAVE_PATH, dir.path().join("test_misbehave.wasm")).unwrap();
+    std::fs::copy(
+        builtin::TEST_MISBEHAVE_PATH,
+        dir.path().join("test_misbehave.wasm"),
+    )
+    .unwrap();
     let env = with_plugin_dir(dir.path(), 100).await;
     let c = env.client().await;
     let other = env.client().await;
@@ -95,7 +99,10 @@ async fn a_misbehaving_distribution_plugin_fails_only_its_statement() {
             .unwrap_err();
         assert_eq!(code(&e), want, "{value}: {e:?}");
         assert!(
-            e.as_db_error().unwrap().message().contains("test-misbehave"),
+            e.as_db_error()
+                .unwrap()
+                .message()
+                .contains("test-misbehave"),
             "the error names the plugin: {e:?}"
         );
         // Nothing changed, the rows are where they were, other sessions go on.
@@ -107,7 +114,9 @@ async fn a_misbehaving_distribution_plugin_fails_only_its_statement() {
             .unwrap()
             .get(0);
         assert_eq!(n, 3);
-        let r = rows(&other, "SELECT count(*) FROM shardgate.pg_dist_partition").await.unwrap();
+        let r = rows(&other, "SELECT count(*) FROM shardgate.pg_dist_partition")
+            .await
+            .unwrap();
         assert_eq!(r[0][0].as_deref(), Some("1"));
         // Hashing one value through the admin function.
         let e = c
@@ -118,12 +127,18 @@ async fn a_misbehaving_distribution_plugin_fails_only_its_statement() {
             .unwrap_err();
         assert_eq!(code(&e), want, "{value}");
         // The same session carries on.
-        assert_eq!(rows(&c, "SELECT 1").await.unwrap()[0][0].as_deref(), Some("1"));
+        assert_eq!(
+            rows(&c, "SELECT 1").await.unwrap()[0][0].as_deref(),
+            Some("1")
+        );
     }
     // The plugin works for good values after all that.
-    rows(&c, "SELECT get_shard_id_for_distribution_column('good', 'k1')")
-        .await
-        .unwrap();
+    rows(
+        &c,
+        "SELECT get_shard_id_for_distribution_column('good', 'k1')",
+    )
+    .await
+    .unwrap();
     let metrics = reqwest_like_get(env.router.metrics_addr().unwrap()).await;
     for m in [
         "shardgate_plugin_timeouts_total{plugin=\"test-misbehave\"}",
@@ -144,7 +159,9 @@ async fn a_misbehaving_distribution_plugin_fails_only_its_statement() {
 async fn reqwest_like_get(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
@@ -179,7 +196,9 @@ async fn placement_swaps_while_tables_are_being_distributed() {
     while !tasks.iter().all(|t| t.is_finished()) {
         swaps += 1;
         std::fs::write(&file, rebuilt(builtin::PLACEMENT_DEFAULT, swaps)).unwrap();
-        let report = rows(&admin, "SELECT * FROM shardgate_reload_plugins()").await.unwrap();
+        let report = rows(&admin, "SELECT * FROM shardgate_reload_plugins()")
+            .await
+            .unwrap();
         let line = report
             .iter()
             .find(|r| r[0].as_deref() == Some("placement-default"))
@@ -188,7 +207,9 @@ async fn placement_swaps_while_tables_are_being_distributed() {
         tokio::time::sleep(std::time::Duration::from_millis(30)).await;
     }
     for t in tasks {
-        t.await.unwrap().expect("every create_distributed_table succeeds during swaps");
+        t.await
+            .unwrap()
+            .expect("every create_distributed_table succeeds during swaps");
     }
     assert!(swaps >= 2, "swapped during the load ({swaps})");
     // Every table is complete: 4 shards with one placement each, rows all moved.
@@ -227,9 +248,12 @@ async fn a_distribution_plugin_in_use_is_swapped_only_for_an_identical_function(
     let shard_of = |v: i64| {
         let c = &c;
         async move {
-            rows(c, &format!("SELECT get_shard_id_for_distribution_column('t', {v})"))
-                .await
-                .unwrap()[0][0]
+            rows(
+                c,
+                &format!("SELECT get_shard_id_for_distribution_column('t', {v})"),
+            )
+            .await
+            .unwrap()[0][0]
                 .clone()
                 .unwrap()
         }
@@ -237,8 +261,14 @@ async fn a_distribution_plugin_in_use_is_swapped_only_for_an_identical_function(
     let before: Vec<String> = futures_join((1..50).map(shard_of)).await;
 
     // A build that calls itself hash-citus but hashes differently: refused, kept old.
-    std::fs::copy(builtin::TEST_HASH_VARIANT_PATH, dir.path().join("hash_citus.wasm")).unwrap();
-    let report = rows(&c, "SELECT * FROM shardgate_reload_plugins()").await.unwrap();
+    std::fs::copy(
+        builtin::TEST_HASH_VARIANT_PATH,
+        dir.path().join("hash_citus.wasm"),
+    )
+    .unwrap();
+    let report = rows(&c, "SELECT * FROM shardgate_reload_plugins()")
+        .await
+        .unwrap();
     let line = report
         .iter()
         .find(|r| r[0].as_deref() == Some("hash-citus"))
@@ -251,8 +281,14 @@ async fn a_distribution_plugin_in_use_is_swapped_only_for_an_identical_function(
     assert_eq!(futures_join((1..50).map(shard_of)).await, before);
 
     // Another build of the same function: accepted.
-    std::fs::write(dir.path().join("hash_citus.wasm"), rebuilt(builtin::HASH_CITUS, 7)).unwrap();
-    let report = rows(&c, "SELECT * FROM shardgate_reload_plugins()").await.unwrap();
+    std::fs::write(
+        dir.path().join("hash_citus.wasm"),
+        rebuilt(builtin::HASH_CITUS, 7),
+    )
+    .unwrap();
+    let report = rows(&c, "SELECT * FROM shardgate_reload_plugins()")
+        .await
+        .unwrap();
     let line = report
         .iter()
         .find(|r| r[0].as_deref() == Some("hash-citus"))

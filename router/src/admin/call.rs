@@ -28,7 +28,12 @@ const FUNCS: &[(Func, &str, &[&str], usize)] = &[
         &["nodename", "nodeport", "groupid", "noderole", "nodecluster"],
         1,
     ),
-    (Func::RemoveNode, "citus_remove_node", &["nodename", "nodeport"], 2),
+    (
+        Func::RemoveNode,
+        "citus_remove_node",
+        &["nodename", "nodeport"],
+        2,
+    ),
     (
         Func::SetCoordinatorHost,
         "citus_set_coordinator_host",
@@ -48,7 +53,12 @@ const FUNCS: &[(Func, &str, &[&str], usize)] = &[
         ],
         2,
     ),
-    (Func::CreateReferenceTable, "create_reference_table", &["table_name"], 1),
+    (
+        Func::CreateReferenceTable,
+        "create_reference_table",
+        &["table_name"],
+        1,
+    ),
     (
         Func::UndistributeTable,
         "undistribute_table",
@@ -209,12 +219,24 @@ pub fn placeholder_types(statements: &[Statement]) -> Vec<u32> {
                 name,
                 arg: FunctionArgExpr::Expr(e),
                 ..
-            } => (params.iter().copied().find(|p| *p == name.value.to_lowercase()), e),
+            } => (
+                params
+                    .iter()
+                    .copied()
+                    .find(|p| *p == name.value.to_lowercase()),
+                e,
+            ),
             FunctionArg::ExprNamed {
                 name: Expr::Identifier(name),
                 arg: FunctionArgExpr::Expr(e),
                 ..
-            } => (params.iter().copied().find(|p| *p == name.value.to_lowercase()), e),
+            } => (
+                params
+                    .iter()
+                    .copied()
+                    .find(|p| *p == name.value.to_lowercase()),
+                e,
+            ),
             _ => continue,
         };
         let mut e = e;
@@ -372,18 +394,26 @@ mod tests {
     fn recognises_calls() {
         assert!(may_be_call("SELECT create_distributed_table('t', 'id')"));
         assert!(may_be_call("select CITUS_add_node('h', 1)"));
-        assert!(!may_be_call("SELECT abalance FROM pgbench_accounts WHERE aid = 1"));
-        let c = call("SELECT create_distributed_table('t', 'id', shard_count => 8, colocate_with => 'none')")
-            .unwrap()
-            .unwrap();
+        assert!(!may_be_call(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+        ));
+        let c = call(
+            "SELECT create_distributed_table('t', 'id', shard_count => 8, colocate_with => 'none')",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(c.func, Func::CreateDistributedTable);
         assert_eq!(c.arg("table_name"), Some("t"));
         assert_eq!(c.arg("shard_count"), Some("8"));
         assert_eq!(c.arg("colocate_with"), Some("none"));
         assert_eq!(c.arg("distribution_plugin"), None);
-        let c = call("SELECT * FROM shardgate_reload_plugins()").unwrap().unwrap();
+        let c = call("SELECT * FROM shardgate_reload_plugins()")
+            .unwrap()
+            .unwrap();
         assert_eq!(c.func, Func::ReloadPlugins);
-        let c = call("SELECT pg_catalog.citus_add_node('h', 5433) AS id").unwrap().unwrap();
+        let c = call("SELECT pg_catalog.citus_add_node('h', 5433) AS id")
+            .unwrap()
+            .unwrap();
         assert_eq!((c.column.as_str(), c.arg("nodeport")), ("id", Some("5433")));
         assert!(call("SELECT create_table_x(1)").unwrap().is_none());
         assert!(call("SELECT 1").unwrap().is_none());

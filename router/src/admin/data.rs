@@ -225,7 +225,12 @@ pub async fn copy_back(
     dest: &str,
     columns: &str,
 ) -> Result<u64, AdminError> {
-    let mut d = open_sink(coord, "coordinator", &format!("COPY {dest} ({columns}) FROM STDIN")).await?;
+    let mut d = open_sink(
+        coord,
+        "coordinator",
+        &format!("COPY {dest} ({columns}) FROM STDIN"),
+    )
+    .await?;
     let out = from
         .copy_out(&format!("COPY (SELECT {columns} FROM {source}) TO STDOUT"))
         .await
@@ -252,7 +257,9 @@ pub fn decode_key(field: &[u8], t: ValueType, column: &str) -> Result<Value, Adm
 
 /// A value given as text (a literal, an admin function's argument) -> the plugin's value.
 pub fn parse_value(text: &str, t: ValueType) -> Result<Value, AdminError> {
-    let bad = |ty: &str| AdminError::InvalidText(format!("invalid input syntax for type {ty}: \"{text}\""));
+    let bad = |ty: &str| {
+        AdminError::InvalidText(format!("invalid input syntax for type {ty}: \"{text}\""))
+    };
     let s = text.trim();
     Ok(match t {
         ValueType::Int2 => Value::Int2(s.parse().map_err(|_| bad("smallint"))?),
@@ -356,12 +363,18 @@ mod tests {
 
     #[test]
     fn parses_values() {
-        assert!(matches!(parse_value("42", ValueType::Int8), Ok(Value::Int8(42))));
+        assert!(matches!(
+            parse_value("42", ValueType::Int8),
+            Ok(Value::Int8(42))
+        ));
         assert!(parse_value("x", ValueType::Int4).is_err());
         assert!(matches!(
             parse_value("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", ValueType::Uuid),
             Ok(Value::Uuid(b)) if b.len() == 16 && b[0] == 0xa0
         ));
-        assert!(matches!(decode_key(b"\\N", ValueType::Int4, "id"), Err(AdminError::NullValue(_))));
+        assert!(matches!(
+            decode_key(b"\\N", ValueType::Int4, "id"),
+            Err(AdminError::NullValue(_))
+        ));
     }
 }

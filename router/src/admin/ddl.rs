@@ -152,7 +152,9 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                 else {
                     continue;
                 };
-                let Some(t) = snap.tables.get(&table) else { continue };
+                let Some(t) = snap.tables.get(&table) else {
+                    continue;
+                };
                 for s in &t.shards {
                     for g in &s.placements {
                         shard_sql.push((
@@ -188,7 +190,8 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                 let t = &targets[0];
                 if ci.concurrently {
                     return Err(AdminError::NotSupported(
-                        "CREATE INDEX CONCURRENTLY on a distributed table is not supported yet".into(),
+                        "CREATE INDEX CONCURRENTLY on a distributed table is not supported yet"
+                            .into(),
                     ));
                 }
                 if ci.unique && t.method == Method::Hash {
@@ -296,7 +299,9 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                 }
                 coord.batch_execute(&d.sql).await.map_err(db)?;
             }
-            Statement::Truncate { cascade, identity, .. } => {
+            Statement::Truncate {
+                cascade, identity, ..
+            } => {
                 coord.batch_execute(&d.sql).await.map_err(db)?;
                 for t in &targets {
                     for s in &t.shards {
@@ -349,10 +354,11 @@ async fn propagate(
     let nodes = groups
         .iter()
         .map(|g| {
-            snap.node_by_group(*g).ok_or_else(|| AdminError::Prerequisite {
-                message: format!("no primary node in group {g}"),
-                hint: None,
-            })
+            snap.node_by_group(*g)
+                .ok_or_else(|| AdminError::Prerequisite {
+                    message: format!("no primary node in group {g}"),
+                    hint: None,
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let f = Fleet::open(a.login_ref(), &a.database, &nodes).await?;
@@ -454,8 +460,8 @@ fn rename_in_op(
                     crate::catalog::shard_name(generated.unwrap_or("constraint"), shard_id),
                 ),
             };
-            if let TableConstraint::PrimaryKey { columns, .. } | TableConstraint::Unique { columns, .. } =
-                &*constraint
+            if let TableConstraint::PrimaryKey { columns, .. }
+            | TableConstraint::Unique { columns, .. } = &*constraint
                 && me.method == Method::Hash
             {
                 let col = me.column.clone().unwrap_or_default();
@@ -535,14 +541,13 @@ async fn index_names(c: &tokio_postgres::Client, oid: u32) -> Result<Vec<String>
 }
 
 async fn constraint_names(c: &tokio_postgres::Client, oid: u32) -> Result<Vec<String>, AdminError> {
-    Ok(c
-        .query(
-            "SELECT conname::text FROM pg_constraint WHERE conrelid = $1",
-            &[&oid],
-        )
-        .await
-        .map_err(db)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+    Ok(c.query(
+        "SELECT conname::text FROM pg_constraint WHERE conrelid = $1",
+        &[&oid],
+    )
+    .await
+    .map_err(db)?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
 }

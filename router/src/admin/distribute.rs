@@ -51,10 +51,11 @@ fn nodes_of<'s>(snap: &'s Snapshot, groups: &[i32]) -> Result<Vec<&'s NodeRow>, 
     groups
         .iter()
         .map(|g| {
-            snap.node_by_group(*g).ok_or_else(|| AdminError::Prerequisite {
-                message: format!("no primary node in group {g}"),
-                hint: None,
-            })
+            snap.node_by_group(*g)
+                .ok_or_else(|| AdminError::Prerequisite {
+                    message: format!("no primary node in group {g}"),
+                    hint: None,
+                })
         })
         .collect()
 }
@@ -94,7 +95,9 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
     let plugin_name = call.arg("distribution_plugin").unwrap_or("hash-citus");
     let plugins = a.server.plugins.current();
     let plugin = plugins.distribution(plugin_name).ok_or_else(|| {
-        AdminError::UndefinedObject(format!("distribution plugin \"{plugin_name}\" is not loaded"))
+        AdminError::UndefinedObject(format!(
+            "distribution plugin \"{plugin_name}\" is not loaded"
+        ))
     })?;
     let placement = plugins
         .placement(&a.server.config.placement_plugin)
@@ -117,10 +120,15 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
         }
         // Writers wait until the rows are in the shards; readers go on.
         coord
-            .batch_execute(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", qualified(&schema, &rel)))
+            .batch_execute(&format!(
+                "LOCK TABLE {} IN EXCLUSIVE MODE",
+                qualified(&schema, &rel)
+            ))
             .await
             .map_err(db)?;
-        let shape = TableShape::read(&coord, oid, &schema, &rel).await.map_err(db)?;
+        let shape = TableShape::read(&coord, oid, &schema, &rel)
+            .await
+            .map_err(db)?;
         let col = shape
             .column(column)
             .ok_or_else(|| AdminError::UndefinedColumn {
@@ -159,9 +167,11 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
                     .map_err(db)?
                     .map(|(o, s, r, _)| (o, s, r))
                     .ok_or_else(|| AdminError::UndefinedTable(colocate_with.clone()))?;
-                let cannot = |detail: String| AdminError::InvalidParameter(format!(
-                    "cannot colocate tables {rel} and {other}: {detail}"
-                ));
+                let cannot = |detail: String| {
+                    AdminError::InvalidParameter(format!(
+                        "cannot colocate tables {rel} and {other}: {detail}"
+                    ))
+                };
                 let t = snap
                     .tables
                     .get(&other_oid)
@@ -234,7 +244,13 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
                            (colocationid, shardcount, replicationfactor, distributioncolumntype,
                             distributioncolumncollation, distplugin, distpluginhash)
                          VALUES ($1, $2, 1, $3, 0, $4, $5)",
-                        &[&id, &requested, &col.type_oid, &plugin_name, &plugin.content_hash()],
+                        &[
+                            &id,
+                            &requested,
+                            &col.type_oid,
+                            &plugin_name,
+                            &plugin.content_hash(),
+                        ],
                     )
                     .await
                     .map_err(db)?;
@@ -243,7 +259,10 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
         };
         if placements.len() != count as usize {
             return Err(AdminError::Prerequisite {
-                message: format!("colocation group {colocation_id} has {} shards, expected {count}", placements.len()),
+                message: format!(
+                    "colocation group {colocation_id} has {} shards, expected {count}",
+                    placements.len()
+                ),
                 hint: None,
             });
         }
@@ -279,7 +298,10 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
         }
         let has_rows: bool = coord
             .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM ONLY {})", qualified(&schema, &rel)),
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM ONLY {})",
+                    qualified(&schema, &rel)
+                ),
                 &[],
             )
             .await
@@ -400,10 +422,15 @@ pub async fn create_reference_table(a: &AdminCtx<'_>, call: &Call) -> Result<Rep
             });
         }
         coord
-            .batch_execute(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", qualified(&schema, &rel)))
+            .batch_execute(&format!(
+                "LOCK TABLE {} IN EXCLUSIVE MODE",
+                qualified(&schema, &rel)
+            ))
             .await
             .map_err(db)?;
-        let shape = TableShape::read(&coord, oid, &schema, &rel).await.map_err(db)?;
+        let shape = TableShape::read(&coord, oid, &schema, &rel)
+            .await
+            .map_err(db)?;
         let nodes = reference_nodes(&snap);
         if nodes.is_empty() {
             return Err(no_workers());
@@ -492,10 +519,15 @@ pub async fn undistribute_table(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, 
             )));
         };
         coord
-            .batch_execute(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", qualified(&schema, &rel)))
+            .batch_execute(&format!(
+                "LOCK TABLE {} IN EXCLUSIVE MODE",
+                qualified(&schema, &rel)
+            ))
             .await
             .map_err(db)?;
-        let shape = TableShape::read(&coord, oid, &schema, &rel).await.map_err(db)?;
+        let shape = TableShape::read(&coord, oid, &schema, &rel)
+            .await
+            .map_err(db)?;
         let groups = distinct(meta.shards.iter().flat_map(|s| s.placements.clone()));
         let f = Fleet::open(a.login_ref(), &a.database, &nodes_of(&snap, &groups)?).await?;
         let fleet = fleet.insert(f);
@@ -506,10 +538,13 @@ pub async fn undistribute_table(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, 
             Method::Hash => meta.shards.iter().collect(),
         };
         for s in shards {
-            let g = *s.placements.first().ok_or_else(|| AdminError::Prerequisite {
-                message: format!("shard {} has no placement", s.id),
-                hint: None,
-            })?;
+            let g = *s
+                .placements
+                .first()
+                .ok_or_else(|| AdminError::Prerequisite {
+                    message: format!("shard {} has no placement", s.id),
+                    hint: None,
+                })?;
             let n = fleet.node(g).expect("fleet holds every group");
             data::copy_back(
                 &n.client,
@@ -550,7 +585,11 @@ pub async fn undistribute_table(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, 
 
 /// Removes a table's rows from the catalog (and its colocation group when it was the
 /// last member).
-pub async fn delete_metadata(coord: &Client, oid: u32, colocation_id: i32) -> Result<(), AdminError> {
+pub async fn delete_metadata(
+    coord: &Client,
+    oid: u32,
+    colocation_id: i32,
+) -> Result<(), AdminError> {
     coord
         .execute(
             "DELETE FROM shardgate.pg_dist_shard WHERE logicalrelid = $1::oid::regclass",
@@ -602,7 +641,9 @@ pub async fn get_shard_id(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminE
             let pname = meta.plugin.as_deref().unwrap_or("hash-citus");
             let plugins = a.server.plugins.current();
             let plugin = plugins.distribution(pname).ok_or_else(|| {
-                AdminError::UndefinedObject(format!("distribution plugin \"{pname}\" is not loaded"))
+                AdminError::UndefinedObject(format!(
+                    "distribution plugin \"{pname}\" is not loaded"
+                ))
             })?;
             let idx = plugin.shard_index(&value, meta.shards.len() as u32)? as i32;
             meta.shards.iter().find(|s| s.index == idx).map(|s| s.id)

@@ -113,7 +113,9 @@ impl Fleet {
                                     "node {} cannot prepare transactions, which changes that span nodes need",
                                     n.addr
                                 ),
-                                hint: Some("set max_prepared_transactions above 0 on every node".into()),
+                                hint: Some(
+                                    "set max_prepared_transactions above 0 on every node".into(),
+                                ),
                             }
                         }
                         e => e,

@@ -166,7 +166,9 @@ impl AdminCtx<'_> {
                 Func::AddNode => nodes::add_node(self, &c).await,
                 Func::RemoveNode => nodes::remove_node(self, &c).await,
                 Func::SetCoordinatorHost => nodes::set_coordinator_host(self, &c).await,
-                Func::CreateDistributedTable => distribute::create_distributed_table(self, &c).await,
+                Func::CreateDistributedTable => {
+                    distribute::create_distributed_table(self, &c).await
+                }
                 Func::CreateReferenceTable => distribute::create_reference_table(self, &c).await,
                 Func::UndistributeTable => distribute::undistribute_table(self, &c).await,
                 Func::GetShardId => distribute::get_shard_id(self, &c).await,
@@ -460,8 +462,7 @@ pub fn touches_distributed<'s>(snap: &'s Snapshot, sql: &str) -> Option<&'s str>
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
                     i += 1;
                 }
-                if i < b.len() && b[i] == b'$' && !b[start + 1..i].iter().any(u8::is_ascii_digit)
-                {
+                if i < b.len() && b[i] == b'$' && !b[start + 1..i].iter().any(u8::is_ascii_digit) {
                     let tag = &sql[start..=i];
                     i += 1;
                     match sql[i..].find(tag) {
@@ -473,7 +474,10 @@ pub fn touches_distributed<'s>(snap: &'s Snapshot, sql: &str) -> Option<&'s str>
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
                 while i < b.len()
-                    && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
                 {
                     i += 1;
                 }
@@ -504,15 +508,42 @@ mod tests {
         let mut snap = Snapshot::default();
         snap.names.insert("orders".into(), vec![1]);
         snap.names.insert("Mixed".into(), vec![2]);
-        assert_eq!(touches_distributed(&snap, "SELECT * FROM orders WHERE id = 1"), Some("orders"));
-        assert_eq!(touches_distributed(&snap, "select * from public.ORDERS"), Some("orders"));
-        assert_eq!(touches_distributed(&snap, "SELECT * FROM \"Mixed\""), Some("Mixed"));
+        assert_eq!(
+            touches_distributed(&snap, "SELECT * FROM orders WHERE id = 1"),
+            Some("orders")
+        );
+        assert_eq!(
+            touches_distributed(&snap, "select * from public.ORDERS"),
+            Some("orders")
+        );
+        assert_eq!(
+            touches_distributed(&snap, "SELECT * FROM \"Mixed\""),
+            Some("Mixed")
+        );
         assert_eq!(touches_distributed(&snap, "SELECT * FROM mixed"), None);
-        assert_eq!(touches_distributed(&snap, "SELECT 'orders', $x$ orders $x$ -- orders"), None);
-        assert_eq!(touches_distributed(&snap, "SELECT * FROM orders_archive /* orders */"), None);
-        assert_eq!(touches_distributed(&snap, "SELECT $1::int FROM orders"), Some("orders"));
-        assert_eq!(touches_distributed(&snap, "SELECT 'it''s' || x FROM t"), None);
-        assert_eq!(touches_distributed(&snap, "SELECT E'\\'' AS q, count(*) FROM orders"), Some("orders"));
-        assert_eq!(touches_distributed(&snap, "SELECT e'\\\\' FROM orders"), Some("orders"));
+        assert_eq!(
+            touches_distributed(&snap, "SELECT 'orders', $x$ orders $x$ -- orders"),
+            None
+        );
+        assert_eq!(
+            touches_distributed(&snap, "SELECT * FROM orders_archive /* orders */"),
+            None
+        );
+        assert_eq!(
+            touches_distributed(&snap, "SELECT $1::int FROM orders"),
+            Some("orders")
+        );
+        assert_eq!(
+            touches_distributed(&snap, "SELECT 'it''s' || x FROM t"),
+            None
+        );
+        assert_eq!(
+            touches_distributed(&snap, "SELECT E'\\'' AS q, count(*) FROM orders"),
+            Some("orders")
+        );
+        assert_eq!(
+            touches_distributed(&snap, "SELECT e'\\\\' FROM orders"),
+            Some("orders")
+        );
     }
 }

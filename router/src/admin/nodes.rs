@@ -41,11 +41,7 @@ pub async fn add_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminError
         })?,
     };
     let (coord, snap) = a.begin().await?;
-    if let Some(n) = snap
-        .nodes
-        .iter()
-        .find(|n| n.name == host && n.port == port)
-    {
+    if let Some(n) = snap.nodes.iter().find(|n| n.name == host && n.port == port) {
         let id = n.node_id;
         let _ = coord.batch_execute("ROLLBACK").await;
         return Ok(Reply::value(&call.column, 23, id.to_string()));
@@ -116,7 +112,10 @@ pub async fn add_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminError
                 .iter()
                 .find_map(|g| snap.node_by_group(*g))
                 .ok_or_else(|| AdminError::Prerequisite {
-                    message: format!("reference table \"{}\" has no placement to copy from", t.name),
+                    message: format!(
+                        "reference table \"{}\" has no placement to copy from",
+                        t.name
+                    ),
                     hint: None,
                 })?;
             let from = connect_node(a.login_ref(), &src.name, src.port as u16, &a.database)
@@ -201,7 +200,9 @@ pub async fn remove_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminEr
                 Ok(f) => {
                     let fleet = fleet.insert(f);
                     for (name, _) in &refs {
-                        fleet.exec(group, &format!("DROP TABLE IF EXISTS {name}")).await?;
+                        fleet
+                            .exec(group, &format!("DROP TABLE IF EXISTS {name}"))
+                            .await?;
                     }
                 }
                 Err(e) => {

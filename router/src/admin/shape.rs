@@ -93,7 +93,8 @@ impl TableShape {
             .query_one("SELECT current_setting('search_path')", &[])
             .await?
             .get(0);
-        c.batch_execute("SET LOCAL search_path = pg_catalog").await?;
+        c.batch_execute("SET LOCAL search_path = pg_catalog")
+            .await?;
         let shape = Self::read_qualified(c, oid, schema, name).await;
         c.execute("SELECT set_config('search_path', $1, true)", &[&saved])
             .await?;
@@ -295,7 +296,10 @@ impl TableShape {
         snap: &Snapshot,
     ) -> Result<(Vec<String>, Vec<String>), AdminError> {
         let mut fks = Vec::new();
-        let shard = qualified(&self.schema, &crate::catalog::shard_name(&self.name, shard_id));
+        let shard = qualified(
+            &self.schema,
+            &crate::catalog::shard_name(&self.name, shard_id),
+        );
         let mut out = self.types.clone();
         out.push(format!(
             "CREATE SCHEMA IF NOT EXISTS {}",
@@ -310,7 +314,9 @@ impl TableShape {
                     s.push_str(&format!(" COLLATE {coll}"));
                 }
                 match &c.default {
-                    Some(d) if c.generated => s.push_str(&format!(" GENERATED ALWAYS AS ({d}) STORED")),
+                    Some(d) if c.generated => {
+                        s.push_str(&format!(" GENERATED ALWAYS AS ({d}) STORED"))
+                    }
                     Some(d) if !d.contains("nextval(") => s.push_str(&format!(" DEFAULT {d}")),
                     _ => {}
                 }
@@ -328,7 +334,10 @@ impl TableShape {
                     let def = fk_to_shard(&k.def, target, meta, shard_index, snap)?;
                     fks.push(format!("ALTER TABLE {shard} ADD CONSTRAINT {name} {def}"));
                 }
-                None => out.push(format!("ALTER TABLE {shard} ADD CONSTRAINT {name} {}", k.def)),
+                None => out.push(format!(
+                    "ALTER TABLE {shard} ADD CONSTRAINT {name} {}",
+                    k.def
+                )),
             }
         }
         for i in &self.indexes {
@@ -382,13 +391,19 @@ fn index_on_shard(i: &Index, shard: &str, shard_id: i64) -> Result<String, Admin
     let on = i.def.find(" ON ").ok_or_else(|| {
         AdminError::NotSupported(format!("cannot copy index \"{}\" to the shards", i.name))
     })?;
-    let using = on + i.def[on..].find(" USING ").ok_or_else(|| {
-        AdminError::NotSupported(format!("cannot copy index \"{}\" to the shards", i.name))
-    })?;
+    let using = on
+        + i.def[on..].find(" USING ").ok_or_else(|| {
+            AdminError::NotSupported(format!("cannot copy index \"{}\" to the shards", i.name))
+        })?;
     let head = &i.def[..on];
     let head = head
         .strip_suffix(&i.quoted_name)
-        .map(|h| format!("{h}{}", quote_ident(&crate::catalog::shard_name(&i.name, shard_id))))
+        .map(|h| {
+            format!(
+                "{h}{}",
+                quote_ident(&crate::catalog::shard_name(&i.name, shard_id))
+            )
+        })
         .ok_or_else(|| {
             AdminError::NotSupported(format!("cannot copy index \"{}\" to the shards", i.name))
         })?;

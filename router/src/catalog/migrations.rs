@@ -8,7 +8,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
         "citus-compatible metadata tables",
-    r#"
+        r#"
 CREATE TABLE shardgate.catalog_state (
     id boolean PRIMARY KEY DEFAULT true CHECK (id),
     version bigint NOT NULL

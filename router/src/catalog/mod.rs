@@ -98,7 +98,10 @@ impl Catalog {
                 r = self.follow(&mut seed, &stop) => r,
             };
             if let Err(e) = r {
-                let detail = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+                let detail = e
+                    .as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_default();
                 tracing::warn!(error = %e, detail, database = %self.database, "catalog connection failed; retrying");
             }
             // A start waiting for the first load learns that it failed.

@@ -316,12 +316,15 @@ impl Config {
             None => users[0].name.clone(),
         };
         if raw.catalog.database.is_empty() {
-            return Err(ConfigError::Invalid("catalog.database must not be empty".into()));
+            return Err(ConfigError::Invalid(
+                "catalog.database must not be empty".into(),
+            ));
         }
         let p = raw.plugins;
         if p.call_timeout_ms == 0 || p.memory_bytes < (1 << 20) {
             return Err(ConfigError::Invalid(
-                "plugins.call_timeout_ms must be > 0 and plugins.memory_bytes at least 1 MiB".into(),
+                "plugins.call_timeout_ms must be > 0 and plugins.memory_bytes at least 1 MiB"
+                    .into(),
             ));
         }
         Ok(Config {

@@ -147,7 +147,9 @@ impl<P: Instantiate> InstancePool<P> {
         }
         let detail = format!("{e:#}");
         // StoreLimits with trap_on_grow_failure: "forcing trap when growing memory".
-        if detail.contains("growing memory") || (detail.contains("memory") && detail.contains("limit")) {
+        if detail.contains("growing memory")
+            || (detail.contains("memory") && detail.contains("limit"))
+        {
             PluginError::OutOfMemory {
                 name,
                 limit_bytes: self.limits.memory_bytes,

@@ -61,7 +61,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ),
             Some(Err(e)) => e.to_string(),
         };
-        self.raise_on_backend(crate::error::sqlstate::FEATURE_NOT_SUPPORTED.code(), &message);
+        self.raise_on_backend(
+            crate::error::sqlstate::FEATURE_NOT_SUPPORTED.code(),
+            &message,
+        );
         true
     }
 
@@ -111,7 +114,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Err(e) = self.ensure_lease().await {
             return self.refuse_request(e);
         }
-        let code = u.raw_code.clone().unwrap_or_else(|| u.code.code().to_owned());
+        let code = u
+            .raw_code
+            .clone()
+            .unwrap_or_else(|| u.code.code().to_owned());
         protocol::encode_simple_query(&mut self.bout, &raise_sql(&code, &u.message));
         self.expect.push_back(Expect::Query {
             tracked: None,
@@ -130,7 +136,12 @@ fn encode_reply(out: &mut BytesMut, r: &Reply) {
         encode_error_fields(
             out,
             btag::NOTICE_RESPONSE,
-            &[(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', "00000"), (b'M', n)],
+            &[
+                (b'S', "NOTICE"),
+                (b'V', "NOTICE"),
+                (b'C', "00000"),
+                (b'M', n),
+            ],
         );
     }
     if !r.columns.is_empty() {

@@ -90,7 +90,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Answers a batch of admin messages (and its Sync) when `admin_batch` says so.
-    pub(super) async fn try_admin_batch(&mut self, end: Option<&Frame>) -> Result<bool, RouterError> {
+    pub(super) async fn try_admin_batch(
+        &mut self,
+        end: Option<&Frame>,
+    ) -> Result<bool, RouterError> {
         if !self.admin_batch(end) {
             return Ok(false);
         }
@@ -174,7 +177,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .get(b.statement)
                     .cloned()
                     .ok_or_else(|| bad("Bind"))?;
-                let (params, formats) = decode_bind_values(b.rest, &stmt.types).ok_or_else(|| bad("Bind"))?;
+                let (params, formats) =
+                    decode_bind_values(b.rest, &stmt.types).ok_or_else(|| bad("Bind"))?;
                 self.admin_portals.insert(
                     Bytes::copy_from_slice(b.portal),
                     AdminPortal {
@@ -187,7 +191,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.out.put_i32(4);
             }
             tag::DESCRIBE => {
-                let (kind, name) = protocol::decode_target(f.body()).map_err(|_| bad("Describe"))?;
+                let (kind, name) =
+                    protocol::decode_target(f.body()).map_err(|_| bad("Describe"))?;
                 let (sql, params, formats) = if kind == b'S' {
                     let s = self.admin_stmts.get(name).ok_or_else(|| bad("Describe"))?;
                     // ParameterDescription
@@ -199,7 +204,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     frame(&mut self.out, btag::PARAMETER_DESCRIPTION, &body);
                     (s.sql.clone(), vec![None; s.types.len()], Vec::new())
                 } else {
-                    let p = self.admin_portals.get(name).ok_or_else(|| bad("Describe"))?;
+                    let p = self
+                        .admin_portals
+                        .get(name)
+                        .ok_or_else(|| bad("Describe"))?;
                     (p.sql.clone(), p.params.clone(), p.formats.clone())
                 };
                 let columns = self.admin_request(&sql, &params)?.columns();
@@ -213,7 +221,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tag::EXECUTE => {
                 let body = f.body();
                 let name = &body[..body.iter().position(|&b| b == 0).unwrap_or(0)];
-                let p = self.admin_portals.remove(name).ok_or_else(|| bad("Execute"))?;
+                let p = self
+                    .admin_portals
+                    .remove(name)
+                    .ok_or_else(|| bad("Execute"))?;
                 let req = self.admin_request(&p.sql, &p.params)?;
                 let columns = req.columns();
                 let reply = self.run_admin_request(req).await?;
@@ -259,7 +270,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let start = std::time::Instant::now();
         let what = req.describe();
         let result = actx.execute(req).await;
-        tracing::info!(what, ok = result.is_ok(), ms = start.elapsed().as_millis() as u64, "admin request");
+        tracing::info!(
+            what,
+            ok = result.is_ok(),
+            ms = start.elapsed().as_millis() as u64,
+            "admin request"
+        );
         result
     }
 }
@@ -351,7 +367,12 @@ fn encode_rows(out: &mut BytesMut, reply: &Reply, columns: &[(String, u32)], for
         protocol::encode_error_fields(
             out,
             btag::NOTICE_RESPONSE,
-            &[(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', "00000"), (b'M', n)],
+            &[
+                (b'S', "NOTICE"),
+                (b'V', "NOTICE"),
+                (b'C', "00000"),
+                (b'M', n),
+            ],
         );
     }
     for row in &reply.rows {

@@ -227,7 +227,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     break;
                 };
                 match frame.tag {
-                    tag::QUERY if !self.copy_in && let Some(req) = self.intercept(&frame) => {
+                    tag::QUERY
+                        if !self.copy_in
+                            && let Some(req) = self.intercept(&frame) =>
+                    {
                         self.send_batch(None).await?;
                         self.pending_admin = Some(req);
                         must_pump = true;
