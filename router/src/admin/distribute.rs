@@ -18,6 +18,16 @@ fn db(e: tokio_postgres::Error) -> AdminError {
     AdminError::on("coordinator", e)
 }
 
+/// The next value of one of the catalog's sequences.
+pub(super) async fn nextval(c: &Client, sequence: &str) -> Result<i64, AdminError> {
+    Ok(
+        c.query_one(&format!("SELECT nextval('shardgate.{sequence}')"), &[])
+            .await
+            .map_err(db)?
+            .get(0),
+    )
+}
+
 /// Resolves the table argument to a plain table on the coordinator.
 async fn table_arg(c: &Client, name: &str) -> Result<(u32, String, String), AdminError> {
     let (oid, schema, rel, kind) = resolve(c, name)
@@ -220,11 +230,7 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
                 )
             }
             None => {
-                let id: i64 = coord
-                    .query_one("SELECT nextval('shardgate.pg_dist_colocationid_seq')", &[])
-                    .await
-                    .map_err(db)?
-                    .get(0);
+                let id = nextval(&coord, "pg_dist_colocationid_seq").await?;
                 let id = id as i32;
                 let pnodes: Vec<crate::plugin::PlacementNode> = nodes
                     .iter()
@@ -443,11 +449,7 @@ pub async fn create_reference_table(a: &AdminCtx<'_>, call: &Call) -> Result<Rep
         {
             Some(g) => g.id,
             None => {
-                let id: i64 = coord
-                    .query_one("SELECT nextval('shardgate.pg_dist_colocationid_seq')", &[])
-                    .await
-                    .map_err(db)?
-                    .get(0);
+                let id = nextval(&coord, "pg_dist_colocationid_seq").await?;
                 coord
                     .execute(
                         "INSERT INTO shardgate.pg_dist_colocation
@@ -460,11 +462,7 @@ pub async fn create_reference_table(a: &AdminCtx<'_>, call: &Call) -> Result<Rep
                 id as i32
             }
         };
-        let id: i64 = coord
-            .query_one("SELECT nextval('shardgate.pg_dist_shardid_seq')", &[])
-            .await
-            .map_err(db)?
-            .get(0);
+        let id = nextval(&coord, "pg_dist_shardid_seq").await?;
         let groups: Vec<i32> = nodes.iter().map(|n| n.group_id).collect();
         let f = Fleet::open(a.login_ref(), &a.database, &nodes).await?;
         let fleet = fleet.insert(f);

@@ -48,11 +48,7 @@ pub async fn add_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminError
     }
     let result = in_change!(a, coord, fleet, {
         let group = if groupid < 0 {
-            let g: i64 = coord
-                .query_one("SELECT nextval('shardgate.pg_dist_groupid_seq')", &[])
-                .await
-                .map_err(db)?
-                .get(0);
+            let g = super::distribute::nextval(&coord, "pg_dist_groupid_seq").await?;
             g as i32
         } else {
             if snap.node_by_group(groupid).is_some() {

@@ -6,8 +6,8 @@ use super::{Expect, Session, raise_sql};
 use crate::admin::{AdminError, Reply, Request, classify};
 use crate::catalog::Snapshot;
 use crate::error::RouterError;
-use crate::protocol::{self, Frame, TxnStatus, btag, encode_error_fields};
-use bytes::{BufMut, BytesMut};
+use crate::protocol::{self, Frame, TxnStatus};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The catalog of databases that hold no distributed tables.
@@ -130,57 +130,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
-/// NoticeResponses, RowDescription, DataRows, CommandComplete.
+/// NoticeResponses, RowDescription, DataRows, CommandComplete (text format).
 fn encode_reply(out: &mut BytesMut, r: &Reply) {
-    for n in &r.notices {
-        encode_error_fields(
-            out,
-            btag::NOTICE_RESPONSE,
-            &[
-                (b'S', "NOTICE"),
-                (b'V', "NOTICE"),
-                (b'C', "00000"),
-                (b'M', n),
-            ],
-        );
-    }
+    super::admin_ext::encode_notices(out, r);
     if !r.columns.is_empty() {
-        let mut body = BytesMut::new();
-        body.put_i16(r.columns.len() as i16);
-        for (name, oid) in &r.columns {
-            body.put_slice(name.as_bytes());
-            body.put_u8(0);
-            body.put_u32(0); // table oid
-            body.put_i16(0); // column number
-            body.put_u32(*oid);
-            body.put_i16(-1); // type size
-            body.put_i32(-1); // type modifier
-            body.put_i16(0); // text format
-        }
-        frame(out, btag::ROW_DESCRIPTION, &body);
-        for row in &r.rows {
-            let mut body = BytesMut::new();
-            body.put_i16(row.len() as i16);
-            for v in row {
-                match v {
-                    None => body.put_i32(-1),
-                    Some(s) => {
-                        body.put_i32(s.len() as i32);
-                        body.put_slice(s.as_bytes());
-                    }
-                }
-            }
-            frame(out, btag::DATA_ROW, &body);
-        }
+        super::admin_ext::encode_row_description(out, &r.columns, &[]);
     }
-    let mut body = BytesMut::new();
-    body.put_slice(r.tag.as_bytes());
-    body.put_u8(0);
-    frame(out, btag::COMMAND_COMPLETE, &body);
-}
-
-fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
-    out.put_u8(tag);
-    out.put_i32((body.len() + 4) as i32);
-    out.put_slice(body);
+    super::admin_ext::encode_rows(out, r, &r.columns, &[]);
 }

@@ -228,6 +228,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let req = self.admin_request(&p.sql, &p.params)?;
                 let columns = req.columns();
                 let reply = self.run_admin_request(req).await?;
+                encode_notices(&mut self.out, &reply);
                 encode_rows(&mut self.out, &reply, &columns, &p.formats);
             }
             tag::CLOSE => {
@@ -340,7 +341,11 @@ fn format_of(formats: &[i16], i: usize) -> i16 {
     }
 }
 
-fn encode_row_description(out: &mut BytesMut, columns: &[(String, u32)], formats: &[i16]) {
+pub(super) fn encode_row_description(
+    out: &mut BytesMut,
+    columns: &[(String, u32)],
+    formats: &[i16],
+) {
     let mut body = BytesMut::new();
     body.put_i16(columns.len() as i16);
     for (i, (name, oid)) in columns.iter().enumerate() {
@@ -361,8 +366,7 @@ fn encode_row_description(out: &mut BytesMut, columns: &[(String, u32)], formats
     frame(out, btag::ROW_DESCRIPTION, &body);
 }
 
-/// DataRows (text or binary, as asked) and CommandComplete.
-fn encode_rows(out: &mut BytesMut, reply: &Reply, columns: &[(String, u32)], formats: &[i16]) {
+pub(super) fn encode_notices(out: &mut BytesMut, reply: &Reply) {
     for n in &reply.notices {
         protocol::encode_error_fields(
             out,
@@ -375,6 +379,15 @@ fn encode_rows(out: &mut BytesMut, reply: &Reply, columns: &[(String, u32)], for
             ],
         );
     }
+}
+
+/// DataRows (text or binary, as asked) and CommandComplete.
+pub(super) fn encode_rows(
+    out: &mut BytesMut,
+    reply: &Reply,
+    columns: &[(String, u32)],
+    formats: &[i16],
+) {
     for row in &reply.rows {
         let mut body = BytesMut::new();
         body.put_i16(row.len() as i16);
