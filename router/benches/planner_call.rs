@@ -48,6 +48,7 @@ fn main() {
         distribution_column: Some(col.into()),
         colocation_id: 1,
         shard_count: 32,
+        columns: Vec::new(),
     };
     let tables = vec![
         table("pgbench_accounts", "aid"),

@@ -88,6 +88,8 @@ pub enum RouterError {
     ClientIo(std::io::Error),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
 }
 
 /// What the client is told.
@@ -209,6 +211,7 @@ impl RouterError {
             .hint("connect with sslmode=require"),
             RouterError::ClientIo(_) => return None,
             RouterError::Admin(e) => admin_facing(e),
+            RouterError::Plan(e) => plan_facing(e),
         })
     }
 
@@ -226,6 +229,8 @@ impl RouterError {
                 ErrorSource::Router
             }
             RouterError::Admin(_) => ErrorSource::Client,
+            RouterError::Plan(crate::plan::PlanError::Plugin(_)) => ErrorSource::Router,
+            RouterError::Plan(_) => ErrorSource::Client,
             RouterError::Backend(_) | RouterError::Pool(PoolError::Backend(_)) => {
                 ErrorSource::Backend
             }
@@ -297,6 +302,24 @@ fn admin_facing(e: &AdminError) -> UserFacing {
         AdminError::InDoubt { .. } => plain(TRANSACTION_RESOLUTION_UNKNOWN)
             .hint("the change is committed in the catalog; the node finishes it when it is back"),
         AdminError::Plugin(p) => plugin_facing(p),
+    }
+}
+
+/// A statement on distributed tables cannot be planned or bound.
+fn plan_facing(e: &crate::plan::PlanError) -> UserFacing {
+    use crate::plan::PlanError as P;
+    use Severity::*;
+    use sqlstate::*;
+    match e {
+        P::Plugin(p) => plugin_facing(p),
+        P::NotPlannable(_) | P::NotSupported(_) => {
+            UserFacing::new(Error, FEATURE_NOT_SUPPORTED, e.to_string())
+        }
+        P::InvalidValue(_) => UserFacing::new(Error, INVALID_TEXT_REPRESENTATION, e.to_string()),
+        P::NullKey(_) => UserFacing::new(Error, NULL_VALUE_NOT_ALLOWED, e.to_string()),
+        P::NoPlacement(_) => {
+            UserFacing::new(Error, OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string())
+        }
     }
 }
 

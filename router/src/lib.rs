@@ -10,6 +10,7 @@ pub mod dev;
 pub mod error;
 pub mod frontend;
 pub mod metrics;
+pub mod plan;
 pub mod plugin;
 pub mod protocol;
 pub mod server;

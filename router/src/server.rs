@@ -36,22 +36,40 @@ pub struct ServerCtx {
     pub catalog: Arc<Catalog>,
     /// The loaded plugins (swapped whole on reload).
     pub plugins: Arc<PluginRegistry>,
+    /// Plans statements on distributed and reference tables (plan cache, tiers).
+    pub planner: crate::plan::Planner,
 }
 
 impl ServerCtx {
     /// The coordinator pool for (database, user).
     pub fn pool_for(&self, database: &str, user: &User) -> Arc<Pool> {
         let node = &self.config.coordinator;
+        self.pool_at(&node.name, node.addr(), database, user)
+    }
+
+    /// The pool of a catalog node (a worker) for (database, user): the client's own
+    /// credentials, as on the coordinator.
+    pub fn node_pool(
+        &self,
+        node: &crate::catalog::NodeRow,
+        database: &str,
+        user: &User,
+    ) -> Arc<Pool> {
+        let addr = node.addr();
+        self.pool_at(&addr, addr.clone(), database, user)
+    }
+
+    fn pool_at(&self, name: &str, addr: String, database: &str, user: &User) -> Arc<Pool> {
         let key = PoolKey {
-            node: node.name.clone(),
+            node: name.to_owned(),
             database: database.to_owned(),
             user: user.name.clone(),
         };
         self.pools.get_or_create(key, || {
             Pool::new(
                 Login {
-                    node: node.name.clone(),
-                    addr: node.addr(),
+                    node: name.to_owned(),
+                    addr,
                     user: user.name.clone(),
                     database: database.to_owned(),
                     password: user.server_password.clone(),
@@ -152,7 +170,14 @@ impl Server {
                 background.clone(),
             );
         }
+        let planner = crate::plan::Planner::new(
+            config.planner_tiers.clone(),
+            config.plan_cache_size,
+            &metrics.registry,
+        )
+        .map_err(|e| StartError::Plugins(e.to_string()))?;
         let ctx = Arc::new(ServerCtx {
+            planner,
             catalog,
             plugins,
             config: Arc::new(config),

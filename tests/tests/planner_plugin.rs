@@ -41,6 +41,7 @@ fn table(
         distribution_column: dist.map(Into::into),
         colocation_id,
         shard_count,
+        columns: Vec::new(),
     }
 }
 

@@ -465,17 +465,19 @@ fn insert_key(ctx: &mut Ctx, ins: &mut ast::Insert) -> Result<ShardKey, Stop> {
             values.rows.len()
         ));
     }
-    if ins.columns.is_empty() {
-        return not_mine("INSERT without a column list (the catalog view has no column order)");
-    }
-    let Some(pos) = ins.columns.iter().position(|c| fold(c) == ctx.dist) else {
+    let columns: Vec<String> = if ins.columns.is_empty() {
+        ctx.table.columns.clone()
+    } else {
+        ins.columns.iter().map(fold).collect()
+    };
+    let Some(pos) = columns.iter().position(|c| *c == ctx.dist) else {
         return refuse(format!(
             "INSERT into {table} must give its distribution column {}",
             ctx.dist
         ));
     };
     let row = &values.rows[0];
-    if row.len() != ins.columns.len() {
+    if row.len() != columns.len() && (!ins.columns.is_empty() || row.len() <= pos) {
         return not_mine("INSERT with as many values as columns expected");
     }
     if let Some(OnInsert::OnConflict(c)) = &ins.on

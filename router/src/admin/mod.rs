@@ -7,7 +7,7 @@
 //! whether a query is the router's to run; `execute` runs it and returns rows to send.
 
 mod call;
-mod data;
+pub(crate) mod data;
 mod ddl;
 mod distribute;
 mod error;

@@ -65,6 +65,8 @@ pub struct TableMeta {
     pub plugin_hash: Option<String>,
     /// Ordered by shard index.
     pub shards: Vec<Shard>,
+    /// Column names in table order (dropped columns left out).
+    pub columns: Vec<String>,
 }
 
 impl TableMeta {
@@ -213,7 +215,10 @@ impl Snapshot {
             .query(
                 "SELECT p.logicalrelid::oid, n.nspname::text, c.relname::text, p.partmethod::text,
                         p.partkey, p.colocationid, p.distplugin, p.distpluginhash,
-                        coalesce(a.atttypid, 0::oid)
+                        coalesce(a.atttypid, 0::oid),
+                        ARRAY(SELECT x.attname::text FROM pg_attribute x
+                              WHERE x.attrelid = p.logicalrelid AND x.attnum > 0
+                                AND NOT x.attisdropped ORDER BY x.attnum)
                  FROM shardgate.pg_dist_partition p
                  JOIN pg_class c ON c.oid = p.logicalrelid
                  JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -239,6 +244,7 @@ impl Snapshot {
                 plugin: r.get(6),
                 plugin_hash: r.get(7),
                 column_type: r.get(8),
+                columns: r.get(9),
                 shards: shards.remove(&oid).unwrap_or_default(),
             };
             names.entry(t.name.clone()).or_default().push(oid);

@@ -39,6 +39,8 @@ struct RawConfig {
     catalog: RawCatalog,
     #[serde(default)]
     plugins: RawPlugins,
+    #[serde(default)]
+    planner: RawPlanner,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +55,22 @@ impl Default for RawCatalog {
         RawCatalog {
             database: "postgres".into(),
             user: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPlanner {
+    tiers: Vec<String>,
+    plan_cache_size: usize,
+}
+
+impl Default for RawPlanner {
+    fn default() -> Self {
+        RawPlanner {
+            tiers: vec!["planner-fastpath".into(), "planner-router".into()],
+            plan_cache_size: 10_000,
         }
     }
 }
@@ -228,6 +246,10 @@ pub struct Config {
     pub placement_plugin: String,
     pub plugin_call_timeout: Duration,
     pub plugin_memory_bytes: usize,
+    /// Planner tiers (plugin names), asked in this order.
+    pub planner_tiers: Vec<String>,
+    /// Plans kept in the plan cache.
+    pub plan_cache_size: usize,
 }
 
 impl Config {
@@ -327,7 +349,15 @@ impl Config {
                     .into(),
             ));
         }
+        if raw.planner.tiers.is_empty() || raw.planner.plan_cache_size == 0 {
+            return Err(ConfigError::Invalid(
+                "planner.tiers must name at least one tier and planner.plan_cache_size must be > 0"
+                    .into(),
+            ));
+        }
         Ok(Config {
+            planner_tiers: raw.planner.tiers,
+            plan_cache_size: raw.planner.plan_cache_size,
             catalog_database: raw.catalog.database,
             catalog_user,
             plugin_dir: p.dir.map(Into::into),

@@ -51,8 +51,7 @@ pub mod builtin {
     /// `placement-default`, the default placement plugin.
     pub const PLACEMENT_DEFAULT: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLACEMENT_DEFAULT"));
     /// `planner-fastpath`, the fast-path planner tier (one statement, one distributed
-    /// table, the shard pinned by equality on the distribution column). Not in [`ALL`]
-    /// yet: sessions do not ask planner tiers so far.
+    /// table, the shard pinned by equality on the distribution column).
     pub const PLANNER_FASTPATH: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLANNER_FASTPATH"));
     /// A plugin that misbehaves on request, for the host's tests (not embedded).
     pub const TEST_MISBEHAVE_PATH: &str = env!("SHARDGATE_PLUGIN_TEST_MISBEHAVE");
@@ -65,6 +64,7 @@ pub mod builtin {
         ("hash-citus", HASH_CITUS),
         ("hash-pg-partition", HASH_PG_PARTITION),
         ("placement-default", PLACEMENT_DEFAULT),
+        ("planner-fastpath", PLANNER_FASTPATH),
     ];
 }
 

@@ -54,6 +54,8 @@ pub struct PlannerTable {
     pub colocation_id: i32,
     /// 1 for reference and local tables.
     pub shard_count: u32,
+    /// Column names in table order.
+    pub columns: Vec<String>,
 }
 
 /// A literal distribution value written in the SQL, by its syntax: the router converts
@@ -264,6 +266,7 @@ fn to_wit_table(t: &PlannerTable) -> wit::Table {
         distribution_column: t.distribution_column.clone(),
         colocation_id: t.colocation_id,
         shard_count: t.shard_count,
+        columns: t.columns.clone(),
     }
 }
 

@@ -21,34 +21,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.admin_check(sql)
     }
 
-    /// Admin calls and DDL on distributed tables (the router runs them), and other
-    /// statements that name a distributed table (refused until queries are routed to
-    /// shards: the coordinator's table is an empty shell).
+    /// Admin calls and DDL on distributed tables: the router runs them (other
+    /// statements on distributed tables are routed, see `route.rs`).
     pub(super) fn admin_check(&self, sql: &str) -> Option<Result<Request, AdminError>> {
-        let guess = crate::admin::may_be_call(sql) || crate::admin::may_be_ddl(sql);
-        let in_catalog_db = self.database == self.ctx.catalog.database;
-        if !guess && !in_catalog_db {
+        if !(crate::admin::may_be_call(sql) || crate::admin::may_be_ddl(sql)) {
             return None;
         }
+        let in_catalog_db = self.database == self.ctx.catalog.database;
         let guard = self.ctx.catalog.peek();
         let snap: &Snapshot = if in_catalog_db { &guard } else { &EMPTY };
-        if guess {
-            match classify(snap, sql) {
-                Ok(None) => {}
-                other => return other.transpose(),
-            }
-        }
-        crate::admin::touches_distributed(snap, sql).map(|t| {
-            Err(AdminError::NotSupported(format!(
-                "\"{t}\" is a distributed table: shardgate does not route queries on distributed tables to their shards yet"
-            )))
-        })
+        classify(snap, sql).transpose()
     }
 
     /// Admin functions and DDL on distributed tables are run by the router for simple
     /// queries only; through the extended protocol they would reach the coordinator
     /// alone, so they are refused there (by the backend, so the transaction state is
-    /// Postgres's own). The same for statements that name a distributed table.
+    /// Postgres's own).
     pub(super) fn refuse_extended_admin(&mut self, query: &[u8]) -> bool {
         let Ok(sql) = std::str::from_utf8(query) else {
             return false;

@@ -10,6 +10,7 @@
 mod admin;
 mod admin_ext;
 mod prepared;
+mod route;
 mod settings;
 
 pub use prepared::{Prepared, PreparedRegistry, ReservedUse, reserved_use};
@@ -130,6 +131,21 @@ pub struct Session<S> {
     admin_portals: HashMap<Bytes, admin_ext::AdminPortal>,
     /// An admin request waiting for the replies queued before it.
     pending_admin: Option<Result<crate::admin::Request, crate::admin::AdminError>>,
+    /// A routed simple query waiting for the replies queued before it.
+    pending_route: Option<String>,
+    /// The node the lease is (or the next one will be) on: `None` the coordinator,
+    /// `Some(group)` a worker.
+    node: Option<i32>,
+    /// Leases on other nodes held for the open transaction (or the session).
+    parked: Vec<(Option<i32>, Lease)>,
+    /// The node that wrote in the open transaction.
+    writer: Option<Option<i32>>,
+    /// The statement that opened the transaction (replayed on nodes that join it).
+    begin_sql: Option<String>,
+    /// The routed statements of the extended batch being translated.
+    routed: Option<route::RoutedBatch>,
+    /// The unnamed statement's text and raw parameter types.
+    unnamed: Option<(Bytes, Bytes)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -150,6 +166,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             user,
             database,
             pending_admin: None,
+            pending_route: None,
+            node: None,
+            parked: Vec::new(),
+            writer: None,
+            begin_sql: None,
+            routed: None,
+            unnamed: None,
             admin_stmts: HashMap::new(),
             admin_portals: HashMap::new(),
             max_msg: ctx.config.max_message_bytes,
@@ -236,6 +259,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         must_pump = true;
                         break;
                     }
+                    tag::QUERY
+                        if !self.copy_in
+                            && let Some(sql) = self.routed_query(&frame) =>
+                    {
+                        self.send_batch(None).await?;
+                        self.pending_route = Some(sql);
+                        must_pump = true;
+                        break;
+                    }
                     tag::QUERY | tag::FUNCTION_CALL => {
                         self.send_batch(None).await?;
                         self.queue_query(frame).await?;
@@ -261,10 +293,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if must_pump {
                 self.write_backend().await?;
                 self.pump().await?;
-                self.maybe_release();
+                self.after_request().await;
             }
             if let Some(req) = self.pending_admin.take() {
                 self.run_admin(req).await?;
+            }
+            if let Some(sql) = self.pending_route.take() {
+                self.run_routed(sql).await?;
             }
             if self.rbuf.is_empty() && self.rbuf.capacity() > SHRINK_ABOVE {
                 self.rbuf = BytesMut::new();
@@ -300,6 +335,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.out.extend_from_slice(&command_complete(b"DEALLOCATE"));
             protocol::encode_ready_for_query(&mut self.out, self.status);
             return Ok(());
+        }
+        if let Err(e) = self.choose_node_simple(&frame).await {
+            return match e {
+                RouterError::Plan(_) => self.refuse_in_session(e).await,
+                e => self.refuse_request(e),
+            };
         }
         if let Err(e) = self.ensure_lease().await {
             return self.refuse_request(e);
@@ -353,7 +394,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.answer_locally(end.as_ref()) {
             return Ok(());
         }
+        match self.choose_node_batch().await {
+            Ok(()) => {}
+            Err(e) => {
+                self.batch.clear();
+                self.batch_bytes = 0;
+                self.routed = None;
+                return self.fail_batch(e, end).await;
+            }
+        }
         if let Err(e) = self.ensure_lease().await {
+            self.routed = None;
             // The client gets the error at its Sync; the batch is dropped.
             self.batch.clear();
             self.batch_bytes = 0;
@@ -381,6 +432,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         batch.clear();
         self.batch = batch;
+        self.routed = None;
         result
     }
 
@@ -452,6 +504,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// One extended message: renamed statements, injected Parses, router replies.
     fn translate(&mut self, f: Frame) -> Result<(), RouterError> {
         if self.skip_until_sync && f.tag != tag::SYNC {
+            return Ok(());
+        }
+        if f.tag == tag::PARSE {
+            let p = protocol::decode_parse(f.body())?;
+            if p.name.is_empty() {
+                self.unnamed = Some((
+                    Bytes::copy_from_slice(p.query),
+                    Bytes::copy_from_slice(p.param_types),
+                ));
+            }
+        }
+        if self.routed.is_some() && self.translate_routed(&f)? {
             return Ok(());
         }
         match f.tag {
@@ -661,7 +725,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn ensure_lease(&mut self) -> Result<(), RouterError> {
         if self.lease.is_none() {
-            let mut lease = self.pool.acquire().await?;
+            let pool = match self.node {
+                None => self.pool.clone(),
+                Some(group) => {
+                    let snap = self.ctx.catalog.peek();
+                    let node = snap.node_by_group(group).ok_or_else(|| {
+                        crate::plan::PlanError::NoPlacement(format!(
+                            "the node of group {group} is no longer in the catalog"
+                        ))
+                    })?;
+                    self.ctx.node_pool(node, &self.database, &self.user)
+                }
+            };
+            let mut lease = pool.acquire().await?;
             let c = lease.conn();
             self.cancel.set(Some((c.addr, c.pid, c.secret)));
             self.lease = Some(lease);
@@ -1085,6 +1161,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         tracing::warn!(error = %e, "backend connection lost");
         self.drop_lease();
         let in_txn = self.status != TxnStatus::Idle || self.needs_sync;
+        if in_txn {
+            // The transaction's other nodes lose their part too.
+            self.parked.clear();
+        }
         self.expect.clear();
         self.batch.clear();
         self.batch_bytes = 0;
@@ -1250,6 +1330,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The client is gone: a clean backend goes back to the pool, anything else closes.
     fn finish(&mut self) {
         self.cancel.set(None);
+        for (_, lease) in std::mem::take(&mut self.parked) {
+            if self.status == TxnStatus::Idle {
+                lease.release();
+            }
+        }
         if let Some(lease) = self.lease.take() {
             let clean = self.status == TxnStatus::Idle
                 && self.expect.is_empty()

@@ -1,0 +1,832 @@
+//! Statements on distributed and reference tables: planned (`crate::plan`), bound to a
+//! node, and sent there over that node's pool; the node's answers reach the client
+//! untouched (same message path as pass-through).
+//!
+//! Nodes of a session: the lease the session sends on belongs to one node at a time
+//! (`node`: `None` is the coordinator, `Some(group)` a worker). Between transactions a
+//! lease goes back to its pool after every request, whichever node it came from.
+//! Inside a transaction the session keeps one lease per node it touched (`parked`
+//! holds the others), so a tenant's transaction is one Postgres transaction on its
+//! node; a node that joins a transaction late gets the client's BEGIN first. COMMIT /
+//! ROLLBACK end every node's transaction: the nodes that only read first, the one
+//! that wrote last, with the client's own statement, so the client hears that node's
+//! answer. Writes on two nodes in one transaction are refused (0A000) until two-phase
+//! commit exists; so are statements on another node once the transaction failed (the
+//! node that failed answers them, as Postgres would).
+
+use super::{Expect, Session, Undo, msg};
+use crate::backend::PoolMode;
+use crate::error::{RouterError, sqlstate};
+use crate::plan::{Bound, ParamValue, PlanError, normalize};
+use crate::protocol::{self, Frame, TxnStatus, tag};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What ends a transaction (and so every node's part of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TxnEnd {
+    Commit,
+    Rollback,
+}
+
+/// Statement kinds that do not move the session to the coordinator: they go to the
+/// node the session is on (transaction control), or tell how a transaction ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Control {
+    Begin,
+    End(TxnEnd),
+    /// SAVEPOINT, RELEASE, ROLLBACK TO, PREPARE TRANSACTION...
+    Other,
+}
+
+/// The transaction-control kind of a statement, from its first words.
+pub(super) fn control(sql: &str) -> Option<Control> {
+    let mut words = sql
+        .split(|c: char| c.is_whitespace() || c == ';' || c == '(')
+        .filter(|w| !w.is_empty());
+    let first = words.next()?.to_ascii_lowercase();
+    let second = words.next().map(|w| w.to_ascii_lowercase());
+    Some(match first.as_str() {
+        "begin" | "start" => Control::Begin,
+        "commit" | "end" if second.as_deref() != Some("prepared") => Control::End(TxnEnd::Commit),
+        "abort" => Control::End(TxnEnd::Rollback),
+        "rollback" => match second.as_deref() {
+            Some("to") | Some("prepared") => Control::Other,
+            _ => Control::End(TxnEnd::Rollback),
+        },
+        "savepoint" | "release" => Control::Other,
+        "prepare" if second.as_deref() == Some("transaction") => Control::Other,
+        _ => return None,
+    })
+}
+
+/// A batch of the extended protocol whose statements run on one worker: the bound
+/// shard SQL of each Bind of a routed statement, in order.
+pub(super) struct RoutedBatch {
+    pub binds: VecDeque<Bound>,
+    /// Client statement name -> the shard statement its last Bind used (Describe 'S').
+    pub described: Vec<(Bytes, Arc<super::Prepared>)>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Whether this simple query is routed (it names a distributed or reference table).
+    pub(super) fn routed_query(&self, frame: &Frame) -> Option<String> {
+        if self.database != self.ctx.catalog.database {
+            return None;
+        }
+        let body = frame.body();
+        let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).ok()?;
+        let snap = self.ctx.catalog.peek();
+        crate::admin::touches_distributed(&snap, sql).map(|_| sql.to_owned())
+    }
+
+    /// Whether `query` names a distributed or reference table.
+    pub(super) fn is_routed_text(&self, query: &[u8]) -> bool {
+        if self.database != self.ctx.catalog.database {
+            return false;
+        }
+        let Ok(sql) = std::str::from_utf8(query) else {
+            return false;
+        };
+        let snap = self.ctx.catalog.peek();
+        crate::admin::touches_distributed(&snap, sql).is_some()
+    }
+
+    /// Plans and binds `sql` with the client's parameters.
+    fn bind_statement(
+        &self,
+        sql: &str,
+        param_types: &[u32],
+        params: &[ParamValue<'_>],
+    ) -> Result<Bound, PlanError> {
+        let snap = self.ctx.catalog.peek();
+        let plugins = self.ctx.plugins.current();
+        let norm = normalize(sql);
+        let plan = self
+            .ctx
+            .planner
+            .plan(sql, &norm, param_types, &snap, &plugins)?;
+        let param = |i: usize| -> Option<ParamValue<'_>> {
+            params.get(i).map(|p| match p {
+                ParamValue::Null => ParamValue::Null,
+                ParamValue::Text(b) => ParamValue::Text(b),
+                ParamValue::Binary(b) => ParamValue::Binary(b),
+            })
+        };
+        let prefer = self
+            .node
+            .or_else(|| self.parked.iter().find_map(|(n, _)| *n));
+        let bound =
+            self.ctx
+                .planner
+                .bind(&plan, &norm.literals, &param, &snap, &plugins, prefer)?;
+        Ok(bound)
+    }
+
+    /// A write on `target` inside a transaction that already wrote on another node is
+    /// refused (no two-phase commit yet).
+    fn check_write(&mut self, target: Option<i32>, writes: bool) -> Result<(), PlanError> {
+        if !writes || self.status == TxnStatus::Idle {
+            return Ok(());
+        }
+        match self.writer {
+            Some(w) if w != target => Err(PlanError::NotSupported(format!(
+                "this transaction already wrote on {}; a transaction that writes on more than one node needs two-phase commit, which is not available yet",
+                node_label(w)
+            ))),
+            _ => {
+                self.writer = Some(target);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs a routed simple query (every earlier reply has been sent).
+    pub(super) async fn run_routed(&mut self, sql: String) -> Result<(), RouterError> {
+        if self.status == TxnStatus::Failed {
+            // The failed node answers (25P02), as Postgres would.
+            return self.send_simple_here(&sql).await;
+        }
+        let bound = match self.bind_statement(&sql, &[], &[]) {
+            Ok(b) => b,
+            Err(e) => return self.refuse_in_session(RouterError::Plan(e)).await,
+        };
+        if let Err(e) = self.check_write(Some(bound.group), !bound.read_only) {
+            return self.refuse_in_session(RouterError::Plan(e)).await;
+        }
+        if let Err(e) = self.switch_to(Some(bound.group)).await {
+            return self.refuse_request(e);
+        }
+        self.send_simple_here(&bound.sql).await
+    }
+
+    /// Sends a simple query on the session's current node and forwards the answers.
+    async fn send_simple_here(&mut self, sql: &str) -> Result<(), RouterError> {
+        if let Err(e) = self.ensure_lease().await {
+            return self.refuse_request(e);
+        }
+        self.prepare_settings();
+        self.ctx.metrics.statements_simple.inc();
+        self.start_timer("simple");
+        protocol::encode_simple_query(&mut self.bout, sql);
+        self.expect.push_back(Expect::Query {
+            tracked: None,
+            ok: false,
+        });
+        self.write_backend().await?;
+        self.pump().await?;
+        self.after_request().await;
+        Ok(())
+    }
+
+    /// After a request: a transaction that ended on the current node ends on the
+    /// others too (a safety net: COMMIT / ROLLBACK are normally seen before they go
+    /// out), then the backend goes back to its pool when it may.
+    pub(super) async fn after_request(&mut self) {
+        if self.status == TxnStatus::Idle && !self.parked.is_empty() && self.expect.is_empty() {
+            let end = if self.saw_commit {
+                TxnEnd::Commit
+            } else {
+                TxnEnd::Rollback
+            };
+            tracing::warn!(
+                ?end,
+                "a transaction ended on one node without the router seeing it end: ending it on the others"
+            );
+            self.end_parked(end).await;
+        }
+        if self.status == TxnStatus::Idle {
+            self.writer = None;
+        }
+        self.maybe_release();
+    }
+
+    /// The session's lease moves to `target`'s node. Replies still expected on the
+    /// current lease are collected first. In a transaction (or with session pooling)
+    /// the current lease is parked; a node joining a transaction gets its BEGIN.
+    pub(super) async fn switch_to(&mut self, target: Option<i32>) -> Result<(), RouterError> {
+        if self.node == target {
+            return Ok(());
+        }
+        if !self.expect.is_empty() {
+            self.write_backend().await?;
+            self.pump().await?;
+            self.after_request().await;
+        }
+        if let Some(lease) = self.lease.take() {
+            self.cancel.set(None);
+            self.batch_prepared.clear();
+            if self.mode == PoolMode::Transaction && self.status == TxnStatus::Idle {
+                lease.release();
+            } else {
+                self.parked.push((self.node, lease));
+            }
+        }
+        self.node = target;
+        if let Some(i) = self.parked.iter().position(|(n, _)| *n == target) {
+            let (_, mut lease) = self.parked.swap_remove(i);
+            let c = lease.conn();
+            self.cancel.set(Some((c.addr, c.pid, c.secret)));
+            self.lease = Some(lease);
+            return Ok(());
+        }
+        if self.status != TxnStatus::Idle {
+            self.ensure_lease().await?;
+            let fp = self.settings.fingerprint();
+            let apply = self.settings.apply_sql();
+            let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
+            let conn = self.lease.as_mut().expect("lease just acquired").conn();
+            if conn.settings_fp != fp {
+                conn.run_internal(&apply).await?;
+                conn.settings_fp = fp;
+            }
+            if let Err(e) = conn.run_internal(&begin).await {
+                // The node refused the client's own BEGIN: plain BEGIN then.
+                tracing::warn!(error = %e, "BEGIN on a node joining the transaction failed; using plain BEGIN");
+                conn.run_internal("BEGIN").await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before the client's COMMIT / ROLLBACK goes out: the node that wrote becomes the
+    /// current one (it gets the client's statement), the others end now.
+    pub(super) async fn end_others_first(&mut self, end: TxnEnd) -> Result<(), RouterError> {
+        if self.parked.is_empty() {
+            return Ok(());
+        }
+        let end = if self.status == TxnStatus::Failed {
+            TxnEnd::Rollback
+        } else {
+            end
+        };
+        if end == TxnEnd::Commit
+            && let Some(w) = self.writer
+            && w != self.node
+        {
+            self.switch_to(w).await?;
+        }
+        self.end_parked(end).await;
+        Ok(())
+    }
+
+    /// Ends the parked leases' transactions and gives them back (or closes them when
+    /// that fails).
+    async fn end_parked(&mut self, end: TxnEnd) {
+        let sql = match end {
+            TxnEnd::Commit => "COMMIT",
+            TxnEnd::Rollback => "ROLLBACK",
+        };
+        let keep = self.mode == PoolMode::Session;
+        for (node, mut lease) in std::mem::take(&mut self.parked) {
+            match lease.conn().run_internal(sql).await {
+                Ok(()) if keep => self.parked.push((node, lease)),
+                Ok(()) => lease.release(),
+                Err(e) => {
+                    tracing::warn!(error = %e, node = %node_label(node), "ending a node's part of a transaction failed");
+                    drop(lease);
+                }
+            }
+        }
+    }
+
+    /// Plans the extended batch: the worker its routed statements run on, if any.
+    /// `Ok(None)`: nothing routed (the coordinator, or the current node for
+    /// transaction control).
+    pub(super) fn plan_batch(&self) -> Result<Option<RoutedBatch>, PlanError> {
+        if self.database != self.ctx.catalog.database {
+            return Ok(None);
+        }
+        let mut binds = VecDeque::new();
+        let mut group: Option<i32> = None;
+        let mut coordinator = false;
+        let mut unnamed: Option<(Bytes, Vec<u32>)> = self
+            .unnamed
+            .as_ref()
+            .map(|(q, t)| (q.clone(), param_oids(t)));
+        for f in &self.batch {
+            match f.tag {
+                tag::PARSE => {
+                    if let Ok(p) = protocol::decode_parse(f.body())
+                        && p.name.is_empty()
+                    {
+                        unnamed =
+                            Some((Bytes::copy_from_slice(p.query), param_oids(p.param_types)));
+                    }
+                }
+                tag::BIND => {
+                    let Ok(b) = protocol::decode_bind(f.body()) else {
+                        continue;
+                    };
+                    let (query, types) = if b.statement.is_empty() {
+                        match &unnamed {
+                            Some((q, t)) => (q.clone(), t.clone()),
+                            None => continue,
+                        }
+                    } else {
+                        match self.stmts.get(b.statement) {
+                            Some(p) => (p.query.clone(), param_oids(&p.param_types)),
+                            None => continue,
+                        }
+                    };
+                    let sql = std::str::from_utf8(&query).unwrap_or("");
+                    if !self.is_routed_text(&query) {
+                        if control(sql).is_none() {
+                            coordinator = true;
+                        }
+                        continue;
+                    }
+                    let params = bind_params(b.rest)
+                        .map_err(|_| PlanError::InvalidValue("malformed Bind message".into()))?;
+                    let bound = self.bind_statement(sql, &types, &params)?;
+                    match group {
+                        Some(g) if g != bound.group => {
+                            return Err(PlanError::NotSupported(
+                                "an extended-protocol batch (up to Sync) runs statements on one node only: these statements are on different nodes; send a Sync between them".into(),
+                            ));
+                        }
+                        _ => group = Some(bound.group),
+                    }
+                    binds.push_back(bound);
+                }
+                _ => {}
+            }
+        }
+        if binds.is_empty() {
+            return Ok(None);
+        }
+        if coordinator {
+            return Err(PlanError::NotSupported(
+                "an extended-protocol batch (up to Sync) runs statements on one node only: it mixes statements on distributed tables with other statements; send a Sync between them".into(),
+            ));
+        }
+        Ok(Some(RoutedBatch {
+            binds,
+            described: Vec::new(),
+        }))
+    }
+
+    /// Translates one message of a routed batch; `false`: not a message this batch
+    /// handles differently (translate it as usual).
+    pub(super) fn translate_routed(&mut self, f: &Frame) -> Result<bool, RouterError> {
+        match f.tag {
+            tag::PARSE => {
+                let p = protocol::decode_parse(f.body())?;
+                if !self.is_routed_text(p.query) {
+                    return Ok(false);
+                }
+                // Not parsed on the worker (it has no table of that name): the shard
+                // statement is, at Bind.
+                let prep = self.ctx.prepared.intern(p.query, p.param_types);
+                if p.name.is_empty() {
+                    self.expect.push_back(Expect::Synth {
+                        tag: crate::protocol::btag::PARSE_COMPLETE,
+                        undo: None,
+                    });
+                } else if self.stmts.contains_key(p.name) {
+                    return Ok(false);
+                } else {
+                    let name = Bytes::copy_from_slice(p.name);
+                    self.stmts.insert(name.clone(), prep);
+                    self.expect.push_back(Expect::Synth {
+                        tag: crate::protocol::btag::PARSE_COMPLETE,
+                        undo: Some(Undo {
+                            name,
+                            previous: None,
+                        }),
+                    });
+                }
+                self.needs_sync = true;
+                Ok(true)
+            }
+            tag::BIND => {
+                let b = protocol::decode_bind(f.body())?;
+                let query = if b.statement.is_empty() {
+                    self.unnamed.as_ref().map(|(q, _)| q.clone())
+                } else {
+                    self.stmts.get(b.statement).map(|p| p.query.clone())
+                };
+                let Some(query) = query else {
+                    return Ok(false);
+                };
+                if !self.is_routed_text(&query) {
+                    return Ok(false);
+                }
+                let types = if b.statement.is_empty() {
+                    self.unnamed
+                        .as_ref()
+                        .map(|(_, t)| t.clone())
+                        .unwrap_or_default()
+                } else {
+                    self.stmts
+                        .get(b.statement)
+                        .map(|p| p.param_types.clone())
+                        .unwrap_or_default()
+                };
+                let Some(bound) = self.routed.as_mut().and_then(|r| r.binds.pop_front()) else {
+                    return Ok(false);
+                };
+                let sprep = self.ctx.prepared.intern(bound.sql.as_bytes(), &types);
+                self.ensure_prepared(&sprep);
+                protocol::encode_bind(&mut self.bout, b.portal, &sprep.name, b.rest);
+                self.expect.push_back(msg(true));
+                if let Some(r) = self.routed.as_mut() {
+                    let name = Bytes::copy_from_slice(b.statement);
+                    r.described.retain(|(n, _)| *n != name);
+                    r.described.push((name, sprep));
+                }
+                self.needs_sync = true;
+                Ok(true)
+            }
+            tag::DESCRIBE => {
+                let (kind, name) = protocol::decode_target(f.body())?;
+                if kind != b'S' {
+                    return Ok(false);
+                }
+                let query = if name.is_empty() {
+                    self.unnamed.as_ref().map(|(q, _)| q.clone())
+                } else {
+                    self.stmts.get(name).map(|p| p.query.clone())
+                };
+                if !query.is_some_and(|q| self.is_routed_text(&q)) {
+                    return Ok(false);
+                }
+                let sprep = self.routed.as_ref().and_then(|r| {
+                    r.described
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, p)| p.clone())
+                });
+                match sprep {
+                    Some(p) => {
+                        self.ensure_prepared(&p);
+                        protocol::encode_target(&mut self.bout, tag::DESCRIBE, b'S', &p.name);
+                        self.expect.push_back(msg(true));
+                    }
+                    None => self.raise_on_backend(
+                        sqlstate::FEATURE_NOT_SUPPORTED.code(),
+                        "describe a statement on distributed tables in a batch of its own (Parse, Describe, Sync), or after its Bind",
+                    ),
+                }
+                self.needs_sync = true;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Which node a simple query (or FunctionCall) that is not routed goes to: the
+    /// coordinator, except transaction control inside a transaction (the current
+    /// node) and anything in a failed transaction (the node that failed answers).
+    pub(super) async fn choose_node_simple(&mut self, frame: &Frame) -> Result<(), RouterError> {
+        let body = frame.body();
+        let sql = if frame.tag == tag::QUERY {
+            std::str::from_utf8(&body[..body.len().saturating_sub(1)]).ok()
+        } else {
+            None
+        };
+        let ctl = sql.and_then(control);
+        match self.status {
+            TxnStatus::Failed => {
+                if let Some(Control::End(e)) = ctl {
+                    self.end_others_first(e).await?;
+                }
+                Ok(())
+            }
+            TxnStatus::Idle => {
+                if ctl == Some(Control::Begin) {
+                    self.begin_sql = sql.map(str::to_owned);
+                }
+                self.switch_to(None).await
+            }
+            TxnStatus::InTransaction => match ctl {
+                Some(Control::End(e)) => self.end_others_first(e).await,
+                Some(_) => Ok(()),
+                None => {
+                    let writes = sql.is_none_or(|s| self.writes_here(s));
+                    self.check_write(None, writes)?;
+                    self.switch_to(None).await
+                }
+            },
+        }
+    }
+
+    /// Whether a pass-through statement counts as a write for the one-writer rule
+    /// (only looked at inside transactions of the database with distributed tables).
+    fn writes_here(&self, sql: &str) -> bool {
+        if self.database != self.ctx.catalog.database || self.ctx.catalog.peek().tables.is_empty() {
+            return false;
+        }
+        statement_writes(sql)
+    }
+
+    /// Picks the node of an extended batch and plans its routed statements.
+    pub(super) async fn choose_node_batch(&mut self) -> Result<(), RouterError> {
+        if self.skip_until_sync {
+            return Ok(());
+        }
+        let pinned = self.needs_sync || !self.expect.is_empty();
+        if self.status == TxnStatus::Failed && !pinned {
+            if let Some(Control::End(e)) = self.batch_control() {
+                self.end_others_first(e).await?;
+            }
+            return Ok(());
+        }
+        let routed = if self.status == TxnStatus::Failed {
+            None
+        } else {
+            self.plan_batch()?
+        };
+        if let Some(r) = routed {
+            let group = r.binds.front().map(|b| b.group);
+            let writes = r.binds.iter().any(|b| !b.read_only);
+            if pinned && self.node != group {
+                return Err(PlanError::NotSupported(
+                    "statements of one extended-protocol batch (up to Sync) must run on one node; send a Sync before a statement on another node".into(),
+                )
+                .into());
+            }
+            self.check_write(group, writes)?;
+            self.switch_to(group).await?;
+            self.routed = Some(r);
+            return Ok(());
+        }
+        if pinned {
+            return Ok(());
+        }
+        match (self.status, self.batch_control()) {
+            (TxnStatus::Idle, ctl) => {
+                if ctl == Some(Control::Begin) {
+                    self.begin_sql = None;
+                }
+                self.switch_to(None).await
+            }
+            (_, Some(Control::End(e))) => self.end_others_first(e).await,
+            (_, Some(_)) => Ok(()),
+            (_, None) => {
+                let writes = self.batch_writes();
+                self.check_write(None, writes)?;
+                self.switch_to(None).await
+            }
+        }
+    }
+
+    /// The texts of the statements the batch's Binds run.
+    fn batch_bound_texts(&self) -> Vec<Bytes> {
+        let mut unnamed = self.unnamed.as_ref().map(|(q, _)| q.clone());
+        let mut out = Vec::new();
+        for f in &self.batch {
+            match f.tag {
+                tag::PARSE => {
+                    if let Ok(p) = protocol::decode_parse(f.body())
+                        && p.name.is_empty()
+                    {
+                        unnamed = Some(Bytes::copy_from_slice(p.query));
+                    }
+                }
+                tag::BIND => {
+                    let Ok(b) = protocol::decode_bind(f.body()) else {
+                        continue;
+                    };
+                    let q = if b.statement.is_empty() {
+                        unnamed.clone()
+                    } else {
+                        self.stmts.get(b.statement).map(|p| p.query.clone())
+                    };
+                    out.extend(q);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// `Some(c)` when every Bind of the batch runs transaction control (the last
+    /// one's kind); `None` when one runs anything else, or there is no Bind.
+    fn batch_control(&self) -> Option<Control> {
+        let texts = self.batch_bound_texts();
+        let mut last = None;
+        for q in &texts {
+            last = Some(control(std::str::from_utf8(q).ok()?)?);
+        }
+        last
+    }
+
+    fn batch_writes(&self) -> bool {
+        self.batch_bound_texts()
+            .iter()
+            .any(|q| self.writes_here(std::str::from_utf8(q).unwrap_or("")))
+    }
+
+    /// The batch could not be planned: the client gets the error at the right place
+    /// (inside a transaction the backend raises it, aborting the transaction as
+    /// Postgres would), and the rest of the batch up to Sync is skipped.
+    pub(super) async fn fail_batch(
+        &mut self,
+        e: RouterError,
+        end: Option<Frame>,
+    ) -> Result<(), RouterError> {
+        if !self.expect.is_empty() {
+            self.write_backend().await?;
+            self.pump().await?;
+        }
+        let Some(u) = e.user_facing() else {
+            return Err(e);
+        };
+        if self.status != TxnStatus::Idle {
+            if let Err(e) = self.ensure_lease().await {
+                return self.refuse_request(e);
+            }
+            self.ctx.metrics.error(u.code.code().as_bytes());
+            self.raise_on_backend(u.code.code(), &u.message);
+            if let Some(end) = end {
+                self.translate(end)?;
+            }
+            return Ok(());
+        }
+        self.client_error(&e);
+        match end {
+            Some(f) if f.tag == tag::SYNC => {
+                self.skip_until_sync = false;
+                protocol::encode_ready_for_query(&mut self.out, self.status);
+            }
+            _ => self.skip_until_sync = true,
+        }
+        Ok(())
+    }
+
+    /// Fails a request with `e`. Outside a transaction the router answers; inside one
+    /// the backend raises it, so the transaction is aborted exactly as Postgres would.
+    pub(super) async fn refuse_in_session(&mut self, e: RouterError) -> Result<(), RouterError> {
+        let in_txn = self.status != TxnStatus::Idle;
+        if !in_txn {
+            self.client_error(&e);
+            protocol::encode_ready_for_query(&mut self.out, self.status);
+            return Ok(());
+        }
+        let u = e.user_facing().expect("refusals are user facing");
+        self.ctx.metrics.error(u.code.code().as_bytes());
+        if let Err(e) = self.ensure_lease().await {
+            return self.refuse_request(e);
+        }
+        let code = u
+            .raw_code
+            .clone()
+            .unwrap_or_else(|| u.code.code().to_owned());
+        protocol::encode_simple_query(&mut self.bout, &super::raise_sql(&code, &u.message));
+        self.expect.push_back(Expect::Query {
+            tracked: None,
+            ok: false,
+        });
+        self.write_backend().await?;
+        self.pump().await?;
+        self.maybe_release();
+        Ok(())
+    }
+}
+
+/// Whether a statement may write (for the one-writer rule): anything but reads and
+/// session/transaction commands, and reads holding INSERT / UPDATE / DELETE / MERGE.
+fn statement_writes(sql: &str) -> bool {
+    use crate::plan::normalize::{Tok, tokens};
+    let mut words = tokens(sql)
+        .into_iter()
+        .filter(|t| t.0 == Tok::Word)
+        .map(|(_, s, e)| &sql[s..e]);
+    let Some(first) = words.next() else {
+        return false;
+    };
+    const READS: &[&str] = &[
+        "select",
+        "values",
+        "table",
+        "with",
+        "show",
+        "set",
+        "reset",
+        "explain",
+        "declare",
+        "fetch",
+        "move",
+        "close",
+        "listen",
+        "unlisten",
+        "discard",
+        "deallocate",
+        "begin",
+        "start",
+        "commit",
+        "end",
+        "rollback",
+        "abort",
+        "savepoint",
+        "release",
+        "lock",
+    ];
+    if !READS.iter().any(|w| first.eq_ignore_ascii_case(w)) {
+        return true;
+    }
+    words.any(|w| {
+        ["insert", "update", "delete", "merge"]
+            .iter()
+            .any(|k| w.eq_ignore_ascii_case(k))
+    })
+}
+
+fn node_label(node: Option<i32>) -> String {
+    match node {
+        None => "the coordinator".into(),
+        Some(g) => format!("the node of group {g}"),
+    }
+}
+
+/// Parameter type oids of a Parse message's raw parameter-type bytes.
+pub(super) fn param_oids(raw: &[u8]) -> Vec<u32> {
+    if raw.len() < 2 {
+        return Vec::new();
+    }
+    let n = u16::from_be_bytes([raw[0], raw[1]]) as usize;
+    raw[2..]
+        .chunks_exact(4)
+        .take(n)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The parameter values of a Bind message (after portal and statement names).
+pub(super) fn bind_params(rest: &[u8]) -> Result<Vec<ParamValue<'_>>, ()> {
+    let mut at = 0;
+    let u16_at = |at: &mut usize| -> Result<u16, ()> {
+        let v = rest.get(*at..*at + 2).ok_or(())?;
+        *at += 2;
+        Ok(u16::from_be_bytes([v[0], v[1]]))
+    };
+    let nformats = u16_at(&mut at)? as usize;
+    let mut formats = Vec::with_capacity(nformats);
+    for _ in 0..nformats {
+        formats.push(u16_at(&mut at)?);
+    }
+    let nparams = u16_at(&mut at)? as usize;
+    let mut out = Vec::with_capacity(nparams);
+    for i in 0..nparams {
+        let len = rest.get(at..at + 4).ok_or(())?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        at += 4;
+        if len < 0 {
+            out.push(ParamValue::Null);
+            continue;
+        }
+        let v = rest.get(at..at + len as usize).ok_or(())?;
+        at += len as usize;
+        let format = match nformats {
+            0 => 0,
+            1 => formats[0],
+            _ => *formats.get(i).ok_or(())?,
+        };
+        out.push(if format == 1 {
+            ParamValue::Binary(v)
+        } else {
+            ParamValue::Text(v)
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_control_is_recognised() {
+        assert_eq!(control("BEGIN"), Some(Control::Begin));
+        assert_eq!(
+            control("start transaction isolation level serializable"),
+            Some(Control::Begin)
+        );
+        assert_eq!(control("commit;"), Some(Control::End(TxnEnd::Commit)));
+        assert_eq!(control("END"), Some(Control::End(TxnEnd::Commit)));
+        assert_eq!(control("ROLLBACK"), Some(Control::End(TxnEnd::Rollback)));
+        assert_eq!(control("abort"), Some(Control::End(TxnEnd::Rollback)));
+        assert_eq!(control("ROLLBACK TO SAVEPOINT a"), Some(Control::Other));
+        assert_eq!(control("savepoint a"), Some(Control::Other));
+        assert_eq!(control("PREPARE TRANSACTION 'x'"), Some(Control::Other));
+        assert_eq!(control("PREPARE q AS SELECT 1"), None);
+        assert_eq!(control("COMMIT PREPARED 'x'"), None);
+        assert_eq!(control("SELECT 1"), None);
+    }
+
+    #[test]
+    fn bind_parameters_are_read() {
+        // 1 format (binary), 2 params: int4 7, NULL; 0 result formats.
+        let mut m = vec![
+            0, 1, 0, 1, 0, 2, 0, 0, 0, 4, 0, 0, 0, 7, 255, 255, 255, 255, 0, 0,
+        ];
+        let p = bind_params(&m).unwrap();
+        assert!(matches!(p[0], ParamValue::Binary([0, 0, 0, 7])));
+        assert!(matches!(p[1], ParamValue::Null));
+        m.truncate(8);
+        assert!(bind_params(&m).is_err());
+    }
+}
