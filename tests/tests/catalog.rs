@@ -1117,10 +1117,10 @@ async fn recovery_finishes_admin_transactions_a_crash_left_prepared() {
     let r = shardgate::admin::recover(catalog.login(), &env.db, Duration::ZERO)
         .await
         .unwrap();
-    // The router's own pass at start may have taken the unrecorded one already (it
-    // needs no grace period); the recorded one waits for the grace period, so it is ours.
-    assert_eq!(r.committed, 1);
-    assert!(r.rolled_back <= 1);
+    // The router's own passes (at start, then every 30 s) may have taken either one
+    // already: the unrecorded one needs no grace period, the recorded one 30 s (a slow,
+    // loaded machine gets there). What matters is the end state below.
+    assert!(r.committed <= 1 && r.rolled_back <= 1, "{r:?}");
     let rows: Vec<i32> = w
         .query("SELECT x FROM landed ORDER BY x", &[])
         .await

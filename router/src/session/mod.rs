@@ -576,6 +576,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let b = protocol::decode_bind(f.body())?;
                 match self.stmts.get(b.statement).cloned() {
                     Some(prep) if self.refuse_extended_admin(&prep.query) => {}
+                    // A statement on distributed tables is bound in a routed batch only;
+                    // never run it on the coordinator's empty table.
+                    Some(prep) if self.is_routed_text(&prep.query) => self.raise_on_backend(
+                        sqlstate::FEATURE_NOT_SUPPORTED.code(),
+                        "a statement on distributed tables cannot run here (its batch was not routed)",
+                    ),
+                    None if b.statement.is_empty()
+                        && self
+                            .unnamed
+                            .as_ref()
+                            .is_some_and(|(q, _)| self.is_routed_text(q)) =>
+                    {
+                        self.raise_on_backend(
+                            sqlstate::FEATURE_NOT_SUPPORTED.code(),
+                            "a statement on distributed tables cannot run here (its batch was not routed)",
+                        )
+                    }
                     Some(prep) if !b.statement.is_empty() => {
                         self.ensure_prepared(&prep);
                         protocol::encode_bind(&mut self.bout, b.portal, &prep.name, b.rest);

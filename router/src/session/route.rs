@@ -185,7 +185,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// others too (a safety net: COMMIT / ROLLBACK are normally seen before they go
     /// out), then the backend goes back to its pool when it may.
     pub(super) async fn after_request(&mut self) {
-        if self.status == TxnStatus::Idle && !self.parked.is_empty() && self.expect.is_empty() {
+        let open_elsewhere = self.mode == PoolMode::Transaction
+            || self
+                .parked
+                .iter_mut()
+                .any(|(_, l)| l.conn().status != TxnStatus::Idle);
+        if self.status == TxnStatus::Idle
+            && !self.parked.is_empty()
+            && self.expect.is_empty()
+            && open_elsewhere
+        {
             let end = if self.saw_commit {
                 TxnEnd::Commit
             } else {
@@ -281,7 +290,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let keep = self.mode == PoolMode::Session;
         for (node, mut lease) in std::mem::take(&mut self.parked) {
-            match lease.conn().run_internal(sql).await {
+            let result = if lease.conn().status == TxnStatus::Idle {
+                Ok(())
+            } else {
+                lease.conn().run_internal(sql).await
+            };
+            match result {
                 Ok(()) if keep => self.parked.push((node, lease)),
                 Ok(()) => lease.release(),
                 Err(e) => {
