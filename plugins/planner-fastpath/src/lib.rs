@@ -7,8 +7,11 @@
 //!   `=`; GROUP BY, ORDER BY, LIMIT, window functions, FOR UPDATE: all on one shard);
 //! - `UPDATE t SET ... WHERE dist = ...` (setting `dist` is an error),
 //!   `DELETE FROM t WHERE dist = ...`, both with RETURNING;
-//! - `INSERT INTO t (cols) VALUES (one row) [ON CONFLICT ...] [RETURNING ...]`, the key
-//!   from the row's value of `dist` (missing or NULL: an error).
+//! - `INSERT INTO t [(cols)] VALUES (row) [, (row) ...] [ON CONFLICT ...] [RETURNING ...]`,
+//!   the key from the rows' value of `dist` (missing or NULL: an error; several rows must
+//!   all carry the same literal or parameter — rows of several tenants are not split per
+//!   shard yet). Without a column list, the catalog view's column order tells where
+//!   `dist` is.
 //!
 //! The equality must be a conjunct of the top-level AND of WHERE: an equality inside an
 //! OR branch, an `IN (...)`, or `dist` compared with another expression does not pin
@@ -316,6 +319,20 @@ fn assigns_dist(ctx: &Ctx, assignments: &[ast::Assignment]) -> bool {
 
 /// A shard key written in the SQL: a `$n` parameter or a literal (possibly cast,
 /// parenthesised or negated). `Ok(None)`: NULL. `Err(())`: anything else.
+/// Whether two keys are the same parameter or the same literal.
+fn same_key(a: &ShardKey, b: &ShardKey) -> bool {
+    match (a, b) {
+        (ShardKey::Param(x), ShardKey::Param(y)) => x == y,
+        (ShardKey::Value(x), ShardKey::Value(y)) => match (x, y) {
+            (Literal::Int8(x), Literal::Int8(y)) => x == y,
+            (Literal::Text(x), Literal::Text(y)) => x == y,
+            (Literal::Boolean(x), Literal::Boolean(y)) => x == y,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 fn key_of(e: &Expr) -> Result<Option<ShardKey>, ()> {
     match e {
         Expr::Nested(inner) => key_of(inner),
@@ -459,11 +476,8 @@ fn insert_key(ctx: &mut Ctx, ins: &mut ast::Insert) -> Result<ShardKey, Stop> {
     let SetExpr::Values(values) = &*source.body else {
         return not_mine("INSERT ... SELECT");
     };
-    if values.rows.len() != 1 {
-        return not_mine(format!(
-            "a multi-row INSERT ({} rows): the rows may belong to several shards (splitting per shard is not done yet)",
-            values.rows.len()
-        ));
+    if ins.columns.is_empty() && ctx.table.columns.is_empty() {
+        return not_mine("INSERT without a column list (the catalog view has no column order)");
     }
     let columns: Vec<String> = if ins.columns.is_empty() {
         ctx.table.columns.clone()
@@ -476,9 +490,10 @@ fn insert_key(ctx: &mut Ctx, ins: &mut ast::Insert) -> Result<ShardKey, Stop> {
             ctx.dist
         ));
     };
-    let row = &values.rows[0];
-    if row.len() != columns.len() && (!ins.columns.is_empty() || row.len() <= pos) {
-        return not_mine("INSERT with as many values as columns expected");
+    for row in &values.rows {
+        if row.len() != columns.len() && (!ins.columns.is_empty() || row.len() <= pos) {
+            return not_mine("INSERT with as many values as columns expected");
+        }
     }
     if let Some(OnInsert::OnConflict(c)) = &ins.on
         && let OnConflictAction::DoUpdate(u) = &c.action
@@ -489,7 +504,21 @@ fn insert_key(ctx: &mut Ctx, ins: &mut ast::Insert) -> Result<ShardKey, Stop> {
             ctx.dist
         ));
     }
-    match key_of(&row[pos]) {
+    // Several rows: one shard when every row has the same key (the host's normaliser
+    // gives identical literals one parameter); rows of several tenants would need
+    // splitting per shard, which is not done yet.
+    let first = key_of(&values.rows[0][pos]);
+    let same = |k: &Result<Option<ShardKey>, ()>| match (k, &first) {
+        (Ok(Some(a)), Ok(Some(b))) => same_key(a, b),
+        _ => false,
+    };
+    if values.rows[1..].iter().any(|r| !same(&key_of(&r[pos]))) {
+        return not_mine(format!(
+            "a multi-row INSERT whose rows have different values of the distribution column {} (splitting per shard is not done yet)",
+            ctx.dist
+        ));
+    }
+    match first {
         Ok(Some(k)) => Ok(k),
         Ok(None) => refuse(format!(
             "the distribution column {} of {table} cannot be NULL",
