@@ -12,6 +12,7 @@ const PLUGINS: &[&str] = &[
     "hash-pg-partition",
     "placement-default",
     "planner-fastpath",
+    "planner-router",
     "test-misbehave",
     "test-hash-variant",
 ];

@@ -53,6 +53,9 @@ pub mod builtin {
     /// `planner-fastpath`, the fast-path planner tier (one statement, one distributed
     /// table, the shard pinned by equality on the distribution column).
     pub const PLANNER_FASTPATH: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLANNER_FASTPATH"));
+    /// `planner-router`, the router planner tier (one statement, its distributed tables
+    /// colocated and all pinned to one distribution value; or reference tables only).
+    pub const PLANNER_ROUTER: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLANNER_ROUTER"));
     /// A plugin that misbehaves on request, for the host's tests (not embedded).
     pub const TEST_MISBEHAVE_PATH: &str = env!("SHARDGATE_PLUGIN_TEST_MISBEHAVE");
     /// A distribution plugin that calls itself `hash-citus` but hashes text
@@ -65,6 +68,7 @@ pub mod builtin {
         ("hash-pg-partition", HASH_PG_PARTITION),
         ("placement-default", PLACEMENT_DEFAULT),
         ("planner-fastpath", PLANNER_FASTPATH),
+        ("planner-router", PLANNER_ROUTER),
     ];
 }
 

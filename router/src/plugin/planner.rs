@@ -325,9 +325,11 @@ fn from_wit_template(t: wit::PlanTemplate) -> PlanTemplate {
 /// - every `{tN}` of the template names a target, and every target appears;
 /// - a `Param(i)` key names a parameter the template uses (`$n` outside quotes and
 ///   comments, i < the highest n);
-/// - `SingleShard`: exactly one distinct shard choice (not `AllShards` unless the
-///   table has one shard), and its distributed targets share a colocation group (the
-///   same key hashes to the same shard index in one group only);
+/// - `SingleShard`: the distributed targets share one shard choice (not `AllShards`
+///   unless the table has one shard) and one colocation group (the same key hashes to
+///   the same shard index in one group only); targets of reference tables (one shard,
+///   a placement on every worker) are keyed `AllShards` and go with whichever node the
+///   distributed targets choose; a plan of reference targets only is valid too;
 /// - `AggregateCombine`: an `AvgSumCount` is followed by its count column.
 pub fn validate_plan(plan: &PlanTemplate, tables: &[PlannerTable]) -> Result<(), String> {
     if plan.sql_template.trim().is_empty() {
@@ -370,35 +372,54 @@ pub fn validate_plan(plan: &PlanTemplate, tables: &[PlannerTable]) -> Result<(),
     }
     match &plan.merge {
         MergeKind::SingleShard => {
-            let first = &plan.targets[0].key;
-            if let Some(i) = plan.targets.iter().position(|t| t.key != *first) {
-                return Err(format!(
-                    "a single-shard plan with different shard choices (target 0 and target {i})"
-                ));
-            }
-            if *first == ShardKey::AllShards
-                && let Some(t) = plan
-                    .targets
-                    .iter()
-                    .find(|t| tables[t.table as usize].shard_count != 1)
-            {
-                return Err(format!(
-                    "a single-shard plan on all shards of {} ({} shards)",
-                    tables[t.table as usize].name, tables[t.table as usize].shard_count
-                ));
-            }
-            let mut groups = plan
+            let table = |t: &PlanTarget| &tables[t.table as usize];
+            let is_reference = |t: &PlanTarget| {
+                table(t).kind == PlannerTableKind::Reference && table(t).shard_count == 1
+            };
+            if let Some((i, t)) = plan
                 .targets
                 .iter()
-                .map(|t| &tables[t.table as usize])
-                .filter(|t| t.kind == PlannerTableKind::Distributed)
-                .map(|t| t.colocation_id);
-            if let Some(g) = groups.next()
-                && let Some(other) = groups.find(|x| *x != g)
+                .enumerate()
+                .find(|(_, t)| is_reference(t) && t.key != ShardKey::AllShards)
             {
                 return Err(format!(
-                    "a single-shard plan over colocation groups {g} and {other}"
+                    "target {i}: the reference table {} must be keyed all-shards",
+                    table(t).name
                 ));
+            }
+            let mut distributed = plan
+                .targets
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !is_reference(t));
+            if let Some((f, first)) = distributed.clone().next() {
+                if let Some((i, _)) = distributed.clone().find(|(_, t)| t.key != first.key) {
+                    return Err(format!(
+                        "a single-shard plan with different shard choices (target {f} and target {i})"
+                    ));
+                }
+                if first.key == ShardKey::AllShards
+                    && let Some((_, t)) =
+                        distributed.clone().find(|(_, t)| table(t).shard_count != 1)
+                {
+                    return Err(format!(
+                        "a single-shard plan on all shards of {} ({} shards)",
+                        table(t).name,
+                        table(t).shard_count
+                    ));
+                }
+                let mut groups = distributed
+                    .by_ref()
+                    .map(|(_, t)| table(t))
+                    .filter(|t| t.kind == PlannerTableKind::Distributed)
+                    .map(|t| t.colocation_id);
+                if let Some(g) = groups.next()
+                    && let Some(other) = groups.find(|x| *x != g)
+                {
+                    return Err(format!(
+                        "a single-shard plan over colocation groups {g} and {other}"
+                    ));
+                }
             }
         }
         MergeKind::AggregateCombine(c) => {
@@ -531,6 +552,108 @@ mod tests {
         assert_eq!(highest_param("SELECT $$ $4 $$, $a$ $5 $a$, $2"), 2);
         assert_eq!(highest_param("SELECT E'\\' $4', $1"), 1);
         assert_eq!(highest_param("SELECT a$1 FROM t"), 0);
+    }
+
+    fn table(
+        name: &str,
+        kind: PlannerTableKind,
+        colocation_id: i32,
+        shard_count: u32,
+    ) -> PlannerTable {
+        PlannerTable {
+            name: name.into(),
+            schema: "public".into(),
+            kind,
+            distribution_column: (kind == PlannerTableKind::Distributed).then(|| "id".into()),
+            colocation_id,
+            shard_count,
+            columns: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn single_shard_plans_key_distributed_targets_alike_and_reference_targets_all_shards() {
+        use PlannerTableKind::*;
+        let tables = [
+            table("a", Distributed, 1, 4),
+            table("b", Distributed, 1, 4),
+            table("r", Reference, 0, 1),
+            table("c", Distributed, 2, 4),
+            table("one", Distributed, 3, 1),
+        ];
+        let plan = |targets: &[(u32, ShardKey)], sql: &str| PlanTemplate {
+            targets: targets
+                .iter()
+                .map(|(table, key)| PlanTarget {
+                    table: *table,
+                    key: key.clone(),
+                })
+                .collect(),
+            sql_template: sql.into(),
+            merge: MergeKind::SingleShard,
+        };
+        let p1 = ShardKey::Param(0);
+        let all = ShardKey::AllShards;
+        let one = ShardKey::Value(Literal::Int8(1));
+        let good = [
+            plan(
+                &[(0, p1.clone()), (1, p1.clone())],
+                "SELECT FROM {t0}, {t1} WHERE $1",
+            ),
+            plan(
+                &[(0, p1.clone()), (2, all.clone()), (1, p1.clone())],
+                "SELECT FROM {t0}, {t1}, {t2} WHERE $1",
+            ),
+            plan(&[(2, all.clone())], "SELECT FROM {t0}"),
+            plan(
+                &[(4, all.clone()), (2, all.clone())],
+                "SELECT FROM {t0}, {t1}",
+            ),
+        ];
+        for p in good {
+            assert_eq!(validate_plan(&p, &tables), Ok(()), "{p:?}");
+        }
+        let bad = [
+            (
+                plan(
+                    &[(0, p1.clone()), (1, one.clone())],
+                    "SELECT FROM {t0}, {t1} WHERE $1",
+                ),
+                "different shard choices (target 0 and target 1)",
+            ),
+            (
+                plan(
+                    &[(2, all.clone()), (0, p1.clone()), (1, one.clone())],
+                    "SELECT FROM {t0}, {t1}, {t2} WHERE $1",
+                ),
+                "different shard choices (target 1 and target 2)",
+            ),
+            (
+                plan(
+                    &[(0, p1.clone()), (2, p1.clone())],
+                    "SELECT FROM {t0}, {t1} WHERE $1",
+                ),
+                "reference table r must be keyed all-shards",
+            ),
+            (
+                plan(
+                    &[(0, all.clone()), (2, all.clone())],
+                    "SELECT FROM {t0}, {t1}",
+                ),
+                "single-shard plan on all shards of a (4 shards)",
+            ),
+            (
+                plan(
+                    &[(0, one.clone()), (2, all.clone()), (3, one.clone())],
+                    "SELECT FROM {t0}, {t1}, {t2}",
+                ),
+                "colocation groups 1 and 2",
+            ),
+        ];
+        for (p, want) in bad {
+            let e = validate_plan(&p, &tables).expect_err(want);
+            assert!(e.contains(want), "{p:?}: {e:?} lacks {want:?}");
+        }
     }
 
     #[test]
