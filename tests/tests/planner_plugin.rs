@@ -685,6 +685,12 @@ fn the_router_tier_plans_statements_pinned_to_one_value() {
             vec![(0, p1.clone()), (5, p1.clone())],
             "INSERT INTO {t0} AS orders (tenant_id, id, note) SELECT id, 1, name FROM {t1} AS users WHERE id = $1 ON CONFLICT(tenant_id, id) DO UPDATE SET note = excluded.note",
         ),
+        // A recursive CTE: the join column keeps the pinned value in every iteration.
+        (
+            "WITH RECURSIVE h AS (SELECT id, tenant_id FROM orders WHERE tenant_id = $1 UNION SELECT o.id, o.tenant_id FROM h JOIN orders o ON o.tenant_id = h.tenant_id AND o.id = h.id + 1) SELECT * FROM h",
+            vec![(0, p1.clone())],
+            "WITH RECURSIVE h AS (SELECT id, tenant_id FROM {t0} AS orders WHERE tenant_id = $1 UNION SELECT o.id, o.tenant_id FROM h JOIN {t0} AS o ON o.tenant_id = h.tenant_id AND o.id = h.id + 1) SELECT * FROM h",
+        ),
         (
             "WITH gone AS (DELETE FROM orders WHERE tenant_id = $1 RETURNING *) SELECT count(*) FROM gone",
             vec![(0, p1.clone())],
@@ -756,6 +762,22 @@ fn the_router_tier_leaves_what_may_span_shards() {
         (
             "INSERT INTO countries (code) SELECT note FROM orders WHERE tenant_id = 1",
             "reference table",
+        ),
+        // An unqualified column an inner table may also have (the catalog view has no
+        // columns here) is not taken for the outer one.
+        (
+            "SELECT * FROM orders o WHERE o.tenant_id = 1 AND EXISTS (SELECT 1 FROM users u WHERE u.id = tenant_id)",
+            "users is not pinned",
+        ),
+        // A pin outside a derived table is not pushed into it.
+        (
+            "SELECT * FROM (SELECT * FROM users) x WHERE x.id = 1",
+            "users is not pinned",
+        ),
+        // A recursive CTE whose recursive branch does not keep the pinned column.
+        (
+            "WITH RECURSIVE h AS (SELECT id, tenant_id FROM orders WHERE tenant_id = 1 UNION SELECT o.id, o.id FROM h JOIN orders o ON o.tenant_id = h.tenant_id) SELECT * FROM h",
+            "orders is not pinned",
         ),
         ("SELECT 1", "no table"),
         ("SELECT '{t0}' FROM countries", "`{t`"),
