@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# Routed single-shard statements vs plain pooled pass-through, side by side (issue 4;
+# DESIGN.md budget: a single-tenant query on a distributed table within 10 % of plain
+# pooled pass-through).
+#
+#   bench/pgbench_distributed.sh                                # ROUNDS=3 DURATION=20
+#   ROUNDS=1 DURATION=5 bench/pgbench_distributed.sh            # smoke run
+#   MODES="simple extended prepared" bench/pgbench_distributed.sh
+#
+# Self-contained (temp dirs, free ports on 127.0.0.1, trust auth, torn down on exit):
+#  (a) passthrough: shardgate in front of ONE plain Postgres; `pgbench -i -s SCALE`
+#      directly against it, then VACUUM ANALYZE + CHECKPOINT;
+#  (b) distributed: shardgate in front of a coordinator and 2 worker Postgres servers
+#      (`[[workers]]`, max_prepared_transactions > 0 and wal_level = logical as
+#      `shardgate dev` sets them); `pgbench -i -s SCALE` THROUGH the router, then
+#      `SELECT create_distributed_table('pgbench_accounts', 'aid', shard_count => SHARDS)`
+#      through the router, then VACUUM ANALYZE + CHECKPOINT on every node.
+# Both routers use the same pool_size (POOL_SIZE, default 8; in (b) that is per node).
+# For each round and each mode: `pgbench -n -S -M MODE -c CLIENTS -j THREADS -T DURATION`
+# against both, the order alternating from round to round. Prints raw tps per run, the
+# router's CPU time (user+sys from /proc) per transaction, per-mode medians and the ratio
+# distributed/passthrough (target >= 0.9), then checks correctness: 0 failed
+# transactions in every run, a row for `aid = 12345` through the distributed router,
+# all SCALE*100000 rows in the shards on the workers, and plan-cache hits in the
+# router's metrics. Stops at the first failing run and prints pgbench's output and the
+# router's log.
+
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-20}"
+CLIENTS="${CLIENTS:-16}"
+THREADS="${THREADS:-2}"
+SCALE="${SCALE:-10}"
+SHARDS="${SHARDS:-32}"
+MODES="${MODES:-simple prepared}"
+CLK_TCK="$(getconf CLK_TCK)"
+
+# The distributed setup's servers and router, stopped here; the passthrough's Postgres
+# and router are common.sh's (PG_DATA, SG_PID) and stopped by bench_cleanup.
+DIST_DIRS=()
+SGD_PID=""
+dist_cleanup() {
+    local rc=$?
+    set +e
+    if [[ -n "$SGD_PID" ]] && kill -0 "$SGD_PID" 2>/dev/null; then
+        kill -TERM "$SGD_PID"; for _ in $(seq 50); do kill -0 "$SGD_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$SGD_PID" 2>/dev/null
+    fi
+    for d in "${DIST_DIRS[@]}"; do
+        as_pg "$PG_BIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
+    done
+    (exit $rc)
+    bench_cleanup
+}
+trap dist_cleanup EXIT
+
+# start_node NAME: initdb + start a Postgres for the distributed setup; sets NODE_PORT.
+# Same settings as common.sh's start_postgres, plus what shardgate needs of its nodes.
+start_node() {
+    local name="$1" dir="$WORK/$1"
+    NODE_PORT="$(free_port)"
+    mkdir -p "$dir"
+    chown -R postgres:postgres "$WORK"
+    as_pg "$PG_BIN/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C >"$WORK/initdb-$name.log" 2>&1
+    cat >>"$dir/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $NODE_PORT
+unix_socket_directories = '$WORK'
+max_connections = 200
+max_prepared_transactions = 200
+wal_level = logical
+shared_buffers = 512MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+logging_collector = off
+CONF
+    as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$WORK/$name.log" -w -t 60 start >/dev/null
+    DIST_DIRS+=("$dir")
+    log "$name listening on 127.0.0.1:$NODE_PORT"
+}
+
+start_distributed_router() {
+    SGD_PORT="$(free_port)"
+    SGD_METRICS_PORT="$(free_port)"
+    cat >"$WORK/shardgate-dist.toml" <<CONF
+[server]
+listen = "127.0.0.1:$SGD_PORT"
+metrics_listen = "127.0.0.1:$SGD_METRICS_PORT"
+auth_method = "trust"
+pool_size = $POOL_SIZE
+pool_mode = "transaction"
+max_client_connections = 20000
+worker_threads = ${SG_WORKER_THREADS:-0}
+[coordinator]
+host = "127.0.0.1"
+port = $COORD_PORT
+[[workers]]
+name = "worker1"
+host = "127.0.0.1"
+port = $W1_PORT
+[[workers]]
+name = "worker2"
+host = "127.0.0.1"
+port = $W2_PORT
+[[users]]
+name = "postgres"
+CONF
+    "$SHARDGATE" serve --config "$WORK/shardgate-dist.toml" >"$WORK/shardgate-dist.log" 2>&1 &
+    SGD_PID=$!
+    wait_port 127.0.0.1 "$SGD_PORT" "shardgate (distributed)"
+    log "shardgate distributed (pid $SGD_PID) listening on 127.0.0.1:$SGD_PORT"
+}
+
+sql_at() { # port sql...: psql -At against 127.0.0.1:port, database postgres
+    local port="$1"; shift
+    local args=()
+    for s in "$@"; do args+=(-c "$s"); done
+    psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "${args[@]}"
+}
+
+raise_nofile
+ensure_shardgate
+
+# (a) passthrough
+start_postgres
+start_shardgate
+log "passthrough: pgbench -i -s $SCALE (direct)"
+pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >"$WORK/pgbench-init-pass.log" 2>&1
+sql_at "$PG_PORT" 'VACUUM ANALYZE' 'CHECKPOINT' >/dev/null
+
+# (b) distributed
+start_node coordinator; COORD_PORT="$NODE_PORT"
+start_node worker1; W1_PORT="$NODE_PORT"
+start_node worker2; W2_PORT="$NODE_PORT"
+start_distributed_router
+log "distributed: pgbench -i -s $SCALE (through the router)"
+if ! pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$SGD_PORT" -U postgres postgres >"$WORK/pgbench-init-dist.log" 2>&1; then
+    log "FAILED: pgbench -i through the distributed router"
+    cat "$WORK/pgbench-init-dist.log"; tail -50 "$WORK/shardgate-dist.log"; exit 1
+fi
+log "distributed: create_distributed_table('pgbench_accounts', 'aid', shard_count => $SHARDS)"
+t0="$(date +%s.%N)"
+sql_at "$SGD_PORT" "SELECT create_distributed_table('pgbench_accounts', 'aid', shard_count => $SHARDS)" >/dev/null
+log "distributed: done in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
+for p in "$COORD_PORT" "$W1_PORT" "$W2_PORT"; do
+    sql_at "$p" 'VACUUM ANALYZE' 'CHECKPOINT' >/dev/null
+done
+
+# Rows per node after distribution (the shards are pgbench_accounts_<shardid>).
+count_shard_rows() { # port
+    sql_at "$1" "SELECT coalesce(sum((xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', schemaname, tablename), false, true, '')))[1]::text::bigint), 0)
+                 FROM pg_tables WHERE tablename ~ '^pgbench_accounts_[0-9]+\$'"
+}
+W1_ROWS="$(count_shard_rows "$W1_PORT")"
+W2_ROWS="$(count_shard_rows "$W2_PORT")"
+W1_SHARDS="$(sql_at "$W1_PORT" "SELECT count(*) FROM pg_tables WHERE tablename ~ '^pgbench_accounts_[0-9]+\$'")"
+W2_SHARDS="$(sql_at "$W2_PORT" "SELECT count(*) FROM pg_tables WHERE tablename ~ '^pgbench_accounts_[0-9]+\$'")"
+log "shards: worker1 $W1_SHARDS shards / $W1_ROWS rows, worker2 $W2_SHARDS shards / $W2_ROWS rows"
+
+port_of() { case "$1" in passthrough) echo "$SG_PORT";; distributed) echo "$SGD_PORT";; esac; }
+pid_of()  { case "$1" in passthrough) echo "$SG_PID";; distributed) echo "$SGD_PID";; esac; }
+log_of()  { case "$1" in passthrough) echo "$WORK/shardgate.log";; distributed) echo "$WORK/shardgate-dist.log";; esac; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime+stime of a pid (all threads)
+metric() { # metrics-port name: the sum of the samples of one metric
+    curl -fsS "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v n="$2" '$1 == n || index($1, n"{") == 1 {s += $2} END {printf "%d", s}'
+}
+
+RAW="$WORK/raw.tsv"
+printf 'round\tmode\ttarget\ttps\tfailed\tlat_ms\trouter_cpu_s\trouter_us_per_txn\tload1_before\n' >"$RAW"
+TARGETS=(passthrough distributed)
+
+for ((r = 1; r <= ROUNDS; r++)); do
+    for mode in $MODES; do
+        for ((k = 0; k < 2; k++)); do
+            t="${TARGETS[$(( (k + r - 1) % 2 ))]}"
+            out="$WORK/pgbench-r$r-$mode-$t.log"
+            pid="$(pid_of "$t")"
+            load1="$(cut -d' ' -f1 /proc/loadavg)"
+            c0="$(cpu_ticks "$pid")"
+            set +e
+            pgbench -n -S -M "$mode" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" \
+                -h 127.0.0.1 -p "$(port_of "$t")" -U postgres postgres >"$out" 2>&1
+            rc=$?
+            set -e
+            c1="$(cpu_ticks "$pid")"
+            tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out")"
+            failed="$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")"
+            lat="$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$out")"
+            if [[ $rc -ne 0 || -z "$tps" || "${failed:-0}" != 0 ]] || grep -qiE 'aborted|error' "$out"; then
+                log "FAILED: round $r mode $mode target $t (exit $rc)"
+                echo "---- command: pgbench -n -S -M $mode -c $CLIENTS -j $THREADS -T $DURATION -h 127.0.0.1 -p $(port_of "$t") -U postgres postgres"
+                echo "---- pgbench output:"; cat "$out"
+                echo "---- router log (tail):"; tail -50 "$(log_of "$t")"
+                exit 1
+            fi
+            cpu_s="$(awk -v a="$c0" -v b="$c1" -v h="$CLK_TCK" 'BEGIN{printf "%.2f", (b-a)/h}')"
+            us="$(awk -v c="$cpu_s" -v t="$tps" -v d="$DURATION" 'BEGIN{printf "%.1f", c*1e6/(t*d)}')"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$mode" "$t" "$tps" "${failed:-0}" "$lat" "$cpu_s" "$us" "$load1" >>"$RAW"
+            log "round $r $mode $t: tps=$tps lat=${lat}ms router_cpu=${cpu_s}s (${us} us/txn)"
+        done
+    done
+done
+
+# Correctness of the distributed setup after the runs.
+CHECK_FAIL=0
+ROW="$(sql_at "$SGD_PORT" 'SELECT abalance FROM pgbench_accounts WHERE aid = 12345')" || CHECK_FAIL=1
+[[ -n "$ROW" ]] || CHECK_FAIL=1
+ROW_PASS="$(sql_at "$SG_PORT" 'SELECT abalance FROM pgbench_accounts WHERE aid = 12345')"
+[[ "$ROW" == "$ROW_PASS" ]] || CHECK_FAIL=1
+COORD_ROWS="$(sql_at "$COORD_PORT" 'SELECT count(*) FROM ONLY pgbench_accounts')"
+(( W1_ROWS + W2_ROWS == SCALE * 100000 )) || CHECK_FAIL=1
+HITS="$(metric "$SGD_METRICS_PORT" shardgate_plan_cache_hits_total)"
+MISSES="$(metric "$SGD_METRICS_PORT" shardgate_plan_cache_misses_total)"
+REFUSALS="$(metric "$SGD_METRICS_PORT" shardgate_plan_refusals_total)"
+[[ "${HITS:-0}" -gt 0 ]] || CHECK_FAIL=1
+W1_COMMITS="$(sql_at "$W1_PORT" "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'")"
+W2_COMMITS="$(sql_at "$W2_PORT" "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'")"
+DIST_ERRORS="$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/shardgate-dist.log" | awk '$2 == "ERROR" || $2 == "WARN"' | wc -l)"
+
+echo
+echo "# pgbench -n -S -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $ROUNDS rounds, pool size $POOL_SIZE (per node), $SHARDS shards"
+echo "# $("$SHARDGATE" --version 2>/dev/null || echo shardgate); $("$PG_BIN/postgres" --version); nproc $(nproc)"
+echo
+echo "## raw runs"
+column -t -s $'\t' "$RAW"
+echo
+python3 - "$RAW" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+modes = list(dict.fromkeys(r["mode"] for r in rows))
+rounds = sorted({r["round"] for r in rows}, key=int)
+def get(r, m, t, k="tps"):
+    return next(float(x[k]) for x in rows if x["round"] == r and x["mode"] == m and x["target"] == t)
+def med(m, t, k="tps"):
+    return statistics.median(float(x[k]) for x in rows if x["mode"] == m and x["target"] == t)
+print("## medians")
+print(f"{'mode':<10}{'passthrough':>13}{'distributed':>13}{'dist/pass':>11}{'paired median':>15}{'pass us/txn':>13}{'dist us/txn':>13}  target")
+for m in modes:
+    p, d = med(m, "passthrough"), med(m, "distributed")
+    paired = statistics.median(get(r, m, "distributed") / get(r, m, "passthrough") for r in rounds)
+    ok = "met" if min(d / p, paired) >= 0.9 else ("NOT met" if max(d / p, paired) < 0.9 else "borderline")
+    print(f"{m:<10}{p:>13.0f}{d:>13.0f}{d / p:>11.3f}{paired:>15.3f}"
+          f"{med(m, 'passthrough', 'router_us_per_txn'):>13.1f}{med(m, 'distributed', 'router_us_per_txn'):>13.1f}  >= 0.9: {ok}")
+print()
+print("## per round distributed/passthrough (tps; router CPU per txn)")
+for m in modes:
+    print(f"{m}: tps " + " ".join(f"{get(r, m, 'distributed') / get(r, m, 'passthrough'):.3f}" for r in rounds)
+          + "; CPU/txn " + " ".join(f"{get(r, m, 'distributed', 'router_us_per_txn') / get(r, m, 'passthrough', 'router_us_per_txn'):.2f}" for r in rounds))
+print()
+print("(us/txn = the router process's user+sys CPU time per pgbench transaction)")
+PY
+echo
+echo "## correctness (distributed setup)"
+echo "SELECT abalance FROM pgbench_accounts WHERE aid = 12345 : distributed '${ROW}', passthrough '${ROW_PASS}'"
+echo "rows in shards on the workers                           : $W1_ROWS + $W2_ROWS = $((W1_ROWS + W2_ROWS)) (expected $((SCALE * 100000))); shards $W1_SHARDS + $W2_SHARDS"
+echo "rows left in the coordinator's pgbench_accounts        : $COORD_ROWS"
+echo "router plan cache: hits $HITS, misses $MISSES, refusals $REFUSALS"
+echo "worker transactions committed (pg_stat_database)        : worker1 $W1_COMMITS, worker2 $W2_COMMITS"
+echo "failed transactions in every pgbench run                : 0 (a run with failures stops the script)"
+echo "ERROR/WARN lines in the distributed router's log        : $DIST_ERRORS"
+if [[ "$CHECK_FAIL" != 0 ]]; then
+    log "CORRECTNESS CHECK FAILED"; tail -50 "$WORK/shardgate-dist.log"; exit 1
+fi
+if [[ -n "${RAW_OUT:-}" ]]; then cp "$RAW" "$RAW_OUT"; fi
