@@ -336,7 +336,9 @@ fn same_key(a: &ShardKey, b: &ShardKey) -> bool {
 fn key_of(e: &Expr) -> Result<Option<ShardKey>, ()> {
     match e {
         Expr::Nested(inner) => key_of(inner),
-        Expr::Cast { expr, .. } => key_of(expr),
+        Expr::Cast {
+            expr, data_type, ..
+        } if value_preserving_cast(data_type) => key_of(expr),
         Expr::UnaryOp {
             op: UnaryOperator::Minus,
             expr,
@@ -585,4 +587,27 @@ fn set_alias(
             columns: Vec::new(),
         });
     }
+}
+
+/// Casts a key may carry and still be the value it is written as: integer types, text
+/// and varchar without a length, uuid, boolean. Others (`varchar(2)`, `char(n)`,
+/// `numeric`...) may change the value, so such a key does not pin a shard.
+fn value_preserving_cast(t: &ast::DataType) -> bool {
+    use ast::DataType as D;
+    matches!(
+        t,
+        D::SmallInt(_)
+            | D::Int(_)
+            | D::Integer(_)
+            | D::BigInt(_)
+            | D::Int2(_)
+            | D::Int4(_)
+            | D::Int8(_)
+            | D::Text
+            | D::Varchar(None)
+            | D::CharacterVarying(None)
+            | D::Uuid
+            | D::Bool
+            | D::Boolean
+    )
 }

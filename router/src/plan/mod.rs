@@ -86,7 +86,8 @@ pub struct Bound {
 pub enum ParamValue<'a> {
     Null,
     Text(&'a [u8]),
-    Binary(&'a [u8]),
+    /// Binary format, with the parameter's type oid (0: unknown).
+    Binary(&'a [u8], u32),
 }
 
 struct Metrics {
@@ -538,7 +539,7 @@ impl Planner {
                             })?,
                             vt,
                         )?),
-                        Some(ParamValue::Binary(b)) => Some(binary_value(b, vt)?),
+                        Some(ParamValue::Binary(b, oid)) => Some(binary_value(b, oid, vt)?),
                     }
                 }
             }
@@ -576,34 +577,62 @@ fn literal_value(l: &Literal, t: ValueType) -> Result<Value, PlanError> {
     }
 }
 
-/// A parameter in binary format -> the plugin's value.
-fn binary_value(b: &[u8], t: ValueType) -> Result<Value, PlanError> {
-    let bad = || PlanError::InvalidValue(format!("invalid binary value for a {t:?} parameter"));
-    // A client may bind an integer of another width than the column's.
-    let int = || -> Result<i64, PlanError> {
-        Ok(match b.len() {
-            2 => i16::from_be_bytes([b[0], b[1]]) as i64,
-            4 => i32::from_be_bytes(b.try_into().map_err(|_| bad())?) as i64,
-            8 => i64::from_be_bytes(b.try_into().map_err(|_| bad())?),
-            _ => return Err(bad()),
-        })
+/// A parameter in binary format of type `oid` -> the plugin's value for a column of
+/// type `t` (as Postgres would convert it for `column = $n`). A binary value of
+/// unknown type is refused: guessing its type could route to the wrong shard.
+fn binary_value(b: &[u8], oid: u32, t: ValueType) -> Result<Value, PlanError> {
+    let bad = || {
+        PlanError::InvalidValue(format!(
+            "invalid binary value for a parameter of type oid {oid}"
+        ))
     };
-    let range = || PlanError::InvalidValue(format!("value out of range for a {t:?} column"));
-    Ok(match t {
-        ValueType::Int2 => Value::Int2(i16::try_from(int()?).map_err(|_| range())?),
-        ValueType::Int4 => Value::Int4(i32::try_from(int()?).map_err(|_| range())?),
-        ValueType::Int8 => Value::Int8(int()?),
-        ValueType::Text | ValueType::Varchar => {
-            Value::Text(String::from_utf8(b.to_vec()).map_err(|_| bad())?)
+    let text = match oid {
+        20 | 21 | 23 => {
+            let v: i64 = match (oid, b.len()) {
+                (20, 8) => i64::from_be_bytes(b.try_into().map_err(|_| bad())?),
+                (23, 4) => i32::from_be_bytes(b.try_into().map_err(|_| bad())?) as i64,
+                (21, 2) => i16::from_be_bytes([b[0], b[1]]) as i64,
+                _ => return Err(bad()),
+            };
+            let range = || {
+                PlanError::InvalidValue(format!(
+                    "value {v} out of range for the distribution column"
+                ))
+            };
+            return Ok(match t {
+                ValueType::Int2 => Value::Int2(i16::try_from(v).map_err(|_| range())?),
+                ValueType::Int4 => Value::Int4(i32::try_from(v).map_err(|_| range())?),
+                ValueType::Int8 => Value::Int8(v),
+                _ => parse(&v.to_string(), t)?,
+            });
         }
-        ValueType::Boolean => match b {
-            [0] => Value::Boolean(false),
-            [1] => Value::Boolean(true),
+        // text, varchar, bpchar, name, unknown-as-text
+        25 | 1043 | 1042 | 19 | 705 => String::from_utf8(b.to_vec()).map_err(|_| bad())?,
+        2950 if b.len() == 16 => {
+            return match t {
+                ValueType::Uuid => Ok(Value::Uuid(b.to_vec())),
+                _ => Err(PlanError::InvalidValue(
+                    "a uuid parameter for a distribution column of another type".into(),
+                )),
+            };
+        }
+        16 => match b {
+            [0] => "false".into(),
+            [1] => "true".into(),
             _ => return Err(bad()),
         },
-        ValueType::Uuid if b.len() == 16 => Value::Uuid(b.to_vec()),
-        ValueType::Uuid => return Err(bad()),
-    })
+        _ => {
+            return Err(PlanError::NotSupported(format!(
+                "a distribution value bound in binary format with {} type cannot be routed; let the driver describe the statement, or send the parameter as text",
+                if oid == 0 {
+                    "an unspecified".to_owned()
+                } else {
+                    format!("type oid {oid}, a")
+                }
+            )));
+        }
+    };
+    parse(&text, t)
 }
 
 /// `"ident"`, quotes doubled.

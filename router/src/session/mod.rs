@@ -61,6 +61,8 @@ enum Expect {
         forward: bool,
         prepares: Option<Arc<Prepared>>,
         undo: Option<Undo>,
+        /// A Describe of this statement: its ParameterDescription is kept.
+        describes: Option<Arc<Prepared>>,
     },
     /// A reply the router makes itself, sent when every earlier reply has been.
     Synth { tag: u8, undo: Option<Undo> },
@@ -81,6 +83,7 @@ fn msg(forward: bool) -> Expect {
         forward,
         prepares: None,
         undo: None,
+        describes: None,
     }
 }
 
@@ -549,6 +552,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             forward: true,
                             prepares: None,
                             undo,
+                            describes: None,
                         });
                     } else if self.is_prepared(prep.id) {
                         self.expect.push_back(Expect::Synth {
@@ -567,6 +571,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             forward: true,
                             prepares: Some(prep.clone()),
                             undo,
+                            describes: None,
                         });
                     }
                 }
@@ -615,7 +620,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Some(prep) if kind == b'S' && !name.is_empty() => {
                         self.ensure_prepared(&prep);
                         protocol::encode_target(&mut self.bout, tag::DESCRIBE, b'S', &prep.name);
-                        self.expect.push_back(msg(true));
+                        self.expect.push_back(Expect::Msg {
+                            forward: true,
+                            prepares: None,
+                            undo: None,
+                            describes: Some(prep),
+                        });
                     }
                     _ if kind == b'S' && name.starts_with(ROUTER_STMT_PREFIX) => {
                         self.raise_unknown_statement(name)
@@ -698,6 +708,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 forward: false,
                 prepares: Some(prep.clone()),
                 undo: None,
+                describes: None,
             });
         }
     }
@@ -1057,6 +1068,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // DataRow, ParameterDescription, copy messages, FunctionCallResponse...
                 if self.expect.is_empty() {
                     return self.desync("message with nothing outstanding");
+                }
+                if f.tag == btag::PARAMETER_DESCRIPTION
+                    && let Some(Expect::Msg {
+                        describes: Some(p), ..
+                    }) = self.expect.front()
+                    && p.described.get().is_none()
+                {
+                    let _ = p.described.set(route::param_oids(f.body()));
                 }
                 if !internal {
                     self.out.extend_from_slice(f.raw);

@@ -20,6 +20,9 @@ pub struct Prepared {
     pub param_types: Bytes,
     /// Some backend accepted this Parse once (the text is valid SQL for its types).
     pub validated: AtomicBool,
+    /// The parameter types a backend described (ParameterDescription): how binary
+    /// parameters of unspecified type are read when a distribution key is bound.
+    pub described: std::sync::OnceLock<Vec<u32>>,
 }
 
 #[derive(Default)]
@@ -58,6 +61,7 @@ impl PreparedRegistry {
             query: key.0.clone(),
             param_types: key.1.clone(),
             validated: AtomicBool::new(false),
+            described: std::sync::OnceLock::new(),
         });
         if map.len() < MAX_SHARED {
             map.insert(key, p.clone());

@@ -112,7 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             params.get(i).map(|p| match p {
                 ParamValue::Null => ParamValue::Null,
                 ParamValue::Text(b) => ParamValue::Text(b),
-                ParamValue::Binary(b) => ParamValue::Binary(b),
+                ParamValue::Binary(b, oid) => ParamValue::Binary(b, *oid),
             })
         };
         let prefer = self
@@ -239,9 +239,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let c = lease.conn();
             self.cancel.set(Some((c.addr, c.pid, c.secret)));
             self.lease = Some(lease);
-            return Ok(());
         }
-        if self.status != TxnStatus::Idle {
+        // A node joining an open transaction (new, or held idle with session pooling)
+        // gets its BEGIN first.
+        let joins = self.status != TxnStatus::Idle
+            && self
+                .lease
+                .as_mut()
+                .is_none_or(|l| l.conn().status == TxnStatus::Idle);
+        if joins {
             self.ensure_lease().await?;
             let fp = self.settings.fingerprint();
             let apply = self.settings.apply_sql();
@@ -254,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Err(e) = conn.run_internal(&begin).await {
                 // The node refused the client's own BEGIN: plain BEGIN then.
                 tracing::warn!(error = %e, "BEGIN on a node joining the transaction failed; using plain BEGIN");
+                let _ = conn.run_internal("ROLLBACK").await;
                 conn.run_internal("BEGIN").await?;
             }
         }
@@ -320,14 +327,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .unnamed
             .as_ref()
             .map(|(q, t)| (q.clone(), param_oids(t)));
+        // Statements parsed earlier in this batch (not in `stmts` yet).
+        let mut named: Vec<(Bytes, (Bytes, Vec<u32>))> = Vec::new();
         for f in &self.batch {
             match f.tag {
                 tag::PARSE => {
-                    if let Ok(p) = protocol::decode_parse(f.body())
-                        && p.name.is_empty()
-                    {
-                        unnamed =
-                            Some((Bytes::copy_from_slice(p.query), param_oids(p.param_types)));
+                    if let Ok(p) = protocol::decode_parse(f.body()) {
+                        let parsed = (Bytes::copy_from_slice(p.query), param_oids(p.param_types));
+                        if p.name.is_empty() {
+                            unnamed = Some(parsed);
+                        } else if !self.stmts.contains_key(p.name) {
+                            named.push((Bytes::copy_from_slice(p.name), parsed));
+                        }
                     }
                 }
                 tag::BIND => {
@@ -339,11 +350,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             Some((q, t)) => (q.clone(), t.clone()),
                             None => continue,
                         }
-                    } else {
-                        match self.stmts.get(b.statement) {
-                            Some(p) => (p.query.clone(), param_oids(&p.param_types)),
-                            None => continue,
+                    } else if let Some(p) = self.stmts.get(b.statement) {
+                        // Unspecified types: as a backend described them.
+                        let mut t = param_oids(&p.param_types);
+                        if let Some(d) = p.described.get() {
+                            t.resize(t.len().max(d.len()), 0);
+                            for (x, y) in t.iter_mut().zip(d) {
+                                if *x == 0 {
+                                    *x = *y;
+                                }
+                            }
                         }
+                        (p.query.clone(), t)
+                    } else if let Some((_, (q, t))) =
+                        named.iter().rev().find(|(n, _)| n == b.statement)
+                    {
+                        (q.clone(), t.clone())
+                    } else {
+                        continue;
                     };
                     let sql = std::str::from_utf8(&query).unwrap_or("");
                     if !self.is_routed_text(&query) {
@@ -352,7 +376,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         }
                         continue;
                     }
-                    let params = bind_params(b.rest)
+                    let params = bind_params(b.rest, &types)
                         .map_err(|_| PlanError::InvalidValue("malformed Bind message".into()))?;
                     let bound = self.bind_statement(sql, &types, &params)?;
                     match group {
@@ -510,8 +534,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(())
             }
             TxnStatus::Idle => {
-                if ctl == Some(Control::Begin) {
-                    self.begin_sql = sql.map(str::to_owned);
+                if ctl == Some(Control::Begin)
+                    && let Some(sql) = sql
+                {
+                    // `BEGIN; INSERT ...` in one query: the BEGIN alone is replayed on
+                    // nodes joining later, and the coordinator has written.
+                    if normalize(sql).multi {
+                        self.begin_sql = None;
+                        if self.writes_here(sql) {
+                            self.writer = Some(None);
+                        }
+                    } else {
+                        self.begin_sql = Some(sql.to_owned());
+                    }
                 }
                 self.switch_to(None).await
             }
@@ -541,7 +576,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.skip_until_sync {
             return Ok(());
         }
-        let pinned = self.needs_sync || !self.expect.is_empty();
+        // Messages sent without a Sync after them tie the batch to the current node;
+        // replies still expected from it are collected by `switch_to`.
+        let pinned = self.needs_sync;
         if self.status == TxnStatus::Failed && !pinned {
             if let Some(Control::End(e)) = self.batch_control() {
                 self.end_others_first(e).await?;
@@ -770,7 +807,7 @@ pub(super) fn param_oids(raw: &[u8]) -> Vec<u32> {
 }
 
 /// The parameter values of a Bind message (after portal and statement names).
-pub(super) fn bind_params(rest: &[u8]) -> Result<Vec<ParamValue<'_>>, ()> {
+pub(super) fn bind_params<'a>(rest: &'a [u8], oids: &[u32]) -> Result<Vec<ParamValue<'a>>, ()> {
     let mut at = 0;
     let u16_at = |at: &mut usize| -> Result<u16, ()> {
         let v = rest.get(*at..*at + 2).ok_or(())?;
@@ -800,7 +837,7 @@ pub(super) fn bind_params(rest: &[u8]) -> Result<Vec<ParamValue<'_>>, ()> {
             _ => *formats.get(i).ok_or(())?,
         };
         out.push(if format == 1 {
-            ParamValue::Binary(v)
+            ParamValue::Binary(v, oids.get(i).copied().unwrap_or(0))
         } else {
             ParamValue::Text(v)
         });
@@ -837,10 +874,10 @@ mod tests {
         let mut m = vec![
             0, 1, 0, 1, 0, 2, 0, 0, 0, 4, 0, 0, 0, 7, 255, 255, 255, 255, 0, 0,
         ];
-        let p = bind_params(&m).unwrap();
-        assert!(matches!(p[0], ParamValue::Binary([0, 0, 0, 7])));
+        let p = bind_params(&m, &[23]).unwrap();
+        assert!(matches!(p[0], ParamValue::Binary([0, 0, 0, 7], 23)));
         assert!(matches!(p[1], ParamValue::Null));
         m.truncate(8);
-        assert!(bind_params(&m).is_err());
+        assert!(bind_params(&m, &[]).is_err());
     }
 }

@@ -1,0 +1,293 @@
+//! Sessions over several nodes: transactions touching the coordinator and two workers in
+//! both pool modes, failed transactions, key conversions (binary and text parameters,
+//! NULL), and the plan cache's metrics. Real Postgres: a coordinator and 2 workers.
+
+use shardgate_tests::tokio_postgres::{Client, Error};
+use shardgate_tests::{EnvOptions, TestEnv};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn code(e: &Error) -> String {
+    e.as_db_error()
+        .map(|d| d.code().code().to_owned())
+        .unwrap_or_else(|| format!("not a db error: {e}"))
+}
+
+async fn fleet(pool_mode: &'static str) -> TestEnv {
+    TestEnv::with(EnvOptions {
+        workers: 2,
+        pool_mode,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Creates `t(id int8, v int)` in 8 shards with ids 1..=40, and returns two ids whose
+/// shards are on different nodes.
+async fn table(c: &Client) -> (i64, i64) {
+    c.batch_execute(
+        "CREATE TABLE t (id int8 PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         CREATE TABLE local_log (n int)",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("SELECT create_distributed_table('t', 'id', shard_count => 8)")
+        .await
+        .unwrap();
+    for id in 1..=40i64 {
+        c.execute("INSERT INTO t (id, v) VALUES ($1, 0)", &[&id])
+            .await
+            .unwrap();
+    }
+    let mut by_group: std::collections::HashMap<i32, i64> = Default::default();
+    for id in 1..=40i64 {
+        let sid: i64 = c
+            .simple_query(&format!(
+                "SELECT get_shard_id_for_distribution_column('t', {id})"
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .find_map(|m| match m {
+                shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    r.get(0).map(|v| v.parse().unwrap())
+                }
+                _ => None,
+            })
+            .unwrap();
+        let g: i32 = c
+            .query_one(
+                "SELECT groupid FROM shardgate.pg_dist_placement WHERE shardid = $1",
+                &[&sid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        by_group.entry(g).or_insert(id);
+    }
+    let ids: Vec<i64> = by_group.values().copied().collect();
+    assert_eq!(ids.len(), 2, "rows on both workers: {by_group:?}");
+    (ids[0], ids[1])
+}
+
+async fn v(c: &Client, id: i64) -> i32 {
+    c.query_one("SELECT v FROM t WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Open transactions left on any node by the router (none once clients are done).
+async fn open_transactions(env: &TestEnv) -> i64 {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state LIKE 'idle in transaction%'",
+        env.db
+    );
+    let mut n = 0;
+    for _ in 0..50 {
+        n = 0;
+        for c in [env.direct().await, env.worker(0).await, env.worker(1).await] {
+            n += c.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0);
+        }
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_over_the_coordinator_and_two_workers() {
+    for mode in ["transaction", "session"] {
+        let env = fleet(mode).await;
+        let c = env.client().await;
+        let (a, b) = table(&c).await;
+
+        // One node writes, the others (a worker, the coordinator) read: it commits.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("UPDATE t SET v = 1 WHERE id = $1", &[&a])
+            .await
+            .unwrap();
+        assert_eq!(v(&c, b).await, 0, "{mode}: read on the other worker");
+        assert_eq!(
+            v(&c, a).await,
+            1,
+            "{mode}: own write visible in the transaction"
+        );
+        c.batch_execute("SELECT count(*) FROM local_log")
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        let other = env.client().await;
+        assert_eq!(v(&other, a).await, 1, "{mode}: committed");
+
+        // A second writer node aborts the transaction; nothing of it stays.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("UPDATE t SET v = 2 WHERE id = $1", &[&a])
+            .await
+            .unwrap();
+        let e = c
+            .execute("UPDATE t SET v = 2 WHERE id = $1", &[&b])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "0A000", "{mode}: {e:?}");
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(code(&e), "25P02", "{mode}");
+        let e = c
+            .query("SELECT v FROM t WHERE id = $1", &[&b])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "25P02", "{mode}: the failed node answers");
+        c.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(v(&c, a).await, 1, "{mode}: rolled back");
+        assert_eq!(v(&c, b).await, 0, "{mode}");
+
+        // The coordinator writing and a worker writing: refused too.
+        c.batch_execute("BEGIN; INSERT INTO local_log VALUES (1)")
+            .await
+            .unwrap();
+        let e = c
+            .batch_execute(&format!("UPDATE t SET v = 3 WHERE id = {a}"))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "0A000", "{mode}: {e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+
+        // An error on a worker inside a transaction: ROLLBACK ends every node's part.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("SELECT count(*) FROM local_log")
+            .await
+            .unwrap();
+        let e = c
+            .batch_execute(&format!("UPDATE t SET v = 1 / 0 WHERE id = {a}"))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "22012", "{mode}");
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(code(&e), "25P02", "{mode}");
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(v(&c, a).await, 1, "{mode}");
+
+        // Isolation level of the client's BEGIN reaches a node joining later.
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .await
+            .unwrap();
+        let _ = v(&c, a).await;
+        let level: String = c
+            .query_one(
+                &format!("SELECT current_setting('transaction_isolation') FROM t WHERE id = {b}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(level, "repeatable read", "{mode}");
+        c.batch_execute("COMMIT").await.unwrap();
+
+        drop(c);
+        drop(other);
+        assert_eq!(
+            open_transactions(&env).await,
+            0,
+            "{mode}: nothing left open"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_convert_from_every_parameter_form() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let (a, _) = table(&c).await;
+    // An int4 parameter (binary, 4 bytes) for an int8 column.
+    let rows = c
+        .query("SELECT id FROM t WHERE id = $1::int4", &[&(a as i32)])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    // A text parameter.
+    let rows = c
+        .query(
+            "SELECT id FROM t WHERE id = $1::text::int8",
+            &[&a.to_string()],
+        )
+        .await;
+    // Either routed by the text value or refused as not pinned; never wrong.
+    match rows {
+        Ok(r) => assert_eq!(r.len(), 1),
+        Err(e) => assert_eq!(code(&e), "0A000", "{e:?}"),
+    }
+    // A quoted literal for an int8 column.
+    let rows = c
+        .simple_query(&format!("SELECT id FROM t WHERE id = '{a}'"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3, "description, one row, command tag: {rows:?}");
+    // NULL: no row matches on any shard; writing a NULL key is refused.
+    let none: Option<i64> = None;
+    let rows = c
+        .query("SELECT id FROM t WHERE id = $1", &[&none])
+        .await
+        .unwrap();
+    assert!(rows.is_empty());
+    let e = c
+        .execute("INSERT INTO t (id, v) VALUES ($1, 1)", &[&none])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "22004", "{e:?}");
+    // A value that is not a bigint.
+    let e = c
+        .batch_execute("SELECT * FROM t WHERE id = 'abc'")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "22P02", "{e:?}");
+    // The session goes on.
+    assert_eq!(v(&c, a).await, 0);
+}
+
+/// `GET /metrics` from the router.
+async fn metrics(env: &TestEnv) -> String {
+    let addr = env.router.metrics_addr().expect("metrics endpoint");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_plan_serves_every_literal() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let _ = table(&c).await;
+    let before = metrics(&env).await;
+    let (h0, m0) = (
+        sample(&before, "shardgate_plan_cache_hits_total"),
+        sample(&before, "shardgate_plan_cache_misses_total"),
+    );
+    for id in 1..=40 {
+        let rows = c
+            .simple_query(&format!("SELECT v FROM t WHERE id = {id}"))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 3, "id {id}: {rows:?}");
+    }
+    let after = metrics(&env).await;
+    let (h1, m1) = (
+        sample(&after, "shardgate_plan_cache_hits_total"),
+        sample(&after, "shardgate_plan_cache_misses_total"),
+    );
+    assert_eq!(m1 - m0, 1.0, "one miss for 40 literals");
+    assert_eq!(h1 - h0, 39.0);
+    assert!(sample(&after, "shardgate_plans_total{tier=\"planner-fastpath\"}") >= 1.0);
+}
