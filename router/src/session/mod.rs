@@ -149,6 +149,8 @@ pub struct Session<S> {
     routed: Option<route::RoutedBatch>,
     /// The unnamed statement's text and raw parameter types.
     unnamed: Option<(Bytes, Bytes)>,
+    /// Worker pools this session used: (group, port, host, pool).
+    node_pools: Vec<(i32, i32, String, Arc<Pool>)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -176,6 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             begin_sql: None,
             routed: None,
             unnamed: None,
+            node_pools: Vec::new(),
             admin_stmts: HashMap::new(),
             admin_portals: HashMap::new(),
             max_msg: ctx.config.max_message_bytes,
@@ -762,7 +765,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             "the node of group {group} is no longer in the catalog"
                         ))
                     })?;
-                    self.ctx.node_pool(node, &self.database, &self.user)
+                    // The pool of (group, address), remembered by the session: the
+                    // router-wide map is looked up once per node, not per statement.
+                    match self.node_pools.iter().find(|(g, port, host, _)| {
+                        *g == group && *port == node.port && *host == node.name
+                    }) {
+                        Some((.., p)) => p.clone(),
+                        None => {
+                            let p = self.ctx.node_pool(node, &self.database, &self.user);
+                            self.node_pools.retain(|(g, ..)| *g != group);
+                            self.node_pools
+                                .push((group, node.port, node.name.clone(), p.clone()));
+                            p
+                        }
+                    }
                 }
             };
             let mut lease = pool.acquire().await?;

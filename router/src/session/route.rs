@@ -46,19 +46,36 @@ pub(super) fn control(sql: &str) -> Option<Control> {
     let mut words = sql
         .split(|c: char| c.is_whitespace() || c == ';' || c == '(')
         .filter(|w| !w.is_empty());
-    let first = words.next()?.to_ascii_lowercase();
-    let second = words.next().map(|w| w.to_ascii_lowercase());
-    Some(match first.as_str() {
-        "begin" | "start" => Control::Begin,
-        "commit" | "end" if second.as_deref() != Some("prepared") => Control::End(TxnEnd::Commit),
-        "abort" => Control::End(TxnEnd::Rollback),
-        "rollback" => match second.as_deref() {
-            Some("to") | Some("prepared") => Control::Other,
-            _ => Control::End(TxnEnd::Rollback),
-        },
-        "savepoint" | "release" => Control::Other,
-        "prepare" if second.as_deref() == Some("transaction") => Control::Other,
-        _ => return None,
+    let first = words.next()?;
+    // Most statements are not transaction control: decided on the first letter,
+    // without allocating.
+    if !matches!(
+        first.as_bytes()[0].to_ascii_lowercase(),
+        b'b' | b's' | b'c' | b'e' | b'a' | b'r' | b'p'
+    ) {
+        return None;
+    }
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    let second = words.next().unwrap_or("");
+    Some(if is(first, "begin") || is(first, "start") {
+        Control::Begin
+    } else if (is(first, "commit") || is(first, "end")) && !is(second, "prepared") {
+        Control::End(TxnEnd::Commit)
+    } else if is(first, "abort") {
+        Control::End(TxnEnd::Rollback)
+    } else if is(first, "rollback") {
+        if is(second, "to") || is(second, "prepared") {
+            Control::Other
+        } else {
+            Control::End(TxnEnd::Rollback)
+        }
+    } else if is(first, "savepoint")
+        || is(first, "release")
+        || (is(first, "prepare") && is(second, "transaction"))
+    {
+        Control::Other
+    } else {
+        return None;
     })
 }
 
