@@ -428,7 +428,7 @@ impl Planner {
                 .placements;
             if !plan.read_only && placements.len() > 1 {
                 return Err(PlanError::NotSupported(format!(
-                    "a write to reference table {} goes to its {} placements in one distributed transaction, which needs two-phase commit (not available yet)",
+                    "a write (or a locking read: FOR UPDATE / FOR SHARE) of reference table {} must reach all {} of its placements in one distributed transaction, which needs two-phase commit (not available yet)",
                     table.name,
                     placements.len()
                 )));
