@@ -242,10 +242,7 @@ async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_t
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].get::<_, i64>(0), 42);
     c.batch_execute("BEGIN").await.unwrap();
-    let e = c
-        .batch_execute("DELETE FROM companies")
-        .await
-        .unwrap_err();
+    let e = c.batch_execute("DELETE FROM companies").await.unwrap_err();
     assert_eq!(code(&e), "0A000");
     let e = c.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(

@@ -2,7 +2,7 @@
 //! simple queries, run by `crate::admin` after every earlier reply has been sent, and
 //! answered like a Postgres query (notices, rows, command tag, ReadyForQuery).
 
-use super::{Expect, Session, raise_sql};
+use super::Session;
 use crate::admin::{AdminError, Reply, Request, classify};
 use crate::catalog::Snapshot;
 use crate::error::RouterError;
@@ -90,31 +90,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// backend raises the error itself so that the transaction is aborted exactly as
     /// Postgres would abort it.
     async fn admin_refuse(&mut self, e: AdminError) -> Result<(), RouterError> {
-        let e = RouterError::Admin(e);
-        let in_txn = self.status != TxnStatus::Idle;
-        if !in_txn {
-            self.client_error(&e);
-            protocol::encode_ready_for_query(&mut self.out, self.status);
-            return Ok(());
-        }
-        let u = e.user_facing().expect("admin errors are user facing");
-        self.ctx.metrics.error(u.code.code().as_bytes());
-        if let Err(e) = self.ensure_lease().await {
-            return self.refuse_request(e);
-        }
-        let code = u
-            .raw_code
-            .clone()
-            .unwrap_or_else(|| u.code.code().to_owned());
-        protocol::encode_simple_query(&mut self.bout, &raise_sql(&code, &u.message));
-        self.expect.push_back(Expect::Query {
-            tracked: None,
-            ok: false,
-        });
-        self.write_backend().await?;
-        self.pump().await?;
-        self.maybe_release();
-        Ok(())
+        self.refuse_in_session(RouterError::Admin(e)).await
     }
 }
 
