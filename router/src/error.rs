@@ -52,6 +52,8 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
     pub const OUT_OF_MEMORY: SqlState = SqlState("53200");
     pub const TRANSACTION_RESOLUTION_UNKNOWN: SqlState = SqlState("08007");
+    pub const DEADLOCK_DETECTED: SqlState = SqlState("40P01");
+    pub const TRANSACTION_ROLLBACK: SqlState = SqlState("40000");
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +92,8 @@ pub enum RouterError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Plan(#[from] crate::plan::PlanError),
+    #[error(transparent)]
+    Commit(#[from] crate::txn::CommitError),
 }
 
 /// What the client is told.
@@ -114,6 +118,14 @@ impl UserFacing {
             hint: None,
             raw_code: None,
         }
+    }
+
+    /// The error of a transaction cancelled to break a distributed deadlock.
+    pub fn deadlock(message: String, detail: String) -> Self {
+        let mut u = UserFacing::new(Severity::Error, sqlstate::DEADLOCK_DETECTED, message)
+            .hint("Retry the transaction.");
+        u.detail = Some(detail);
+        u
     }
 
     fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -212,6 +224,14 @@ impl RouterError {
             RouterError::ClientIo(_) => return None,
             RouterError::Admin(e) => admin_facing(e),
             RouterError::Plan(e) => plan_facing(e),
+            RouterError::Commit(e) => UserFacing {
+                severity: Error,
+                code: TRANSACTION_ROLLBACK,
+                message: e.message.clone(),
+                detail: e.detail.clone(),
+                hint: e.hint.clone(),
+                raw_code: Some(e.code.clone()),
+            },
         })
     }
 
@@ -231,6 +251,7 @@ impl RouterError {
             RouterError::Admin(_) => ErrorSource::Client,
             RouterError::Plan(crate::plan::PlanError::Plugin(_)) => ErrorSource::Router,
             RouterError::Plan(_) => ErrorSource::Client,
+            RouterError::Commit(_) => ErrorSource::Backend,
             RouterError::Backend(_) | RouterError::Pool(PoolError::Backend(_)) => {
                 ErrorSource::Backend
             }
@@ -392,4 +413,6 @@ pub enum StartError {
     },
     #[error("cannot load the plugins: {0}")]
     Plugins(String),
+    #[error("distributed transactions: {0}")]
+    Txn(String),
 }

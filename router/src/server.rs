@@ -38,6 +38,10 @@ pub struct ServerCtx {
     pub plugins: Arc<PluginRegistry>,
     /// Plans statements on distributed and reference tables (plan cache, tiers).
     pub planner: crate::plan::Planner,
+    /// Two-phase commit and its recovery.
+    pub txns: Arc<crate::txn::Transactions>,
+    /// Transactions on several nodes, for the deadlock detector.
+    pub dist_txns: Arc<crate::deadlock::Registry>,
 }
 
 impl ServerCtx {
@@ -176,7 +180,51 @@ impl Server {
             &metrics.registry,
         )
         .map_err(|e| StartError::Plugins(e.to_string()))?;
+        let txns = {
+            let id = config
+                .router_id
+                .clone()
+                .unwrap_or_else(|| crate::txn::default_router_id(local_addr.port()));
+            Arc::new(
+                crate::txn::Transactions::new(
+                    id,
+                    catalog.login().clone(),
+                    catalog.database.clone(),
+                    &metrics.registry,
+                )
+                .map_err(|e| StartError::Txn(e.to_string()))?,
+            )
+        };
+        match txns.claim_router_id().await {
+            Ok(()) => {}
+            Err(e @ crate::txn::ClaimError::Conflict(_)) => {
+                return Err(StartError::Txn(e.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "router id not claimed yet; recovery waits for the coordinator")
+            }
+        }
+        tracing::info!(
+            router_id = txns.router_id(),
+            "distributed transactions enabled"
+        );
+        let dist_txns = Arc::new(crate::deadlock::Registry::default());
+        tokio::spawn(crate::txn::recovery_loop(
+            txns.clone(),
+            catalog.clone(),
+            config.recovery_interval,
+            background.clone(),
+        ));
+        tokio::spawn(crate::deadlock::detector_loop(
+            dist_txns.clone(),
+            catalog.clone(),
+            txns.clone(),
+            config.deadlock_interval,
+            background.clone(),
+        ));
         let ctx = Arc::new(ServerCtx {
+            txns,
+            dist_txns,
             planner,
             catalog,
             plugins,

@@ -77,6 +77,22 @@ async fn v(c: &Client, id: i64) -> i32 {
         .get(0)
 }
 
+/// Prepared transactions on any node.
+async fn prepared_anywhere(env: &TestEnv) -> i64 {
+    let mut n = 0;
+    for c in [env.direct().await, env.worker(0).await, env.worker(1).await] {
+        n += c
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+    }
+    n
+}
+
 /// Open transactions left on any node by the router (none once clients are done).
 async fn open_transactions(env: &TestEnv) -> i64 {
     let sql = format!(
@@ -122,37 +138,77 @@ async fn transactions_over_the_coordinator_and_two_workers() {
         let other = env.client().await;
         assert_eq!(v(&other, a).await, 1, "{mode}: committed");
 
-        // A second writer node aborts the transaction; nothing of it stays.
+        // Two writer nodes: two-phase commit; both writes stay.
         c.batch_execute("BEGIN").await.unwrap();
         c.execute("UPDATE t SET v = 2 WHERE id = $1", &[&a])
             .await
             .unwrap();
-        let e = c
-            .execute("UPDATE t SET v = 2 WHERE id = $1", &[&b])
+        c.execute("UPDATE t SET v = 2 WHERE id = $1", &[&b])
             .await
-            .unwrap_err();
-        assert_eq!(code(&e), "0A000", "{mode}: {e:?}");
-        let e = c.batch_execute("SELECT 1").await.unwrap_err();
-        assert_eq!(code(&e), "25P02", "{mode}");
-        let e = c
-            .query("SELECT v FROM t WHERE id = $1", &[&b])
-            .await
-            .unwrap_err();
-        assert_eq!(code(&e), "25P02", "{mode}: the failed node answers");
-        c.batch_execute("ROLLBACK").await.unwrap();
-        assert_eq!(v(&c, a).await, 1, "{mode}: rolled back");
-        assert_eq!(v(&c, b).await, 0, "{mode}");
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(v(&other, a).await, 2, "{mode}: committed on both nodes");
+        assert_eq!(v(&other, b).await, 2, "{mode}");
+        assert_eq!(
+            prepared_anywhere(&env).await,
+            0,
+            "{mode}: nothing left prepared"
+        );
 
-        // The coordinator writing and a worker writing: refused too.
-        c.batch_execute("BEGIN; INSERT INTO local_log VALUES (1)")
+        // Two writer nodes rolled back: nothing of it stays.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("UPDATE t SET v = 3 WHERE id = $1", &[&a])
+            .await
+            .unwrap();
+        c.execute("UPDATE t SET v = 3 WHERE id = $1", &[&b])
+            .await
+            .unwrap();
+        c.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(v(&other, a).await, 2, "{mode}: rolled back");
+        assert_eq!(v(&other, b).await, 2, "{mode}");
+
+        // A statement failing after writes on two nodes: the failed node answers, and
+        // COMMIT rolls everything back (as Postgres would).
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("UPDATE t SET v = 4 WHERE id = $1", &[&a])
             .await
             .unwrap();
         let e = c
-            .batch_execute(&format!("UPDATE t SET v = 3 WHERE id = {a}"))
+            .execute("UPDATE t SET v = 1 / 0 WHERE id = $1", &[&b])
             .await
             .unwrap_err();
-        assert_eq!(code(&e), "0A000", "{mode}: {e:?}");
-        c.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(code(&e), "22012", "{mode}: {e:?}");
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(code(&e), "25P02", "{mode}");
+        let e = c
+            .query("SELECT v FROM t WHERE id = $1", &[&a])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "25P02", "{mode}: the failed node answers");
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(v(&c, a).await, 2, "{mode}: rolled back");
+        assert_eq!(v(&c, b).await, 2, "{mode}");
+
+        // The coordinator writing and a worker writing: two-phase commit too.
+        c.batch_execute("BEGIN; INSERT INTO local_log VALUES (1)")
+            .await
+            .unwrap();
+        c.batch_execute(&format!("UPDATE t SET v = 1 WHERE id = {a}"))
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        let n: i64 = other
+            .query_one("SELECT count(*) FROM local_log", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "{mode}: the coordinator's part committed");
+        assert_eq!(v(&other, a).await, 1, "{mode}: the worker's part committed");
+        assert_eq!(
+            prepared_anywhere(&env).await,
+            0,
+            "{mode}: nothing left prepared"
+        );
 
         // An error on a worker inside a transaction: ROLLBACK ends every node's part.
         c.batch_execute("BEGIN").await.unwrap();

@@ -18,6 +18,7 @@ pub enum Func {
     UndistributeTable,
     GetShardId,
     ReloadPlugins,
+    RecoverPrepared,
 }
 
 /// (function, SQL name, parameter names in order, how many are required).
@@ -72,12 +73,25 @@ const FUNCS: &[(Func, &str, &[&str], usize)] = &[
         1,
     ),
     (Func::ReloadPlugins, "shardgate_reload_plugins", &[], 0),
+    (
+        Func::RecoverPrepared,
+        "recover_prepared_transactions",
+        &[],
+        0,
+    ),
 ];
 
 /// Cheap test on every simple query: could this text call an admin function? Every
 /// admin function's name has a `_` right after one of these words.
 pub fn may_be_call(sql: &str) -> bool {
-    const WORDS: &[&[u8]] = &[b"citus", b"create", b"undistribute", b"get", b"shardgate"];
+    const WORDS: &[&[u8]] = &[
+        b"citus",
+        b"create",
+        b"undistribute",
+        b"get",
+        b"shardgate",
+        b"recover",
+    ];
     let b = sql.as_bytes();
     b.iter().enumerate().any(|(i, &c)| {
         c == b'_'

@@ -48,6 +48,7 @@ impl Request {
             Request::Call(c) => match c.func {
                 Func::AddNode => vec![(c.column.clone(), 23)],
                 Func::GetShardId => vec![(c.column.clone(), 20)],
+                Func::RecoverPrepared => vec![(c.column.clone(), 23)],
                 Func::ReloadPlugins => ["plugin", "kind", "result", "detail"]
                     .iter()
                     .map(|n| (n.to_string(), 25))
@@ -173,6 +174,7 @@ impl AdminCtx<'_> {
                 Func::UndistributeTable => distribute::undistribute_table(self, &c).await,
                 Func::GetShardId => distribute::get_shard_id(self, &c).await,
                 Func::ReloadPlugins => self.reload_plugins(&c).await,
+                Func::RecoverPrepared => self.recover_prepared(&c).await,
             },
             Request::Ddl(d) => ddl::run(self, *d).await,
         }
@@ -333,6 +335,39 @@ impl AdminCtx<'_> {
             f.rollback().await;
         }
         let _ = coord.batch_execute("ROLLBACK").await;
+    }
+
+    /// One recovery pass now (admin changes and this router's distributed
+    /// transactions): how many prepared transactions it finished.
+    async fn recover_prepared(&self, c: &call::Call) -> Result<Reply, AdminError> {
+        let catalog = &self.server.catalog;
+        let admin = recover(
+            catalog.login(),
+            &catalog.database,
+            std::time::Duration::ZERO,
+        )
+        .await?;
+        let txns = &self.server.txns;
+        txns.claim_router_id()
+            .await
+            .map_err(|e| AdminError::Prerequisite {
+                message: e.to_string(),
+                hint: None,
+            })?;
+        let user =
+            txns.recover(&catalog.snapshot())
+                .await
+                .map_err(|reason| AdminError::Connect {
+                    node: "a node".into(),
+                    reason,
+                })?;
+        let n = admin.committed + admin.rolled_back + user.committed + user.rolled_back;
+        Ok(Reply {
+            columns: vec![(c.column.clone(), 23)],
+            rows: vec![vec![Some(n.to_string())]],
+            tag: "SELECT 1".into(),
+            ..Reply::default()
+        })
     }
 
     async fn reload_plugins(&self, _c: &call::Call) -> Result<Reply, AdminError> {

@@ -41,6 +41,26 @@ struct RawConfig {
     plugins: RawPlugins,
     #[serde(default)]
     planner: RawPlanner,
+    #[serde(default)]
+    transactions: RawTransactions,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTransactions {
+    router_id: Option<String>,
+    recovery_interval_ms: u64,
+    deadlock_interval_ms: u64,
+}
+
+impl Default for RawTransactions {
+    fn default() -> Self {
+        RawTransactions {
+            router_id: None,
+            recovery_interval_ms: 5_000,
+            deadlock_interval_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,6 +270,13 @@ pub struct Config {
     pub planner_tiers: Vec<String>,
     /// Plans kept in the plan cache.
     pub plan_cache_size: usize,
+    /// Names this router in the gids of its prepared transactions (each router recovers
+    /// its own); `None`: derived from the host name and the bound listen port.
+    pub router_id: Option<String>,
+    /// How often prepared transactions left by a crash are looked for.
+    pub recovery_interval: Duration,
+    /// How often the distributed deadlock detector runs.
+    pub deadlock_interval: Duration,
 }
 
 impl Config {
@@ -355,7 +382,24 @@ impl Config {
                     .into(),
             ));
         }
+        let t = raw.transactions;
+        if let Some(id) = &t.router_id
+            && !crate::txn::valid_router_id(id)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "transactions.router_id '{id}' must be 1 to 40 letters, digits or '-'"
+            )));
+        }
+        if t.recovery_interval_ms == 0 || t.deadlock_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "transactions.recovery_interval_ms and transactions.deadlock_interval_ms must be > 0"
+                    .into(),
+            ));
+        }
         Ok(Config {
+            router_id: t.router_id,
+            recovery_interval: Duration::from_millis(t.recovery_interval_ms),
+            deadlock_interval: Duration::from_millis(t.deadlock_interval_ms),
             planner_tiers: raw.planner.tiers,
             plan_cache_size: raw.planner.plan_cache_size,
             catalog_database: raw.catalog.database,

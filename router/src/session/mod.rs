@@ -9,6 +9,7 @@
 
 mod admin;
 mod admin_ext;
+mod commit;
 mod prepared;
 mod route;
 mod settings;
@@ -141,8 +142,11 @@ pub struct Session<S> {
     node: Option<i32>,
     /// Leases on other nodes held for the open transaction (or the session).
     parked: Vec<(Option<i32>, Lease)>,
-    /// The node that wrote in the open transaction.
-    writer: Option<Option<i32>>,
+    /// The nodes that wrote in the open transaction (two or more: two-phase commit).
+    writers: Vec<Option<i32>>,
+    /// The open transaction's registration with the deadlock detector, once it holds
+    /// backends on two nodes.
+    dist: Option<crate::deadlock::Handle>,
     /// The statement that opened the transaction (replayed on nodes that join it).
     begin_sql: Option<String>,
     /// The routed statements of the extended batch being translated.
@@ -174,7 +178,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             pending_route: None,
             node: None,
             parked: Vec::new(),
-            writer: None,
+            writers: Vec::new(),
+            dist: None,
             begin_sql: None,
             routed: None,
             unnamed: None,
@@ -1144,6 +1149,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn forward_error(&mut self, f: FrameRef<'_>) {
+        // A backend cancelled by the deadlock detector: the client hears why.
+        if protocol::error_sqlstate(f.body()) == Some(sqlstate::QUERY_CANCELED.code().as_bytes())
+            && let Some(v) = self.dist.as_ref().and_then(|d| d.victim())
+        {
+            let u = crate::error::UserFacing::deadlock(v.message, v.detail);
+            self.ctx.metrics.error(u.code.code().as_bytes());
+            u.encode(&mut self.out);
+            return;
+        }
         if let Some(code) = protocol::error_sqlstate(f.body()) {
             self.ctx.metrics.error(code);
         }

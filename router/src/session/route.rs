@@ -142,22 +142,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(bound)
     }
 
-    /// A write on `target` inside a transaction that already wrote on another node is
-    /// refused (no two-phase commit yet).
+    /// Notes a write on `target` inside a transaction: a transaction that wrote on two
+    /// nodes commits with two-phase commit.
     fn check_write(&mut self, target: Option<i32>, writes: bool) -> Result<(), PlanError> {
-        if !writes || self.status == TxnStatus::Idle {
-            return Ok(());
+        if writes && self.status != TxnStatus::Idle && !self.writers.contains(&target) {
+            self.writers.push(target);
         }
-        match self.writer {
-            Some(w) if w != target => Err(PlanError::NotSupported(format!(
-                "this transaction already wrote on {}; a transaction that writes on more than one node needs two-phase commit, which is not available yet",
-                node_label(w)
-            ))),
-            _ => {
-                self.writer = Some(target);
-                Ok(())
-            }
-        }
+        Ok(())
     }
 
     /// Runs a routed simple query (every earlier reply has been sent).
@@ -224,7 +215,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.end_parked(end).await;
         }
         if self.status == TxnStatus::Idle {
-            self.writer = None;
+            self.writers.clear();
+            self.dist = None;
         }
         self.maybe_release();
     }
@@ -280,8 +272,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let _ = conn.run_internal("ROLLBACK").await;
                 conn.run_internal("BEGIN").await?;
             }
+            self.note_distributed();
         }
         Ok(())
+    }
+
+    /// A transaction holding backends on two nodes or more is made known to the
+    /// deadlock detector (with every backend it holds).
+    fn note_distributed(&mut self) {
+        let mut open: Vec<(Option<i32>, i32)> = self
+            .parked
+            .iter_mut()
+            .filter_map(|(n, l)| {
+                let c = l.conn();
+                (c.status != TxnStatus::Idle).then_some((*n, c.pid))
+            })
+            .collect();
+        if let Some(l) = self.lease.as_mut() {
+            open.push((self.node, l.conn().pid));
+        }
+        if open.len() < 2 {
+            return;
+        }
+        let registry = self.ctx.dist_txns.clone();
+        let h = self.dist.get_or_insert_with(|| registry.register());
+        for (n, pid) in open {
+            h.add_backend(n, pid);
+        }
     }
 
     /// Before the client's COMMIT / ROLLBACK goes out: the node that wrote becomes the
@@ -295,8 +312,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             end
         };
+        if end == TxnEnd::Commit && self.writers.len() > 1 {
+            return self.commit_two_phase().await;
+        }
         if end == TxnEnd::Commit
-            && let Some(w) = self.writer
+            && let Some(&w) = self.writers.first()
             && w != self.node
         {
             self.switch_to(w).await?;
@@ -559,7 +579,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if normalize(sql).multi {
                         self.begin_sql = None;
                         if self.writes_here(sql) {
-                            self.writer = Some(None);
+                            self.writers = vec![None];
                         }
                     } else {
                         self.begin_sql = Some(sql.to_owned());
