@@ -120,6 +120,9 @@ pub struct EnvOptions {
     pub workers: usize,
     /// Extra TOML sections (`[plugins]`...).
     pub extra: String,
+    /// Worker servers of the test's own (to kill and restart), used instead of the
+    /// shared ones when not empty; the test's database is created on each.
+    pub own_workers: Vec<PgNode>,
 }
 
 impl Default for EnvOptions {
@@ -132,6 +135,7 @@ impl Default for EnvOptions {
             pool_mode: "transaction",
             workers: 0,
             extra: String::new(),
+            own_workers: Vec::new(),
         }
     }
 }
@@ -158,7 +162,16 @@ impl TestEnv {
         c.node
             .psql("postgres", &format!("CREATE DATABASE {db}"))
             .expect("create database");
-        let worker_ports: Vec<u16> = if opts.workers > 0 {
+        let worker_ports: Vec<u16> = if !opts.own_workers.is_empty() {
+            opts.own_workers
+                .iter()
+                .map(|w| {
+                    w.psql("postgres", &format!("CREATE DATABASE {db}"))
+                        .expect("create database on worker");
+                    w.port
+                })
+                .collect()
+        } else if opts.workers > 0 {
             workers()
                 .iter()
                 .take(opts.workers)

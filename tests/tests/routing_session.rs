@@ -347,3 +347,128 @@ async fn one_plan_serves_every_literal() {
     assert_eq!(h1 - h0, 39.0);
     assert!(sample(&after, "shardgate_plans_total{tier=\"planner-fastpath\"}") >= 1.0);
 }
+
+/// Writes of a reference table reach every placement (both workers) in one distributed
+/// transaction: autocommit and inside the client's transaction, with RETURNING, and an
+/// error on the way leaves no copy changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_writes_reach_every_placement() {
+    for mode in ["transaction", "session"] {
+        let env = fleet(mode).await;
+        let c = env.client().await;
+        c.batch_execute("CREATE TABLE kinds (id int PRIMARY KEY, name text NOT NULL)")
+            .await
+            .unwrap();
+        c.batch_execute("SELECT create_reference_table('kinds')")
+            .await
+            .unwrap();
+        let copies = |sql: &'static str| {
+            let env = &env;
+            async move {
+                let mut out = Vec::new();
+                for i in 0..2 {
+                    let w = env.worker(i).await;
+                    let t: String = w
+                        .query_one(
+                            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE tablename ~ '^kinds_[0-9]+$'",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    let v: i64 = w
+                        .query_one(&sql.replace("{t}", &t), &[])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    out.push(v);
+                }
+                out
+            }
+        };
+        // Autocommit, with RETURNING: the client gets one answer.
+        let rows = c
+            .simple_query("INSERT INTO kinds VALUES (1, 'a'), (2, 'b') RETURNING id")
+            .await
+            .unwrap();
+        let returned = rows
+            .iter()
+            .filter(|m| {
+                matches!(
+                    m,
+                    shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(_)
+                )
+            })
+            .count();
+        assert_eq!(returned, 2, "{mode}: RETURNING rows of one placement");
+        assert_eq!(
+            copies("SELECT count(*) FROM {t}").await,
+            vec![2, 2],
+            "{mode}"
+        );
+        // Inside a transaction with a distributed write, then rolled back: no copy changes.
+        let (a, _) = table(&c).await;
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("UPDATE kinds SET name = 'x' WHERE id = 1")
+            .await
+            .unwrap();
+        c.batch_execute(&format!("UPDATE t SET v = 9 WHERE id = {a}"))
+            .await
+            .unwrap();
+        c.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(
+            copies("SELECT count(*) FROM {t} WHERE name = 'x'").await,
+            vec![0, 0],
+            "{mode}: rolled back on every copy"
+        );
+        // Committed: every copy changes.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("UPDATE kinds SET name = 'y' WHERE id = 1")
+            .await
+            .unwrap();
+        c.batch_execute(&format!("UPDATE t SET v = 9 WHERE id = {a}"))
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(
+            copies("SELECT count(*) FROM {t} WHERE name = 'y'").await,
+            vec![1, 1],
+            "{mode}: committed on every copy"
+        );
+        assert_eq!(v(&c, a).await, 9, "{mode}");
+        // A duplicate key: the client gets 23505, no copy changes, the session goes on.
+        let e = c
+            .batch_execute("INSERT INTO kinds VALUES (3, 'c'), (1, 'dup')")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "23505", "{mode}: {e:?}");
+        assert_eq!(
+            copies("SELECT count(*) FROM {t}").await,
+            vec![2, 2],
+            "{mode}"
+        );
+        // Reads still go to one placement; FOR UPDATE locks every copy.
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM kinds", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 2, "{mode}");
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        c.batch_execute("SELECT * FROM kinds WHERE id = 1 FOR UPDATE")
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(
+            prepared_anywhere(&env).await,
+            0,
+            "{mode}: nothing left prepared"
+        );
+        drop(c);
+        assert_eq!(
+            open_transactions(&env).await,
+            0,
+            "{mode}: nothing left open"
+        );
+    }
+}

@@ -243,6 +243,36 @@ impl BackendConn {
         }
     }
 
+    /// Runs a simple query and keeps its answers (every message up to, not including,
+    /// ReadyForQuery, raw) for the router to pass on or drop. ParameterStatus is noted
+    /// and kept too. An ErrorResponse comes back as `Statement`.
+    pub async fn run_capture(&mut self, sql: &str) -> Result<BytesMut, BackendError> {
+        let mut out = BytesMut::new();
+        protocol::encode_simple_query(&mut out, sql);
+        self.write_all(&out).await?;
+        out.clear();
+        let mut failed = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                btag::PARAMETER_STATUS => self.note_parameter(f.body())?,
+                btag::ERROR_RESPONSE => {
+                    failed = Some(f);
+                    continue;
+                }
+                btag::READY_FOR_QUERY => {
+                    self.status = TxnStatus::from_byte(*f.body().first().unwrap_or(&0))?;
+                    return match failed {
+                        Some(f) => Err(BackendError::Statement(f)),
+                        None => Ok(out),
+                    };
+                }
+                _ => {}
+            }
+            out.extend_from_slice(&f.raw);
+        }
+    }
+
     /// True when the idle connection looks usable: nothing unread, not closed by the
     /// node (a terminated backend sends FATAL and closes while it sits in the pool).
     pub fn idle_healthy(&mut self) -> bool {

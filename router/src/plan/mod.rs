@@ -80,6 +80,9 @@ pub struct Bound {
     pub group: i32,
     pub sql: String,
     pub read_only: bool,
+    /// A write of a reference table: the other placements' groups, which must run the
+    /// same SQL in the same (distributed) transaction.
+    pub also: Vec<i32>,
 }
 
 /// A bound parameter of the extended protocol.
@@ -402,6 +405,7 @@ impl Planner {
         }
         // The node: the distributed targets' shard's first placement, or for
         // reference-only plans one of the reference placements.
+        let mut also = Vec::new();
         let group = if let Some(i) = index {
             let (table, _) = plan
                 .targets
@@ -426,30 +430,43 @@ impl Planner {
                     PlanError::NoPlacement(format!("table {} has no shard", table.name))
                 })?
                 .placements;
-            if !plan.read_only && placements.len() > 1 {
-                return Err(PlanError::NotSupported(format!(
-                    "a write (or a locking read: FOR UPDATE / FOR SHARE) of reference table {} must reach all {} of its placements in one distributed transaction, which needs two-phase commit (not available yet)",
-                    table.name,
-                    placements.len()
-                )));
-            }
             let usable = |g: &i32| {
                 plan.targets
                     .iter()
                     .all(|(t, _)| t.shards.first().is_some_and(|s| s.placements.contains(g)))
             };
-            match prefer.filter(|g| placements.contains(g) && usable(g)) {
-                Some(g) => g,
-                None => {
-                    let candidates: Vec<i32> = placements.iter().copied().filter(usable).collect();
-                    if candidates.is_empty() {
-                        return Err(PlanError::NoPlacement(
+            if !plan.read_only && placements.len() > 1 {
+                // A write (or a locking read) reaches every placement.
+                if !placements.iter().all(usable) {
+                    return Err(PlanError::NotSupported(
+                        "a write of reference tables whose placements are on different nodes cannot reach every copy of each table".into(),
+                    ));
+                }
+                for g in placements {
+                    if snap.node_by_group(*g).is_none() {
+                        return Err(PlanError::NoPlacement(format!(
+                            "a write of reference table {} must reach every placement, and the node of group {g} is not active",
+                            table.name
+                        )));
+                    }
+                }
+                also = placements[1..].to_vec();
+                placements[0]
+            } else {
+                match prefer.filter(|g| placements.contains(g) && usable(g)) {
+                    Some(g) => g,
+                    None => {
+                        let candidates: Vec<i32> =
+                            placements.iter().copied().filter(usable).collect();
+                        if candidates.is_empty() {
+                            return Err(PlanError::NoPlacement(
                             "no node holds a placement of every reference table of the statement"
                                 .into(),
                         ));
+                        }
+                        candidates
+                            [self.next_reference.fetch_add(1, Ordering::Relaxed) % candidates.len()]
                     }
-                    candidates
-                        [self.next_reference.fetch_add(1, Ordering::Relaxed) % candidates.len()]
                 }
             }
         };
@@ -486,6 +503,7 @@ impl Planner {
             group,
             sql,
             read_only: plan.read_only,
+            also,
         })
     }
 

@@ -15,7 +15,7 @@
 use super::Session;
 use crate::backend::{BackendError, Lease, PoolMode};
 use crate::error::{RouterError, sqlstate};
-use crate::protocol::TxnStatus;
+use crate::protocol::{self, TxnStatus};
 use crate::txn::{CommitError, Failpoint, RecordError};
 use futures_util::future::join_all;
 use std::time::Instant;
@@ -25,7 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 const COORDINATOR_GROUP: i32 = 0;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub(super) async fn commit_two_phase(&mut self) -> Result<(), RouterError> {
+    /// Commits the open transaction on every node. `for_client`: the client's own
+    /// COMMIT follows (it gets a fresh transaction on the coordinator to answer);
+    /// otherwise the router ends an implicit transaction of its own.
+    pub(super) async fn commit_two_phase(&mut self, for_client: bool) -> Result<(), RouterError> {
         if !self.expect.is_empty() {
             self.write_backend().await?;
             self.pump().await?;
@@ -196,6 +199,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         txns.metrics.commits.inc();
         // 5. The client's COMMIT gets its answer from a fresh transaction.
         self.keep_leases(done);
+        if !for_client {
+            return Ok(());
+        }
         self.ensure_lease().await?;
         let conn = self.lease.as_mut().expect("lease just acquired").conn();
         conn.run_internal("BEGIN").await?;
@@ -259,6 +265,107 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 l.release();
             }
         }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// A write of a reference table (simple query): the same SQL on every placement in
+    /// one distributed transaction, the client's if one is open, else an implicit one
+    /// committed with two-phase commit. The client gets the last placement's answer.
+    pub(super) async fn run_on_every_placement(
+        &mut self,
+        bound: crate::plan::Bound,
+    ) -> Result<(), RouterError> {
+        let implicit = self.status == TxnStatus::Idle;
+        if implicit {
+            // The nodes joining get BEGIN (the session counts as in a transaction
+            // until it ends here).
+            self.begin_sql = None;
+            self.status = TxnStatus::InTransaction;
+        }
+        let mut groups = vec![bound.group];
+        groups.extend(&bound.also);
+        let mut answer = None;
+        let mut failed = None;
+        for g in groups {
+            self.writers.retain(|w| *w != Some(g));
+            self.writers.push(Some(g));
+            if let Err(e) = self.switch_to(Some(g)).await {
+                failed = Some(Err(e));
+                break;
+            }
+            if let Err(e) = self.ensure_lease().await {
+                failed = Some(Err(e));
+                break;
+            }
+            let conn = self.lease.as_mut().expect("lease").conn();
+            match conn.run_capture(&bound.sql).await {
+                Ok(out) => answer = Some(out),
+                Err(BackendError::Statement(f)) => {
+                    failed = Some(Ok(f));
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(Err(e.into()));
+                    break;
+                }
+            }
+        }
+        self.ctx.metrics.statements_simple.inc();
+        match failed {
+            None => {
+                if implicit {
+                    match self.commit_two_phase(false).await {
+                        Ok(()) => self.status = TxnStatus::Idle,
+                        Err(e) => return self.refuse_request(e),
+                    }
+                }
+                self.out.extend_from_slice(&answer.unwrap_or_default());
+                protocol::encode_ready_for_query(&mut self.out, self.status);
+            }
+            Some(f) => {
+                if implicit {
+                    self.rollback_implicit().await;
+                }
+                match f {
+                    Ok(frame) => {
+                        self.forward_error(frame.as_ref());
+                        if !implicit {
+                            self.status = TxnStatus::Failed;
+                        }
+                    }
+                    Err(e) => {
+                        if !implicit {
+                            // The transaction lost part of its work: it can only roll back.
+                            self.status = TxnStatus::Failed;
+                        }
+                        self.client_error(&e);
+                    }
+                }
+                protocol::encode_ready_for_query(&mut self.out, self.status);
+            }
+        }
+        self.after_request().await;
+        Ok(())
+    }
+
+    /// Ends the router's implicit transaction on every node without committing.
+    async fn rollback_implicit(&mut self) {
+        let mut leases = std::mem::take(&mut self.parked);
+        if let Some(l) = self.lease.take() {
+            self.cancel.set(None);
+            leases.push((self.node, l));
+        }
+        let mut kept = Vec::new();
+        for (n, mut l) in leases {
+            if l.conn().status == TxnStatus::Idle || l.conn().run_internal("ROLLBACK").await.is_ok()
+            {
+                kept.push((n, l));
+            }
+        }
+        self.writers.clear();
+        self.status = TxnStatus::Idle;
+        self.keep_leases(kept);
     }
 }
 

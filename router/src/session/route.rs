@@ -161,6 +161,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(b) => b,
             Err(e) => return self.refuse_in_session(RouterError::Plan(e)).await,
         };
+        if !bound.also.is_empty() {
+            return self.run_on_every_placement(bound).await;
+        }
         if let Err(e) = self.check_write(Some(bound.group), !bound.read_only) {
             return self.refuse_in_session(RouterError::Plan(e)).await;
         }
@@ -313,7 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             end
         };
         if end == TxnEnd::Commit && self.writers.len() > 1 {
-            return self.commit_two_phase().await;
+            return self.commit_two_phase(true).await;
         }
         if end == TxnEnd::Commit
             && let Some(&w) = self.writers.first()
@@ -416,6 +419,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let params = bind_params(b.rest, &types)
                         .map_err(|_| PlanError::InvalidValue("malformed Bind message".into()))?;
                     let bound = self.bind_statement(sql, &types, &params)?;
+                    if !bound.also.is_empty() {
+                        return Err(PlanError::NotSupported(
+                            "a write of a reference table with several placements runs in the simple protocol only for now (it must reach every placement); send it as a simple query".into(),
+                        ));
+                    }
                     match group {
                         Some(g) if g != bound.group => {
                             return Err(PlanError::NotSupported(
