@@ -80,7 +80,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await;
         }
         // 2. PREPARE.
-        let seq = txns.begin_commit();
+        let flight = txns.begin_commit();
+        let seq = flight.seq;
         let gids: Vec<String> = wl.iter().map(|(n, _)| txns.gid(seq, *n)).collect();
         let t = Instant::now();
         let results = join_all(wl.iter_mut().zip(&gids).map(|((_, l), gid)| async move {
@@ -120,7 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // A broken connection's PREPARE may have happened: no record, so recovery
             // rolls it back.
             self.rollback_prepared(&mut wl, &gids, &prepared).await;
-            txns.end_commit(seq, false);
+            flight.end(false);
             txns.metrics.aborts.inc();
             done.extend(
                 wl.into_iter()
@@ -145,7 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(()) => {}
             Err(RecordError::Refused(e)) => {
                 self.rollback_prepared(&mut wl, &gids, &prepared).await;
-                txns.end_commit(seq, false);
+                flight.end(false);
                 txns.metrics.aborts.inc();
                 done.extend(wl);
                 return self
@@ -159,7 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .await;
             }
             Err(RecordError::Ambiguous(reason)) => {
-                txns.end_commit(seq, true);
+                flight.end(true);
                 txns.metrics.in_doubt.inc();
                 done.extend(wl);
                 let mut e = CommitError::new(
@@ -195,7 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
-        txns.end_commit(seq, false);
+        flight.end(false);
         txns.metrics.commits.inc();
         // 5. The client's COMMIT gets its answer from a fresh transaction.
         self.keep_leases(done);
@@ -347,6 +348,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.after_request().await;
         Ok(())
+    }
+
+    /// COMMIT of a transaction that lost part of its work (a deadlock victim that
+    /// rolled back to a savepoint afterwards): everything rolls back and the client
+    /// gets an error instead of COMMIT.
+    pub(super) async fn commit_doomed(&mut self) -> Result<(), RouterError> {
+        if !self.expect.is_empty() {
+            self.write_backend().await?;
+            self.pump().await?;
+        }
+        let mut leases = std::mem::take(&mut self.parked);
+        if let Some(l) = self.lease.take() {
+            self.cancel.set(None);
+            leases.push((self.node, l));
+        }
+        let mut kept = Vec::new();
+        for (n, mut l) in leases {
+            if l.conn().status == TxnStatus::Idle || l.conn().run_internal("ROLLBACK").await.is_ok()
+            {
+                kept.push((n, l));
+            }
+        }
+        self.writers.clear();
+        self.doomed = false;
+        self.commit_failed(
+            kept,
+            CommitError::new(
+                sqlstate::DEADLOCK_DETECTED.code(),
+                "the transaction was rolled back: it was cancelled to break a distributed deadlock, and its work on other nodes is gone",
+            ),
+        )
+        .await
     }
 
     /// Ends the router's implicit transaction on every node without committing.

@@ -147,6 +147,9 @@ pub struct Session<S> {
     /// The open transaction's registration with the deadlock detector, once it holds
     /// backends on two nodes.
     dist: Option<crate::deadlock::Handle>,
+    /// Part of the open transaction was rolled back (a deadlock victim's other nodes):
+    /// it can no longer commit.
+    doomed: bool,
     /// The statement that opened the transaction (replayed on nodes that join it).
     begin_sql: Option<String>,
     /// The routed statements of the extended batch being translated.
@@ -180,6 +183,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             parked: Vec::new(),
             writers: Vec::new(),
             dist: None,
+            doomed: false,
             begin_sql: None,
             routed: None,
             unnamed: None,

@@ -217,9 +217,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             );
             self.end_parked(end).await;
         }
+        if self.status == TxnStatus::Failed
+            && self.expect.is_empty()
+            && !self.parked.is_empty()
+            && self.dist.as_ref().is_some_and(|d| d.victim().is_some())
+        {
+            // Cancelled to break a deadlock: its other nodes' locks go now, as one
+            // Postgres releases them when the error is raised (the transaction that
+            // waited for them goes on without waiting for this client's ROLLBACK).
+            self.end_parked(TxnEnd::Rollback).await;
+            self.doomed = true;
+        }
         if self.status == TxnStatus::Idle {
             self.writers.clear();
             self.dist = None;
+            self.doomed = false;
         }
         self.maybe_release();
     }
@@ -307,6 +319,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Before the client's COMMIT / ROLLBACK goes out: the node that wrote becomes the
     /// current one (it gets the client's statement), the others end now.
     pub(super) async fn end_others_first(&mut self, end: TxnEnd) -> Result<(), RouterError> {
+        if self.doomed && end == TxnEnd::Commit && self.status != TxnStatus::Failed {
+            return self.commit_doomed().await;
+        }
         if self.parked.is_empty() {
             return Ok(());
         }
@@ -315,6 +330,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             end
         };
+        if end == TxnEnd::Commit && self.doomed {
+            return self.commit_doomed().await;
+        }
         if end == TxnEnd::Commit && self.writers.len() > 1 {
             return self.commit_two_phase(true).await;
         }

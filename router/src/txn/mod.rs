@@ -142,6 +142,29 @@ pub enum ClaimError {
     Unreachable(String),
 }
 
+/// A commit in flight (see `Transactions::begin_commit`).
+pub struct InFlight {
+    txns: Arc<Transactions>,
+    pub seq: u64,
+    ended: bool,
+}
+
+impl InFlight {
+    /// The commit is over; `ambiguous`: whether its commit record exists is unknown.
+    pub fn end(mut self, ambiguous: bool) {
+        self.ended = true;
+        self.txns.end_commit(self.seq, ambiguous);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.txns.end_commit(self.seq, true);
+        }
+    }
+}
+
 /// The router's distributed-transaction state.
 pub struct Transactions {
     router_id: String,
@@ -152,7 +175,8 @@ pub struct Transactions {
     in_flight: Mutex<HashMap<u64, Option<Instant>>>,
     login: ControlLogin,
     database: String,
-    records: Vec<tokio::sync::Mutex<Option<Client>>>,
+    /// Connections for commit records, each with its prepared INSERT.
+    records: Vec<tokio::sync::Mutex<Option<(Client, tokio_postgres::Statement)>>>,
     failpoints: HashMap<Failpoint, FailAction>,
     pub metrics: TxnMetrics,
     /// The coordinator connection holding the router id's advisory lock.
@@ -265,16 +289,22 @@ impl Transactions {
         Ok(())
     }
 
-    /// A new commit: its seq, held in flight until `end_commit`.
-    pub fn begin_commit(&self) -> u64 {
+    /// A new commit: its seq, held in flight until the guard ends it. A guard dropped
+    /// without `end` (the session went away mid-commit) ends it as ambiguous, so
+    /// recovery decides from the record a little later.
+    pub fn begin_commit(self: &Arc<Self>) -> InFlight {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         self.in_flight.lock().insert(seq, None);
-        seq
+        InFlight {
+            txns: self.clone(),
+            seq,
+            ended: false,
+        }
     }
 
     /// The commit is over (decided and, as far as this router could, finished).
     /// `ambiguous`: whether its commit record exists is unknown; recovery waits a while.
-    pub fn end_commit(&self, seq: u64, ambiguous: bool) {
+    fn end_commit(&self, seq: u64, ambiguous: bool) {
         let mut f = self.in_flight.lock();
         if ambiguous {
             f.insert(seq, Some(Instant::now() + AMBIGUOUS_HOLD));
@@ -306,29 +336,23 @@ impl Transactions {
     ) -> Result<(), RecordError> {
         let slot = &self.records[(seq as usize) % self.records.len()];
         let mut conn = slot.lock().await;
-        if conn.as_ref().is_none_or(|c| c.is_closed()) {
-            *conn = Some(
-                connect_node(
-                    &self.login,
-                    &self.login.host,
-                    self.login.port,
-                    &self.database,
+        if conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            // Not connected: nothing was written.
+            let c = connect_node(&self.login, &self.login.host, self.login.port, &self.database)
+                .await
+                .map_err(RecordError::Refused)?;
+            let stmt = c
+                .prepare(
+                    "INSERT INTO shardgate.pg_dist_transaction (groupid, gid) SELECT * FROM unnest($1::int4[], $2::text[])",
                 )
                 .await
-                // Not connected: nothing was written.
-                .map_err(RecordError::Refused)?,
-            );
+                .map_err(RecordError::Refused)?;
+            *conn = Some((c, stmt));
         }
-        let client = conn.as_ref().expect("connected above");
+        let (client, stmt) = conn.as_ref().expect("connected above");
         let groups: Vec<i32> = records.iter().map(|r| r.0).collect();
         let gids: Vec<&str> = records.iter().map(|r| r.1.as_str()).collect();
-        match client
-            .execute(
-                "INSERT INTO shardgate.pg_dist_transaction (groupid, gid) SELECT * FROM unnest($1::int4[], $2::text[])",
-                &[&groups, &gids],
-            )
-            .await
-        {
+        match client.execute(stmt, &[&groups, &gids]).await {
             Ok(_) => Ok(()),
             Err(e) if e.as_db_error().is_some() => Err(RecordError::Refused(e)),
             Err(e) => {
