@@ -358,18 +358,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.write_backend().await?;
             self.pump().await?;
         }
-        let mut leases = std::mem::take(&mut self.parked);
-        if let Some(l) = self.lease.take() {
-            self.cancel.set(None);
-            leases.push((self.node, l));
-        }
-        let mut kept = Vec::new();
-        for (n, mut l) in leases {
-            if l.conn().status == TxnStatus::Idle || l.conn().run_internal("ROLLBACK").await.is_ok()
-            {
-                kept.push((n, l));
-            }
-        }
+        let kept = self.rollback_everywhere().await;
         self.writers.clear();
         self.doomed = false;
         self.commit_failed(
@@ -382,8 +371,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         .await
     }
 
-    /// Ends the router's implicit transaction on every node without committing.
-    async fn rollback_implicit(&mut self) {
+    /// Rolls back the open transaction on every node; the leases that are still usable.
+    async fn rollback_everywhere(&mut self) -> Vec<(Option<i32>, Lease)> {
         let mut leases = std::mem::take(&mut self.parked);
         if let Some(l) = self.lease.take() {
             self.cancel.set(None);
@@ -391,11 +380,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let mut kept = Vec::new();
         for (n, mut l) in leases {
-            if l.conn().status == TxnStatus::Idle || l.conn().run_internal("ROLLBACK").await.is_ok()
-            {
+            let c = l.conn();
+            if c.status == TxnStatus::Idle || c.run_internal("ROLLBACK").await.is_ok() {
                 kept.push((n, l));
             }
         }
+        kept
+    }
+
+    /// Ends the router's implicit transaction on every node without committing.
+    async fn rollback_implicit(&mut self) {
+        let kept = self.rollback_everywhere().await;
         self.writers.clear();
         self.status = TxnStatus::Idle;
         self.keep_leases(kept);
