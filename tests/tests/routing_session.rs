@@ -472,3 +472,88 @@ async fn reference_writes_reach_every_placement() {
         );
     }
 }
+
+/// A multi-row INSERT whose rows belong to different shards (and nodes) is split row by
+/// row and runs in one distributed transaction: all rows or none, RETURNING rows in the
+/// VALUES order, one `INSERT 0 n` tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_row_inserts_across_shards() {
+    use shardgate_tests::tokio_postgres::SimpleQueryMessage;
+    for mode in ["transaction", "session"] {
+        let env = fleet(mode).await;
+        let c = env.client().await;
+        let _ = table(&c).await; // t: ids 1..=40
+        let ids: Vec<i64> = (101..=112).collect();
+        let values: Vec<String> = ids.iter().map(|i| format!("({i}, {})", i * 10)).collect();
+        let msgs = c
+            .simple_query(&format!(
+                "INSERT INTO t (id, v) VALUES {} RETURNING id, v",
+                values.join(", ")
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e:?}"));
+        let mut returned = Vec::new();
+        let mut tag = None;
+        for m in &msgs {
+            match m {
+                SimpleQueryMessage::Row(r) => {
+                    returned.push(r.get(0).unwrap().parse::<i64>().unwrap())
+                }
+                SimpleQueryMessage::CommandComplete(n) => tag = Some(*n),
+                _ => {}
+            }
+        }
+        assert_eq!(returned, ids, "{mode}: RETURNING in VALUES order");
+        assert_eq!(tag, Some(12), "{mode}: one tag with the total");
+        for i in &ids {
+            assert_eq!(v(&c, *i).await, (*i * 10) as i32, "{mode}: row {i}");
+        }
+        // Rows on both workers, and the coordinator's shell table stays empty.
+        let direct = env.direct().await;
+        let n: i64 = direct
+            .query_one("SELECT count(*) FROM ONLY t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{mode}: nothing on the coordinator");
+        // A duplicate key in the last row: no row of the statement stays.
+        let e = c
+            .batch_execute("INSERT INTO t (id, v) VALUES (201, 1), (202, 1), (203, 1), (101, 1)")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "23505", "{mode}: {e:?}");
+        for i in [201i64, 202, 203] {
+            let n = c
+                .query("SELECT v FROM t WHERE id = $1", &[&i])
+                .await
+                .unwrap()
+                .len();
+            assert_eq!(n, 0, "{mode}: row {i} rolled back");
+        }
+        // Inside a transaction: rolled back with it.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("INSERT INTO t (id, v) VALUES (301, 1), (302, 1), (303, 1), (304, 1)")
+            .await
+            .unwrap();
+        c.batch_execute("ROLLBACK").await.unwrap();
+        for i in [301i64, 302, 303, 304] {
+            let n = c
+                .query("SELECT v FROM t WHERE id = $1", &[&i])
+                .await
+                .unwrap()
+                .len();
+            assert_eq!(n, 0, "{mode}: row {i} rolled back with the transaction");
+        }
+        assert_eq!(
+            prepared_anywhere(&env).await,
+            0,
+            "{mode}: nothing left prepared"
+        );
+        drop(c);
+        assert_eq!(
+            open_transactions(&env).await,
+            0,
+            "{mode}: nothing left open"
+        );
+    }
+}

@@ -106,6 +106,12 @@ pub fn encode_ready_for_query(buf: &mut BytesMut, status: TxnStatus) {
     buf.put_u8(status.byte());
 }
 
+pub fn encode_command_complete(buf: &mut BytesMut, tag: &str) {
+    put_header(buf, btag::COMMAND_COMPLETE, tag.len() + 1);
+    buf.put_slice(tag.as_bytes());
+    buf.put_u8(0);
+}
+
 pub fn encode_parse_complete(buf: &mut BytesMut) {
     put_header(buf, btag::PARSE_COMPLETE, 0);
 }

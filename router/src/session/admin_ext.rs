@@ -416,10 +416,7 @@ pub(super) fn encode_rows(
         }
         frame(out, btag::DATA_ROW, &body);
     }
-    let mut body = BytesMut::new();
-    body.put_slice(reply.tag.as_bytes());
-    body.put_u8(0);
-    frame(out, btag::COMMAND_COMPLETE, &body);
+    crate::protocol::encode_command_complete(out, &reply.tag);
 }
 
 fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {

@@ -15,7 +15,7 @@
 use super::Session;
 use crate::backend::{BackendError, Lease, PoolMode};
 use crate::error::{RouterError, sqlstate};
-use crate::protocol::{self, TxnStatus};
+use crate::protocol::TxnStatus;
 use crate::txn::{CommitError, Failpoint, RecordError};
 use futures_util::future::join_all;
 use std::time::Instant;
@@ -270,86 +270,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    /// A write of a reference table (simple query): the same SQL on every placement in
-    /// one distributed transaction, the client's if one is open, else an implicit one
-    /// committed with two-phase commit. The client gets the last placement's answer.
-    pub(super) async fn run_on_every_placement(
-        &mut self,
-        bound: crate::plan::Bound,
-    ) -> Result<(), RouterError> {
-        let implicit = self.status == TxnStatus::Idle;
-        if implicit {
-            // The nodes joining get BEGIN (the session counts as in a transaction
-            // until it ends here).
-            self.begin_sql = None;
-            self.status = TxnStatus::InTransaction;
-        }
-        let mut groups = vec![bound.group];
-        groups.extend(&bound.also);
-        let mut answer = None;
-        let mut failed = None;
-        for g in groups {
-            self.writers.retain(|w| *w != Some(g));
-            self.writers.push(Some(g));
-            if let Err(e) = self.switch_to(Some(g)).await {
-                failed = Some(Err(e));
-                break;
-            }
-            if let Err(e) = self.ensure_lease().await {
-                failed = Some(Err(e));
-                break;
-            }
-            let conn = self.lease.as_mut().expect("lease").conn();
-            match conn.run_capture(&bound.sql).await {
-                Ok(out) => answer = Some(out),
-                Err(BackendError::Statement(f)) => {
-                    failed = Some(Ok(f));
-                    break;
-                }
-                Err(e) => {
-                    failed = Some(Err(e.into()));
-                    break;
-                }
-            }
-        }
-        self.ctx.metrics.statements_simple.inc();
-        match failed {
-            None => {
-                if implicit {
-                    match self.commit_two_phase(false).await {
-                        Ok(()) => self.status = TxnStatus::Idle,
-                        Err(e) => return self.refuse_request(e),
-                    }
-                }
-                self.out.extend_from_slice(&answer.unwrap_or_default());
-                protocol::encode_ready_for_query(&mut self.out, self.status);
-            }
-            Some(f) => {
-                if implicit {
-                    self.rollback_implicit().await;
-                }
-                match f {
-                    Ok(frame) => {
-                        self.forward_error(frame.as_ref());
-                        if !implicit {
-                            self.status = TxnStatus::Failed;
-                        }
-                    }
-                    Err(e) => {
-                        if !implicit {
-                            // The transaction lost part of its work: it can only roll back.
-                            self.status = TxnStatus::Failed;
-                        }
-                        self.client_error(&e);
-                    }
-                }
-                protocol::encode_ready_for_query(&mut self.out, self.status);
-            }
-        }
-        self.after_request().await;
-        Ok(())
-    }
-
     /// COMMIT of a transaction that lost part of its work (a deadlock victim that
     /// rolled back to a savepoint afterwards): everything rolls back and the client
     /// gets an error instead of COMMIT.
@@ -389,7 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Ends the router's implicit transaction on every node without committing.
-    async fn rollback_implicit(&mut self) {
+    pub(super) async fn rollback_implicit(&mut self) {
         let kept = self.rollback_everywhere().await;
         self.writers.clear();
         self.status = TxnStatus::Idle;

@@ -10,6 +10,7 @@
 mod admin;
 mod admin_ext;
 mod commit;
+mod multi;
 mod prepared;
 mod route;
 mod settings;

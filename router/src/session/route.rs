@@ -112,7 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Plans and binds `sql` with the client's parameters.
-    fn bind_statement(
+    pub(super) fn bind_statement(
         &self,
         sql: &str,
         param_types: &[u32],
@@ -159,6 +159,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let bound = match self.bind_statement(&sql, &[], &[]) {
             Ok(b) => b,
+            Err(PlanError::NotPlannable(reason)) => {
+                // A multi-row INSERT whose rows span shards: row by row.
+                return match self.split_insert(&sql) {
+                    Ok(Some(steps)) => self.run_steps(steps, super::multi::Merge::Insert).await,
+                    Ok(None) => {
+                        self.refuse_in_session(RouterError::Plan(PlanError::NotPlannable(reason)))
+                            .await
+                    }
+                    Err(e) => self.refuse_in_session(RouterError::Plan(e)).await,
+                };
+            }
             Err(e) => return self.refuse_in_session(RouterError::Plan(e)).await,
         };
         if !bound.also.is_empty() {
@@ -348,7 +359,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Ends the parked leases' transactions and gives them back (or closes them when
     /// that fails).
-    async fn end_parked(&mut self, end: TxnEnd) {
+    pub(super) async fn end_parked(&mut self, end: TxnEnd) {
         let sql = match end {
             TxnEnd::Commit => "COMMIT",
             TxnEnd::Rollback => "ROLLBACK",
