@@ -293,8 +293,12 @@ impl Transactions {
     /// without `end` (the session went away mid-commit) ends it as ambiguous, so
     /// recovery decides from the record a little later.
     pub fn begin_commit(self: &Arc<Self>) -> InFlight {
+        // Under the lock `deciding` reads `seq` under: recovery sees this seq either
+        // not yet taken or in flight, never taken and missing from `in_flight`.
+        let mut f = self.in_flight.lock();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        self.in_flight.lock().insert(seq, None);
+        f.insert(seq, None);
+        drop(f);
         InFlight {
             txns: self.clone(),
             seq,
