@@ -15,7 +15,7 @@
 use super::Session;
 use crate::backend::{BackendError, Lease, PoolMode};
 use crate::error::{RouterError, sqlstate};
-use crate::protocol::TxnStatus;
+use crate::protocol::{self, TxnStatus};
 use crate::txn::{CommitError, Failpoint, RecordError};
 use futures_util::future::join_all;
 use std::time::Instant;
@@ -44,10 +44,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let (mut wl, rl): (Vec<_>, Vec<_>) =
             leases.into_iter().partition(|(n, _)| writers.contains(n));
         let mut done: Vec<(Option<i32>, Lease)> = Vec::new();
-        // 1. Readers.
+        self.node = None;
+        // 1. Readers. The coordinator's stays open when the client's COMMIT follows:
+        // that COMMIT ends it (and answers the client) once the writers committed.
         for (n, mut l) in rl {
             if l.conn().status == TxnStatus::Idle {
                 done.push((n, l));
+                continue;
+            }
+            if for_client && n.is_none() && l.conn().status == TxnStatus::InTransaction {
+                let c = l.conn();
+                self.cancel.set(Some((c.addr, c.pid, c.secret)));
+                self.lease = Some(l);
                 continue;
             }
             match l.conn().run_internal("COMMIT").await {
@@ -198,14 +206,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         flight.end(false);
         txns.metrics.commits.inc();
-        // 5. The client's COMMIT gets its answer from a fresh transaction.
+        // 5. The client's COMMIT gets its answer from the coordinator's open
+        // transaction, or else from a fresh one (its BEGIN goes out with the COMMIT).
+        let held = self.lease.is_some();
         self.keep_leases(done);
-        if !for_client {
+        if !for_client || held {
             return Ok(());
         }
         self.ensure_lease().await?;
-        let conn = self.lease.as_mut().expect("lease just acquired").conn();
-        conn.run_internal("BEGIN").await?;
+        protocol::encode_simple_query(&mut self.bout, "BEGIN");
+        self.expect.push_back(super::Expect::Internal);
         Ok(())
     }
 
@@ -237,6 +247,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         leases: Vec<(Option<i32>, Lease)>,
         e: CommitError,
     ) -> Result<(), RouterError> {
+        // The coordinator's open transaction kept for the client's COMMIT.
+        if let Some(l) = self.lease.as_mut()
+            && l.conn().status != TxnStatus::Idle
+        {
+            let _ = l.conn().run_internal("ROLLBACK").await;
+        }
         self.keep_leases(leases);
         self.status = TxnStatus::Idle;
         self.txn_settings.clear();

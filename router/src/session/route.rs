@@ -178,7 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Err(e) = self.check_write(Some(bound.group), !bound.read_only) {
             return self.refuse_in_session(RouterError::Plan(e)).await;
         }
-        if let Err(e) = self.switch_to(Some(bound.group)).await {
+        if let Err(e) = self.switch_to_lazy(Some(bound.group)).await {
             return self.refuse_request(e);
         }
         self.send_simple_here(&bound.sql).await
@@ -251,6 +251,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// current lease are collected first. In a transaction (or with session pooling)
     /// the current lease is parked; a node joining a transaction gets its BEGIN.
     pub(super) async fn switch_to(&mut self, target: Option<i32>) -> Result<(), RouterError> {
+        self.switch(target, false).await
+    }
+
+    /// `switch_to` for a request whose messages go out next through the session's
+    /// backend buffer: a plain BEGIN of a node joining the transaction goes out with
+    /// them (no round trip of its own). Only a plain BEGIN: it cannot fail on a healthy
+    /// connection, so the statements after it never run outside the transaction.
+    pub(super) async fn switch_to_lazy(&mut self, target: Option<i32>) -> Result<(), RouterError> {
+        self.switch(target, true).await
+    }
+
+    async fn switch(&mut self, target: Option<i32>, lazy: bool) -> Result<(), RouterError> {
         if self.node == target {
             return Ok(());
         }
@@ -292,7 +304,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 conn.run_internal(&apply).await?;
                 conn.settings_fp = fp;
             }
-            if let Err(e) = conn.run_internal(&begin).await {
+            if lazy && plain_begin(&begin) {
+                protocol::encode_simple_query(&mut self.bout, "BEGIN");
+                self.expect.push_back(Expect::Internal);
+            } else if let Err(e) = conn.run_internal(&begin).await {
                 // The node refused the client's own BEGIN: plain BEGIN then.
                 tracing::warn!(error = %e, "BEGIN on a node joining the transaction failed; using plain BEGIN");
                 let _ = conn.run_internal("ROLLBACK").await;
@@ -674,7 +689,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .into());
             }
             self.check_write(group, writes)?;
-            self.switch_to(group).await?;
+            self.switch_to_lazy(group).await?;
             self.routed = Some(r);
             return Ok(());
         }
@@ -860,6 +875,23 @@ fn statement_writes(sql: &str) -> bool {
     })
 }
 
+/// Whether a BEGIN statement has no options (replayed as plain `BEGIN`).
+fn plain_begin(sql: &str) -> bool {
+    let words: Vec<&str> = sql
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let is = |i: usize, k: &str| words.get(i).is_some_and(|w| w.eq_ignore_ascii_case(k));
+    match words.len() {
+        1 => is(0, "begin"),
+        2 => {
+            (is(0, "begin") && (is(1, "transaction") || is(1, "work")))
+                || (is(0, "start") && is(1, "transaction"))
+        }
+        _ => false,
+    }
+}
+
 fn node_label(node: Option<i32>) -> String {
     match node {
         None => "the coordinator".into(),
@@ -940,6 +972,27 @@ mod tests {
         assert_eq!(control("PREPARE q AS SELECT 1"), None);
         assert_eq!(control("COMMIT PREPARED 'x'"), None);
         assert_eq!(control("SELECT 1"), None);
+    }
+
+    #[test]
+    fn plain_begins_are_recognised() {
+        for s in [
+            "BEGIN",
+            "begin;",
+            " BEGIN TRANSACTION ",
+            "start transaction",
+            "begin work;",
+        ] {
+            assert!(plain_begin(s), "{s}");
+        }
+        for s in [
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            "BEGIN READ ONLY",
+            "START TRANSACTION READ WRITE",
+            "BEGIN; INSERT INTO t VALUES (1)",
+        ] {
+            assert!(!plain_begin(s), "{s}");
+        }
     }
 
     #[test]
