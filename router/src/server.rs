@@ -181,10 +181,14 @@ impl Server {
         )
         .map_err(|e| StartError::Plugins(e.to_string()))?;
         let txns = {
-            let id = config
-                .router_id
-                .clone()
-                .unwrap_or_else(|| crate::txn::default_router_id(local_addr.port()));
+            let id = config.router_id.clone().unwrap_or_else(|| {
+                let id = crate::txn::default_router_id(local_addr.port());
+                tracing::info!(
+                    router_id = %id,
+                    "router_id not configured: derived from the host name and port; set [transactions] router_id so that a router restarted elsewhere finds the prepared transactions it left"
+                );
+                id
+            });
             Arc::new(
                 crate::txn::Transactions::new(
                     id,

@@ -181,6 +181,8 @@ pub struct Transactions {
     pub metrics: TxnMetrics,
     /// The coordinator connection holding the router id's advisory lock.
     guard: Mutex<Option<Client>>,
+    /// Router ids whose orphaned prepared transactions were reported.
+    warned: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The node part of a gid: `c` for the coordinator, the group id for a worker.
@@ -252,6 +254,7 @@ impl Transactions {
             failpoints,
             metrics: TxnMetrics::new(registry)?,
             guard: Mutex::new(None),
+            warned: Mutex::new(Default::default()),
         })
     }
 
@@ -342,9 +345,14 @@ impl Transactions {
         let mut conn = slot.lock().await;
         if conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             // Not connected: nothing was written.
-            let c = connect_node(&self.login, &self.login.host, self.login.port, &self.database)
-                .await
-                .map_err(RecordError::Refused)?;
+            let c = connect_node(
+                &self.login,
+                &self.login.host,
+                self.login.port,
+                &self.database,
+            )
+            .await
+            .map_err(RecordError::Refused)?;
             let stmt = c
                 .prepare(
                     "INSERT INTO shardgate.pg_dist_transaction (groupid, gid) SELECT * FROM unnest($1::int4[], $2::text[])",

@@ -16,6 +16,37 @@ pub struct Recovered {
 }
 
 impl Transactions {
+    /// Prepared transactions of a router id no live router holds wait for a router
+    /// with that id (each router recovers only its own): say so, once per id.
+    async fn warn_orphans(&self, coord: &tokio_postgres::Client, others: HashMap<String, usize>) {
+        for (id, n) in others {
+            if self.warned.lock().contains(&id) {
+                continue;
+            }
+            let free = coord
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext('shardgate.router'), hashtext($1))",
+                    &[&id],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, bool>(0));
+            if free {
+                let _ = coord
+                    .execute(
+                        "SELECT pg_advisory_unlock(hashtext('shardgate.router'), hashtext($1))",
+                        &[&id],
+                    )
+                    .await;
+                tracing::warn!(
+                    router_id = %id,
+                    prepared = n,
+                    "prepared transactions of a router that is not running wait (holding their locks): start a router with [transactions] router_id = \"{id}\" against this coordinator to finish them"
+                );
+                self.warned.lock().insert(id);
+            }
+        }
+    }
+
     /// One pass over the coordinator and every active worker.
     pub async fn recover(&self, snap: &Snapshot) -> Result<Recovered, String> {
         let started = Instant::now();
@@ -34,6 +65,8 @@ impl Transactions {
         for n in snap.nodes.iter().filter(|n| n.is_active) {
             nodes.push((Some(n.group_id), n.name.clone(), n.port as u16));
         }
+        // Prepared transactions of other router ids: router id -> count.
+        let mut others: HashMap<String, usize> = HashMap::new();
         // Prepared gids per node tag, of the nodes that answered.
         let mut prepared: HashMap<String, Vec<String>> = HashMap::new();
         let mut clients = Vec::new();
@@ -61,6 +94,20 @@ impl Transactions {
                 super::node_tag(*group),
                 rows.iter().map(|r| r.get(0)).collect(),
             );
+            if let Ok(rows) = c
+                .query(
+                    "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'sg\\_t\\_%' AND gid NOT LIKE $1 AND database = current_database()",
+                    &[&pattern],
+                )
+                .await
+            {
+                for r in rows {
+                    let gid: String = r.get(0);
+                    if let Some((router, ..)) = parse_gid(&gid) {
+                        *others.entry(router.to_owned()).or_insert(0usize) += 1;
+                    }
+                }
+            }
             clients.push((super::node_tag(*group), format!("{host}:{port}"), client));
         }
         // Read after the prepared lists: a settled commit's records do not change.
@@ -134,6 +181,7 @@ impl Transactions {
                 .await
                 .map_err(|e| format!("coordinator: {e}"))?;
         }
+        self.warn_orphans(&coord, others).await;
         let m = &self.metrics;
         m.recovered_committed.inc_by(done.committed as u64);
         m.recovered_rolled_back.inc_by(done.rolled_back as u64);
