@@ -105,6 +105,7 @@ fn snapshot() -> Snapshot {
         )]),
         tables: HashMap::from([(oid, Arc::new(table))]),
         names: HashMap::from([("pgbench_accounts".into(), vec![oid])]),
+        views: Default::default(),
     }
 }
 

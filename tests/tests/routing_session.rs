@@ -557,3 +557,61 @@ async fn multi_row_inserts_across_shards() {
         );
     }
 }
+
+/// A view over a distributed table would read the coordinator's empty shell: queries on
+/// it are refused (0A000, naming the view), never answered empty, also when the view is
+/// created after the table was distributed. Other views work, and views can be dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_over_distributed_tables_are_refused_not_answered_empty() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let _ = table(&c).await;
+    // Made on the coordinator directly (through the router, a CREATE VIEW naming a
+    // distributed table is refused like any statement no tier plans).
+    env.direct()
+        .await
+        .batch_execute(
+            "CREATE VIEW t_view AS SELECT id, v FROM t;
+             CREATE VIEW t_view2 AS SELECT count(*) AS n FROM t_view;
+             CREATE VIEW plain_view AS SELECT n FROM local_log",
+        )
+        .await
+        .unwrap();
+    // Within the catalog's poll (1 s), the router knows the views.
+    let mut last = None;
+    for _ in 0..50 {
+        match c.simple_query("SELECT * FROM t_view2").await {
+            Err(e) => {
+                last = Some(e);
+                break;
+            }
+            Ok(rows) => {
+                last = None;
+                drop(rows);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let e = last.expect("a view over a distributed table is refused, not answered");
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(msg.contains("t_view2"), "{msg}");
+    let e = c
+        .query("SELECT v FROM t_view WHERE id = $1", &[&1i64])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    // A view of local tables only is answered by the coordinator.
+    let n = c
+        .query("SELECT * FROM plain_view", &[])
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(n, 0);
+    c.batch_execute("DROP VIEW t_view2; DROP VIEW t_view; DROP VIEW plain_view")
+        .await
+        .unwrap();
+}

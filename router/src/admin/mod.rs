@@ -427,13 +427,38 @@ pub(crate) use in_change;
 /// with a small lexer (string literals, quoted identifiers, comments and dollar quotes
 /// skipped); a column that happens to share a distributed table's name is refused too
 /// (a false refusal, never a wrong answer).
+/// Views over distributed tables count (on the coordinator they read the empty
+/// shells), except in DDL (CREATE / ALTER / DROP of the views themselves).
 pub fn touches_distributed<'s>(snap: &'s Snapshot, sql: &str) -> Option<&'s str> {
     if snap.names.is_empty() {
         return None;
     }
+    let views = !snap.views.is_empty() && !ddl::may_be_ddl(sql);
+    find_name(sql, |ident| {
+        snap.names
+            .get_key_value(ident)
+            .map(|(k, _)| k.as_str())
+            .or_else(|| {
+                views
+                    .then(|| snap.views.get(ident).map(String::as_str))
+                    .flatten()
+            })
+    })
+}
+
+/// A view over distributed tables that `sql` names, if any.
+pub fn names_view<'s>(snap: &'s Snapshot, sql: &str) -> Option<&'s str> {
+    if snap.views.is_empty() {
+        return None;
+    }
+    find_name(sql, |ident| snap.views.get(ident).map(String::as_str))
+}
+
+/// The first identifier of `sql` (outside literals and comments; folded to lower case
+/// unless quoted) that `found` knows.
+fn find_name<'s>(sql: &str, found: impl Fn(&str) -> Option<&'s str>) -> Option<&'s str> {
     let b = sql.as_bytes();
     let mut i = 0;
-    let found = |ident: &str| snap.names.get_key_value(ident).map(|(k, _)| k.as_str());
     while i < b.len() {
         let c = b[i];
         match c {

@@ -165,7 +165,18 @@ impl Catalog {
                             .query_one("SELECT version FROM shardgate.catalog_state", &[])
                             .await?
                             .get(0);
-                        if v == version {
+                        // Views over distributed tables come and go without a catalog
+                        // change: compared on every poll too.
+                        let views: Vec<String> = client
+                            .query_one(snapshot::VIEWS_SQL, &[])
+                            .await?
+                            .get(0);
+                        let same_views = {
+                            let cur = self.peek();
+                            cur.views.len() == views.len()
+                                && views.iter().all(|w| cur.views.contains(w))
+                        };
+                        if v == version && same_views {
                             continue;
                         }
                     }

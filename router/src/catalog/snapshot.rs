@@ -121,7 +121,25 @@ pub struct Snapshot {
     /// Relation name (unqualified) -> oids: a cheap first test whether a statement may
     /// touch a distributed or reference table.
     pub names: HashMap<String, Vec<u32>>,
+    /// Views (plain and materialized) that read distributed or reference tables,
+    /// directly or through other views, by unqualified name: on the coordinator they
+    /// would read the empty shell tables.
+    pub views: std::collections::HashSet<String>,
 }
+
+/// The views that read distributed or reference tables, directly or through other
+/// views (sorted names).
+pub const VIEWS_SQL: &str = "WITH RECURSIVE dep(oid) AS (
+        SELECT logicalrelid::oid FROM shardgate.pg_dist_partition
+        UNION
+        SELECT r.ev_class FROM dep
+        JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = dep.oid
+                        AND d.classid = 'pg_rewrite'::regclass
+        JOIN pg_rewrite r ON r.oid = d.objid
+        WHERE r.ev_class <> dep.oid
+    )
+    SELECT coalesce(array_agg(DISTINCT c.relname::text ORDER BY c.relname::text), '{}')
+    FROM dep JOIN pg_class c ON c.oid = dep.oid WHERE c.relkind IN ('v', 'm')";
 
 impl Snapshot {
     /// Reads the catalog in one REPEATABLE READ transaction (a consistent view).
@@ -250,12 +268,14 @@ impl Snapshot {
             names.entry(t.name.clone()).or_default().push(oid);
             tables.insert(oid, Arc::new(t));
         }
+        let views: Vec<String> = c.query_one(VIEWS_SQL, &[]).await?.get(0);
         Ok(Snapshot {
             version,
             nodes,
             colocations,
             tables,
             names,
+            views: views.into_iter().collect(),
         })
     }
 

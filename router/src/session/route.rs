@@ -119,6 +119,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         params: &[ParamValue<'_>],
     ) -> Result<Bound, PlanError> {
         let snap = self.ctx.catalog.peek();
+        if let Some(v) = crate::admin::names_view(&snap, sql) {
+            return Err(PlanError::NotSupported(format!(
+                "view {v} reads distributed or reference tables, and queries on such views are not routed yet (the coordinator holds only their empty shells); query the tables directly"
+            )));
+        }
         let plugins = self.ctx.plugins.current();
         let norm = normalize(sql);
         let plan = self
