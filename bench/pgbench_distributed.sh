@@ -6,6 +6,7 @@
 #   bench/pgbench_distributed.sh                                # ROUNDS=3 DURATION=20
 #   ROUNDS=1 DURATION=5 bench/pgbench_distributed.sh            # smoke run
 #   MODES="simple extended prepared" bench/pgbench_distributed.sh
+#   PERF=1 ROUNDS=1 bench/pgbench_distributed.sh               # + perf profile of the router
 #
 # Self-contained (temp dirs, free ports on 127.0.0.1, trust auth, torn down on exit):
 #  (a) passthrough: shardgate in front of ONE plain Postgres; `pgbench -i -s SCALE`
@@ -93,11 +94,27 @@ for ((r = 1; r <= ROUNDS; r++)); do
             pid="$(pid_of "$t")"
             load1="$(cut -d' ' -f1 /proc/loadavg)"
             c0="$(cpu_ticks "$pid")"
+            PERF_PID=""
+            if [[ "${PERF:-0}" == 1 && "$t" == distributed && "$r" == 1 ]] && command -v perf >/dev/null; then
+                # A profile of the distributed router in the middle of the run.
+                (sleep $(( DURATION / 4 )); perf record -q -g -F 999 -p "$pid" -o "$WORK/perf-$mode.data" -- sleep $(( DURATION / 2 )) >/dev/null 2>&1) &
+                PERF_PID=$!
+            fi
             set +e
             pgbench -n -S -M "$mode" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" \
                 -h 127.0.0.1 -p "$(port_of "$t")" -U postgres postgres >"$out" 2>&1
             rc=$?
             set -e
+            if [[ -n "$PERF_PID" ]]; then
+                wait "$PERF_PID"
+                {
+                    echo "# by binary"
+                    perf report -i "$WORK/perf-$mode.data" --no-children --stdio --sort dso 2>/dev/null | grep -E '^ +[0-9]' | head -8
+                    echo "# shardgate's own symbols (share of all samples)"
+                    perf report -i "$WORK/perf-$mode.data" --no-children --stdio --dso shardgate --sort sym 2>/dev/null | grep -E '^ +[0-9]' | head -30
+                } >"$WORK/perf-$mode.txt" || true
+                log "perf: top symbols of the distributed router ($mode) in $WORK/perf-$mode.txt"
+            fi
             c1="$(cpu_ticks "$pid")"
             tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out")"
             failed="$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")"
@@ -166,6 +183,12 @@ print()
 print("(us/txn = the router process's user+sys CPU time per pgbench transaction)")
 PY
 echo
+for f in "$WORK"/perf-*.txt; do
+    [[ -s "$f" ]] || continue
+    echo "## perf: $(basename "$f" .txt) (self time, top symbols of the distributed router)"
+    cat "$f"
+    echo
+done
 echo "## correctness (distributed setup)"
 echo "SELECT abalance FROM pgbench_accounts WHERE aid = 12345 : distributed '${ROW}', passthrough '${ROW_PASS}'"
 echo "rows in shards on the workers                           : $W1_ROWS + $W2_ROWS = $((W1_ROWS + W2_ROWS)) (expected $((SCALE * 100000))); shards $W1_SHARDS + $W2_SHARDS"
