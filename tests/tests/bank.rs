@@ -24,9 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SHARDS: i32 = 8;
 const PGBENCH_SECS: u32 = 8;
-const CHAOS: Duration = Duration::from_secs(20);
-const KILL_AT: Duration = Duration::from_secs(6);
-const DOWN_FOR: Duration = Duration::from_secs(3);
+const CHAOS: Duration = Duration::from_secs(60);
+const KILL_AT: Duration = Duration::from_secs(25);
+const DOWN_FOR: Duration = Duration::from_secs(5);
 const CLIENTS: usize = 4;
 
 fn code(e: &Error) -> String {
