@@ -332,3 +332,103 @@ pub fn init_logging() {
             .try_init();
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Helpers of the distributed-transaction tests
+// ---------------------------------------------------------------------------------
+
+/// Creates `t(id int8, v int)` in 8 shards with ids 1..=40 (and, with `local_log`, a plain
+/// coordinator table `local_log(n int)`), through `c` (a router client), and returns two
+/// ids whose shards are on different workers.
+pub async fn two_node_table(c: &tokio_postgres::Client, local_log: bool) -> (i64, i64) {
+    c.batch_execute("CREATE TABLE t (id int8 PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+        .await
+        .expect("create t");
+    if local_log {
+        c.batch_execute("CREATE TABLE local_log (n int)")
+            .await
+            .expect("create local_log");
+    }
+    c.batch_execute("SELECT create_distributed_table('t', 'id', shard_count => 8)")
+        .await
+        .expect("distribute t");
+    for id in 1..=40i64 {
+        c.execute("INSERT INTO t (id, v) VALUES ($1, 0)", &[&id])
+            .await
+            .expect("insert");
+    }
+    let mut by_group: std::collections::BTreeMap<i32, i64> = Default::default();
+    for id in 1..=40i64 {
+        let sid: i64 = c
+            .simple_query(&format!(
+                "SELECT get_shard_id_for_distribution_column('t', {id})"
+            ))
+            .await
+            .expect("shard id")
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+                _ => None,
+            })
+            .expect("a row");
+        let g: i32 = c
+            .query_one(
+                "SELECT groupid FROM shardgate.pg_dist_placement WHERE shardid = $1",
+                &[&sid],
+            )
+            .await
+            .expect("placement")
+            .get(0);
+        by_group.entry(g).or_insert(id);
+    }
+    let ids: Vec<i64> = by_group.values().copied().collect();
+    assert_eq!(ids.len(), 2, "rows on both workers: {by_group:?}");
+    (ids[0], ids[1])
+}
+
+/// The sum of the samples of exactly the metric `name` (with or without labels) in a
+/// Prometheus text body.
+pub fn metric_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl TestEnv {
+    /// `GET /metrics` from the router.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.router.metrics_addr().expect("metrics endpoint");
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("response");
+        out
+    }
+
+    /// Prepared transactions of the test's database on the coordinator and every worker.
+    pub async fn prepared_anywhere(&self) -> i64 {
+        let mut clients = vec![self.direct().await];
+        for i in 0..self.worker_ports.len() {
+            clients.push(self.worker(i).await);
+        }
+        let mut n = 0;
+        for c in clients {
+            n += c
+                .query_one(
+                    "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+                    &[],
+                )
+                .await
+                .expect("pg_prepared_xacts")
+                .get::<_, i64>(0);
+        }
+        n
+    }
+}

@@ -15,12 +15,11 @@
 
 use shardgate::dev::fleet::{NodeOptions, PgNode};
 use shardgate_tests::tokio_postgres::{Client, Error};
-use shardgate_tests::{EnvOptions, TestEnv, connect, pg_tool, start_node};
+use shardgate_tests::{EnvOptions, TestEnv, connect, metric_sum, pg_tool, start_node};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SHARDS: i32 = 8;
 const PGBENCH_SECS: u32 = 8;
@@ -33,28 +32,6 @@ fn code(e: &Error) -> String {
     e.code()
         .map(|c| c.code().to_owned())
         .unwrap_or_else(|| "(no sqlstate)".into())
-}
-
-/// `GET /metrics` from the router.
-async fn metrics(env: &TestEnv) -> String {
-    let addr = env.router.metrics_addr().expect("metrics endpoint");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// What one pgbench run reported.
@@ -280,7 +257,7 @@ async fn money_is_conserved_across_a_worker_crash() {
 
     // 1. pgbench through the router, every protocol.
     let mut report = Vec::new();
-    let m0 = metrics(&env).await;
+    let m0 = env.metrics().await;
     for mode in ["simple", "extended", "prepared"] {
         let b = pgbench(&env, mode, PGBENCH_SECS).await;
         eprintln!(
@@ -293,9 +270,9 @@ async fn money_is_conserved_across_a_worker_crash() {
         );
         report.push(format!("{mode} {:.1} tps", b.tps));
     }
-    let m1 = metrics(&env).await;
-    let two_pc =
-        sample(&m1, "shardgate_2pc_commits_total") - sample(&m0, "shardgate_2pc_commits_total");
+    let m1 = env.metrics().await;
+    let two_pc = metric_sum(&m1, "shardgate_2pc_commits_total")
+        - metric_sum(&m0, "shardgate_2pc_commits_total");
     assert!(two_pc > 0.0, "tpcb-like commits with two-phase commit");
 
     // 2. Our own clients while a worker crashes and comes back.
@@ -416,11 +393,11 @@ async fn money_is_conserved_across_a_worker_crash() {
         "pgbench after the crash: {b:#?}"
     );
     report.push(format!("after the crash prepared {:.1} tps", b.tps));
-    let m2 = metrics(&env).await;
+    let m2 = env.metrics().await;
     eprintln!(
         "report: {report:?}; 2PC commits {}, aborts {}",
-        sample(&m2, "shardgate_2pc_commits_total"),
-        sample(&m2, "shardgate_2pc_aborts_total")
+        metric_sum(&m2, "shardgate_2pc_commits_total"),
+        metric_sum(&m2, "shardgate_2pc_aborts_total")
     );
     let (a2, _, _) = shard_sums(&env, "pgbench_accounts", "abalance").await;
     let (h2, _, _) = shard_sums(&env, "pgbench_history", "delta").await;

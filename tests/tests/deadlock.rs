@@ -13,13 +13,12 @@
 //!   session is cancelled, no 40P01, the detector's metrics stay 0, every transaction
 //!   commits and both rows equal the number of commits.
 
-use shardgate_tests::tokio_postgres::{Client, Error, SimpleQueryMessage};
-use shardgate_tests::{EnvOptions, TestEnv};
-use std::collections::BTreeMap;
+use shardgate_tests::tokio_postgres::{Client, Error};
+use shardgate_tests::{EnvOptions, TestEnv, metric_sum, two_node_table};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn code(e: &Error) -> String {
     e.as_db_error()
@@ -38,70 +37,11 @@ async fn fleet(pool_mode: &'static str, pool_size: usize) -> TestEnv {
     .await
 }
 
-/// Creates `t(id int8, v int)` in 8 shards with ids 1..=40, and returns two ids whose
-/// shards are on different workers.
-async fn table(c: &Client) -> (i64, i64) {
-    c.batch_execute("CREATE TABLE t (id int8 PRIMARY KEY, v int NOT NULL DEFAULT 0)")
-        .await
-        .unwrap();
-    c.batch_execute("SELECT create_distributed_table('t', 'id', shard_count => 8)")
-        .await
-        .unwrap();
-    for id in 1..=40i64 {
-        c.execute("INSERT INTO t (id, v) VALUES ($1, 0)", &[&id])
-            .await
-            .unwrap();
-    }
-    let mut by_group: BTreeMap<i32, i64> = Default::default();
-    for id in 1..=40i64 {
-        let sid: i64 = c
-            .simple_query(&format!(
-                "SELECT get_shard_id_for_distribution_column('t', {id})"
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .find_map(|m| match m {
-                SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
-                _ => None,
-            })
-            .unwrap();
-        let g: i32 = c
-            .query_one(
-                "SELECT groupid FROM shardgate.pg_dist_placement WHERE shardid = $1",
-                &[&sid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        by_group.entry(g).or_insert(id);
-    }
-    let ids: Vec<i64> = by_group.values().copied().collect();
-    assert_eq!(ids.len(), 2, "rows on both workers: {by_group:?}");
-    (ids[0], ids[1])
-}
-
 async fn v(c: &Client, id: i64) -> i32 {
     c.query_one("SELECT v FROM t WHERE id = $1", &[&id])
         .await
         .unwrap()
         .get(0)
-}
-
-/// Prepared transactions of the test's database on any node.
-async fn prepared_anywhere(env: &TestEnv) -> i64 {
-    let mut n = 0;
-    for c in [env.direct().await, env.worker(0).await, env.worker(1).await] {
-        n += c
-            .query_one(
-                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
-    }
-    n
 }
 
 /// Backends of the test's database waiting for a lock, on both workers.
@@ -121,29 +61,6 @@ async fn lock_waiters(w: &[Client]) -> i64 {
     n
 }
 
-/// `GET /metrics` from the router.
-async fn metrics(env: &TestEnv) -> String {
-    let addr = env.router.metrics_addr().expect("metrics endpoint");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-/// The sum of the samples of exactly the metric `name` (with or without labels).
-fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// One UPDATE of `t`, in the simple or the extended protocol.
 async fn update(c: &Client, extended: bool, id: i64, val: i32) -> Result<(), Error> {
     if extended {
@@ -159,7 +76,7 @@ async fn update(c: &Client, extended: bool, id: i64, val: i32) -> Result<(), Err
 /// Session A (value 1) updates `a` then `b`; session B (value 2) updates `b` then `a`.
 async fn opposite_order(env: &TestEnv, mode: &str, extended: bool, a: i64, b: i64) {
     let ctx = format!("{mode}/{}", if extended { "extended" } else { "simple" });
-    let before = metrics(env).await;
+    let before = env.metrics().await;
     let workers = [env.worker(0).await, env.worker(1).await];
     let sa = Arc::new(env.client().await);
     let sb = Arc::new(env.client().await);
@@ -266,7 +183,7 @@ async fn opposite_order(env: &TestEnv, mode: &str, extended: bool, a: i64, b: i6
         "{ctx}: b has the survivor's value"
     );
     assert_eq!(
-        prepared_anywhere(env).await,
+        env.prepared_anywhere().await,
         0,
         "{ctx}: nothing left prepared"
     );
@@ -276,14 +193,14 @@ async fn opposite_order(env: &TestEnv, mode: &str, extended: bool, a: i64, b: i6
         "{ctx}: nobody waits any more"
     );
 
-    let after = metrics(env).await;
-    let detected = sample(&after, "shardgate_deadlocks_detected_total")
-        - sample(&before, "shardgate_deadlocks_detected_total");
-    let cancels = sample(&after, "shardgate_deadlock_cancellations_total")
-        - sample(&before, "shardgate_deadlock_cancellations_total");
+    let after = env.metrics().await;
+    let detected = metric_sum(&after, "shardgate_deadlocks_detected_total")
+        - metric_sum(&before, "shardgate_deadlocks_detected_total");
+    let cancels = metric_sum(&after, "shardgate_deadlock_cancellations_total")
+        - metric_sum(&before, "shardgate_deadlock_cancellations_total");
     assert!(detected >= 1.0, "{ctx}: deadlocks detected: {detected}");
     assert_eq!(cancels, 1.0, "{ctx}: one cancellation for one deadlock");
-    assert!(sample(&after, "shardgate_deadlocks_detected_total") >= 1.0);
+    assert!(metric_sum(&after, "shardgate_deadlocks_detected_total") >= 1.0);
 
     // The victim's session goes on: a fresh two-node transaction commits, and a later
     // cancellation is not mistaken for a deadlock.
@@ -313,7 +230,7 @@ async fn opposite_order(env: &TestEnv, mode: &str, extended: bool, a: i64, b: i6
 async fn deadlock_is_broken(mode: &'static str) {
     let env = fleet(mode, 4).await;
     let c = env.client().await;
-    let (a, b) = table(&c).await;
+    let (a, b) = two_node_table(&c, false).await;
     for extended in [true, false] {
         c.execute("UPDATE t SET v = 0 WHERE id = $1", &[&a])
             .await
@@ -341,8 +258,8 @@ async fn contention_without_a_cycle_cancels_nothing() {
     const RUN: Duration = Duration::from_secs(10);
     let env = fleet("transaction", SESSIONS).await;
     let c = env.client().await;
-    let (a, b) = table(&c).await;
-    let before = metrics(&env).await;
+    let (a, b) = two_node_table(&c, false).await;
+    let before = env.metrics().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     // Lock waits seen on the workers while the sessions run.
@@ -409,15 +326,15 @@ async fn contention_without_a_cycle_cancels_nothing() {
     stop.store(true, Ordering::Relaxed);
     let (polls, saw_waits, max_waiters) = monitor.await.unwrap();
     let commits = commits.load(Ordering::Relaxed);
-    let after = metrics(&env).await;
-    let detected = sample(&after, "shardgate_deadlocks_detected_total")
-        - sample(&before, "shardgate_deadlocks_detected_total");
-    let cancels = sample(&after, "shardgate_deadlock_cancellations_total")
-        - sample(&before, "shardgate_deadlock_cancellations_total");
-    let runs = sample(&after, "shardgate_deadlock_detector_seconds_count")
-        - sample(&before, "shardgate_deadlock_detector_seconds_count");
-    let two_pc = sample(&after, "shardgate_2pc_commits_total")
-        - sample(&before, "shardgate_2pc_commits_total");
+    let after = env.metrics().await;
+    let detected = metric_sum(&after, "shardgate_deadlocks_detected_total")
+        - metric_sum(&before, "shardgate_deadlocks_detected_total");
+    let cancels = metric_sum(&after, "shardgate_deadlock_cancellations_total")
+        - metric_sum(&before, "shardgate_deadlock_cancellations_total");
+    let runs = metric_sum(&after, "shardgate_deadlock_detector_seconds_count")
+        - metric_sum(&before, "shardgate_deadlock_detector_seconds_count");
+    let two_pc = metric_sum(&after, "shardgate_2pc_commits_total")
+        - metric_sum(&before, "shardgate_2pc_commits_total");
     eprintln!(
         "contention: {commits} commits in {RUN:?} by {SESSIONS} sessions; {} errors; \
          lock waits in {saw_waits}/{polls} polls (max {max_waiters} waiting); \
@@ -443,5 +360,5 @@ async fn contention_without_a_cycle_cancels_nothing() {
     );
     assert_eq!(v(&c, a).await as u64, commits, "a counts the commits");
     assert_eq!(v(&c, b).await as u64, commits, "b counts the commits");
-    assert_eq!(prepared_anywhere(&env).await, 0, "nothing left prepared");
+    assert_eq!(env.prepared_anywhere().await, 0, "nothing left prepared");
 }

@@ -3,9 +3,8 @@
 //! NULL), and the plan cache's metrics. Real Postgres: a coordinator and 2 workers.
 
 use shardgate_tests::tokio_postgres::{Client, Error};
-use shardgate_tests::{EnvOptions, TestEnv};
+use shardgate_tests::{EnvOptions, TestEnv, metric_sum, two_node_table};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn code(e: &Error) -> String {
     e.as_db_error()
@@ -22,75 +21,11 @@ async fn fleet(pool_mode: &'static str) -> TestEnv {
     .await
 }
 
-/// Creates `t(id int8, v int)` in 8 shards with ids 1..=40, and returns two ids whose
-/// shards are on different nodes.
-async fn table(c: &Client) -> (i64, i64) {
-    c.batch_execute(
-        "CREATE TABLE t (id int8 PRIMARY KEY, v int NOT NULL DEFAULT 0);
-         CREATE TABLE local_log (n int)",
-    )
-    .await
-    .unwrap();
-    c.batch_execute("SELECT create_distributed_table('t', 'id', shard_count => 8)")
-        .await
-        .unwrap();
-    for id in 1..=40i64 {
-        c.execute("INSERT INTO t (id, v) VALUES ($1, 0)", &[&id])
-            .await
-            .unwrap();
-    }
-    let mut by_group: std::collections::HashMap<i32, i64> = Default::default();
-    for id in 1..=40i64 {
-        let sid: i64 = c
-            .simple_query(&format!(
-                "SELECT get_shard_id_for_distribution_column('t', {id})"
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .find_map(|m| match m {
-                shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
-                    r.get(0).map(|v| v.parse().unwrap())
-                }
-                _ => None,
-            })
-            .unwrap();
-        let g: i32 = c
-            .query_one(
-                "SELECT groupid FROM shardgate.pg_dist_placement WHERE shardid = $1",
-                &[&sid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        by_group.entry(g).or_insert(id);
-    }
-    let ids: Vec<i64> = by_group.values().copied().collect();
-    assert_eq!(ids.len(), 2, "rows on both workers: {by_group:?}");
-    (ids[0], ids[1])
-}
-
 async fn v(c: &Client, id: i64) -> i32 {
     c.query_one("SELECT v FROM t WHERE id = $1", &[&id])
         .await
         .unwrap()
         .get(0)
-}
-
-/// Prepared transactions on any node.
-async fn prepared_anywhere(env: &TestEnv) -> i64 {
-    let mut n = 0;
-    for c in [env.direct().await, env.worker(0).await, env.worker(1).await] {
-        n += c
-            .query_one(
-                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
-    }
-    n
 }
 
 /// Open transactions left on any node by the router (none once clients are done).
@@ -118,7 +53,7 @@ async fn transactions_over_the_coordinator_and_two_workers() {
     for mode in ["transaction", "session"] {
         let env = fleet(mode).await;
         let c = env.client().await;
-        let (a, b) = table(&c).await;
+        let (a, b) = two_node_table(&c, true).await;
 
         // One node writes, the others (a worker, the coordinator) read: it commits.
         c.batch_execute("BEGIN").await.unwrap();
@@ -150,7 +85,7 @@ async fn transactions_over_the_coordinator_and_two_workers() {
         assert_eq!(v(&other, a).await, 2, "{mode}: committed on both nodes");
         assert_eq!(v(&other, b).await, 2, "{mode}");
         assert_eq!(
-            prepared_anywhere(&env).await,
+            env.prepared_anywhere().await,
             0,
             "{mode}: nothing left prepared"
         );
@@ -205,7 +140,7 @@ async fn transactions_over_the_coordinator_and_two_workers() {
         assert_eq!(n, 1, "{mode}: the coordinator's part committed");
         assert_eq!(v(&other, a).await, 1, "{mode}: the worker's part committed");
         assert_eq!(
-            prepared_anywhere(&env).await,
+            env.prepared_anywhere().await,
             0,
             "{mode}: nothing left prepared"
         );
@@ -255,7 +190,7 @@ async fn transactions_over_the_coordinator_and_two_workers() {
 async fn keys_convert_from_every_parameter_form() {
     let env = fleet("transaction").await;
     let c = env.client().await;
-    let (a, _) = table(&c).await;
+    let (a, _) = two_node_table(&c, true).await;
     // An int4 parameter (binary, 4 bytes) for an int8 column.
     let rows = c
         .query("SELECT id FROM t WHERE id = $1::int4", &[&(a as i32)])
@@ -302,34 +237,15 @@ async fn keys_convert_from_every_parameter_form() {
     assert_eq!(v(&c, a).await, 0);
 }
 
-/// `GET /metrics` from the router.
-async fn metrics(env: &TestEnv) -> String {
-    let addr = env.router.metrics_addr().expect("metrics endpoint");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_plan_serves_every_literal() {
     let env = fleet("transaction").await;
     let c = env.client().await;
-    let _ = table(&c).await;
-    let before = metrics(&env).await;
+    let _ = two_node_table(&c, true).await;
+    let before = env.metrics().await;
     let (h0, m0) = (
-        sample(&before, "shardgate_plan_cache_hits_total"),
-        sample(&before, "shardgate_plan_cache_misses_total"),
+        metric_sum(&before, "shardgate_plan_cache_hits_total"),
+        metric_sum(&before, "shardgate_plan_cache_misses_total"),
     );
     for id in 1..=40 {
         let rows = c
@@ -338,14 +254,14 @@ async fn one_plan_serves_every_literal() {
             .unwrap();
         assert_eq!(rows.len(), 3, "id {id}: {rows:?}");
     }
-    let after = metrics(&env).await;
+    let after = env.metrics().await;
     let (h1, m1) = (
-        sample(&after, "shardgate_plan_cache_hits_total"),
-        sample(&after, "shardgate_plan_cache_misses_total"),
+        metric_sum(&after, "shardgate_plan_cache_hits_total"),
+        metric_sum(&after, "shardgate_plan_cache_misses_total"),
     );
     assert_eq!(m1 - m0, 1.0, "one miss for 40 literals");
     assert_eq!(h1 - h0, 39.0);
-    assert!(sample(&after, "shardgate_plans_total{tier=\"planner-fastpath\"}") >= 1.0);
+    assert!(metric_sum(&after, "shardgate_plans_total{tier=\"planner-fastpath\"}") >= 1.0);
 }
 
 /// Writes of a reference table reach every placement (both workers) in one distributed
@@ -407,7 +323,7 @@ async fn reference_writes_reach_every_placement() {
             "{mode}"
         );
         // Inside a transaction with a distributed write, then rolled back: no copy changes.
-        let (a, _) = table(&c).await;
+        let (a, _) = two_node_table(&c, true).await;
         c.batch_execute("BEGIN").await.unwrap();
         c.batch_execute("UPDATE kinds SET name = 'x' WHERE id = 1")
             .await
@@ -460,7 +376,7 @@ async fn reference_writes_reach_every_placement() {
             .unwrap();
         c.batch_execute("COMMIT").await.unwrap();
         assert_eq!(
-            prepared_anywhere(&env).await,
+            env.prepared_anywhere().await,
             0,
             "{mode}: nothing left prepared"
         );
@@ -482,7 +398,7 @@ async fn multi_row_inserts_across_shards() {
     for mode in ["transaction", "session"] {
         let env = fleet(mode).await;
         let c = env.client().await;
-        let _ = table(&c).await; // t: ids 1..=40
+        let _ = two_node_table(&c, true).await; // t: ids 1..=40
         let ids: Vec<i64> = (101..=112).collect();
         let values: Vec<String> = ids.iter().map(|i| format!("({i}, {})", i * 10)).collect();
         let msgs = c
@@ -545,7 +461,7 @@ async fn multi_row_inserts_across_shards() {
             assert_eq!(n, 0, "{mode}: row {i} rolled back with the transaction");
         }
         assert_eq!(
-            prepared_anywhere(&env).await,
+            env.prepared_anywhere().await,
             0,
             "{mode}: nothing left prepared"
         );
@@ -565,7 +481,7 @@ async fn multi_row_inserts_across_shards() {
 async fn views_over_distributed_tables_are_refused_not_answered_empty() {
     let env = fleet("transaction").await;
     let c = env.client().await;
-    let _ = table(&c).await;
+    let _ = two_node_table(&c, true).await;
     // Made on the coordinator directly (through the router, a CREATE VIEW naming a
     // distributed table is refused like any statement no tier plans).
     env.direct()

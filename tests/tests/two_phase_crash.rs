@@ -10,8 +10,8 @@
 //! coordinator and 2 workers (shared ones, or the test's own to kill).
 
 use shardgate::dev::fleet::{NodeOptions, PgNode, free_port};
-use shardgate_tests::tokio_postgres::{self, Client, NoTls, SimpleQueryMessage};
-use shardgate_tests::{EnvOptions, TestEnv, connect, start_node};
+use shardgate_tests::tokio_postgres::{self, Client, NoTls};
+use shardgate_tests::{EnvOptions, TestEnv, connect, start_node, two_node_table};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -172,52 +172,6 @@ impl RouterProcess {
     }
 }
 
-/// Creates `t(id int8, v int)` in 8 shards with ids 1..=40 and a plain coordinator table
-/// `local_log`, and returns two ids whose shards are on different workers.
-async fn table(c: &Client) -> (i64, i64) {
-    c.batch_execute(
-        "CREATE TABLE t (id int8 PRIMARY KEY, v int NOT NULL DEFAULT 0);
-         CREATE TABLE local_log (n int)",
-    )
-    .await
-    .unwrap();
-    c.batch_execute("SELECT create_distributed_table('t', 'id', shard_count => 8)")
-        .await
-        .unwrap();
-    for id in 1..=40i64 {
-        c.execute("INSERT INTO t (id, v) VALUES ($1, 0)", &[&id])
-            .await
-            .unwrap();
-    }
-    let mut by_group: std::collections::HashMap<i32, i64> = Default::default();
-    for id in 1..=40i64 {
-        let sid: i64 = c
-            .simple_query(&format!(
-                "SELECT get_shard_id_for_distribution_column('t', {id})"
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .find_map(|m| match m {
-                SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
-                _ => None,
-            })
-            .unwrap();
-        let g: i32 = c
-            .query_one(
-                "SELECT groupid FROM shardgate.pg_dist_placement WHERE shardid = $1",
-                &[&sid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        by_group.entry(g).or_insert(id);
-    }
-    let ids: Vec<i64> = by_group.values().copied().collect();
-    assert_eq!(ids.len(), 2, "rows on both workers: {by_group:?}");
-    (ids[0], ids[1])
-}
-
 /// `v` of rows `a` and `b`, read through a router. Retried for a while on connection
 /// errors: after a worker restart a pooled connection to it may be stale once.
 async fn values(conn_str: &str, a: i64, b: i64) -> (i32, i32) {
@@ -273,26 +227,6 @@ async fn prepared(env: &TestEnv, id: &str) -> Vec<i64> {
         );
     }
     out
-}
-
-/// Every prepared transaction of the test's database, on every node (whoever made it).
-async fn prepared_anywhere(env: &TestEnv) -> i64 {
-    let mut n = 0;
-    let mut clients = vec![env.direct().await];
-    for i in 0..env.worker_ports.len() {
-        clients.push(env.worker(i).await);
-    }
-    for c in clients {
-        n += c
-            .query_one(
-                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
-    }
-    n
 }
 
 /// Commit records of router `id` on the coordinator.
@@ -373,7 +307,7 @@ async fn shared_fleet() -> (TestEnv, i64, i64) {
     })
     .await;
     let c = env.client().await;
-    let (a, b) = table(&c).await;
+    let (a, b) = two_node_table(&c, true).await;
     (env, a, b)
 }
 
@@ -442,7 +376,7 @@ async fn router_killed_after_the_commit_record_commits_on_recovery() {
         0.0
     );
     assert_eq!(r2.recover().await, 0, "nothing pending any more");
-    assert_eq!(prepared_anywhere(&env).await, 0);
+    assert_eq!(env.prepared_anywhere().await, 0);
 }
 
 /// The router dies after every writer prepared and before the commit record; a new
@@ -491,7 +425,7 @@ async fn router_killed_before_the_commit_record_rolls_back_on_recovery() {
         0.0
     );
     assert_eq!(r2.recover().await, 0);
-    assert_eq!(prepared_anywhere(&env).await, 0);
+    assert_eq!(env.prepared_anywhere().await, 0);
     // The rows are usable (no lock left behind by a prepared transaction).
     let c = r2.client().await;
     for id in [a, b] {
@@ -533,7 +467,7 @@ async fn worker_killed_before_commit_prepared_commits_on_recovery() {
         ..Default::default()
     })
     .await;
-    let (a, b) = table(&env.client().await).await;
+    let (a, b) = two_node_table(&env.client().await, true).await;
     let id = router_id("worker-kill");
     // Recovery by timer is out of the way (an hour): only the explicit calls recover,
     // so their counts are exact.
@@ -584,7 +518,7 @@ async fn worker_killed_before_commit_prepared_commits_on_recovery() {
     // The next pass drops the last record and has nothing to finish.
     assert_eq!(r.recover().await, 0);
     assert_eq!(records(&env, &id).await, 0, "records left");
-    assert_eq!(prepared_anywhere(&env).await, 0);
+    assert_eq!(env.prepared_anywhere().await, 0);
 }
 
 /// Clients that vanish while their COMMIT pauses at each failpoint, and one that stays
@@ -665,7 +599,7 @@ async fn clients_vanishing_mid_commit_leave_all_or_nothing() {
         0.0
     );
     assert_eq!(r.metric("shardgate_2pc_commits_total").await, 3.0);
-    assert_eq!(prepared_anywhere(&env).await, 0);
+    assert_eq!(env.prepared_anywhere().await, 0);
 }
 
 /// Two live routers never share a router id: the second one refuses to start; once
