@@ -323,14 +323,33 @@ impl Collector {
         out
     }
 
-    async fn cancel(&mut self, nodes: &[(Option<i32>, String, u16)], node: Option<i32>, pid: i32) {
+    /// Cancels a backend if it still waits for a lock; whether it did.
+    async fn cancel(
+        &mut self,
+        nodes: &[(Option<i32>, String, u16)],
+        node: Option<i32>,
+        pid: i32,
+    ) -> bool {
         let Some((_, host, port)) = nodes.iter().find(|n| n.0 == node) else {
-            return;
+            return false;
         };
-        if let Some(c) = self.client(node, host, *port).await
-            && let Err(e) = c.execute("SELECT pg_cancel_backend($1)", &[&pid]).await
+        let Some(c) = self.client(node, host, *port).await else {
+            return false;
+        };
+        // Only a backend still waiting for a lock: a cancel reaching one that moved on
+        // would hit whatever it runs next.
+        match c
+            .query(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                &[&pid],
+            )
+            .await
         {
-            tracing::warn!(error = %e, pid, "deadlock detector: cancelling a backend failed");
+            Ok(rows) => rows.first().is_some_and(|r| r.get::<_, bool>(0)),
+            Err(e) => {
+                tracing::warn!(error = %e, pid, "deadlock detector: cancelling a backend failed");
+                false
+            }
         }
     }
 }
@@ -425,10 +444,16 @@ pub async fn detector_loop(
             tracing::warn!(victim = c.victim, members = ?c.members, nodes = ?c.nodes, "distributed deadlock: cancelling the youngest transaction");
             // Cancel the victim's waiting backends.
             let mine: Vec<(Option<i32>, i32)> = victim.backends.lock().clone();
+            let mut cancelled = false;
             for w in waits.iter().filter(|w| mine.contains(&(w.node, w.waiter))) {
-                collector.cancel(&nodes, w.node, w.waiter).await;
+                cancelled |= collector.cancel(&nodes, w.node, w.waiter).await;
             }
-            txns.metrics.deadlock_cancels.inc();
+            if cancelled {
+                txns.metrics.deadlock_cancels.inc();
+            } else {
+                // It stopped waiting meanwhile: nothing was cancelled, nothing to tell.
+                *victim.victim.lock() = None;
+            }
         }
     }
 }

@@ -2,15 +2,17 @@
 //! over the session's own leases (`crate::txn` has the gids, the commit records and
 //! recovery).
 //!
-//! 1. Nodes that only read: plain COMMIT.
+//! 1. Nodes that only read: plain COMMIT; the coordinator's stays open when the
+//!    client's COMMIT follows (it answers it). The coordinator connection that will
+//!    answer is taken here, before anything is decided.
 //! 2. Every writer: `PREPARE TRANSACTION`, all at once. Any failure: every writer rolls
 //!    back (prepared ones with ROLLBACK PREPARED) and the client gets the error.
 //! 3. The commit records, durably on the coordinator: the commit point.
 //! 4. `COMMIT PREPARED` on every writer, all at once; a failure there is left to
 //!    recovery (the record says commit).
-//! 5. The client's own COMMIT then goes to the coordinator inside a fresh, empty
-//!    transaction, so the client gets Postgres's own answer in whichever protocol it
-//!    used.
+//! 5. The client's own COMMIT then goes to the coordinator: into its open read-only
+//!    transaction, or a fresh empty one, so the client gets Postgres's own answer in
+//!    whichever protocol it used.
 
 use super::Session;
 use crate::backend::{BackendError, Lease, PoolMode};
@@ -62,6 +64,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(()) => done.push((n, l)),
                 Err(e) => tracing::warn!(error = %e, "COMMIT of a node that only read failed"),
             }
+        }
+        // The connection that will answer the client's COMMIT, taken before anything
+        // is decided: once the commit point is passed, the client must hear COMMIT.
+        if for_client
+            && self.lease.is_none()
+            && let Err(e) = self.ensure_lease().await
+        {
+            for (_, l) in &mut wl {
+                let _ = l.conn().run_internal("ROLLBACK").await;
+            }
+            done.extend(wl);
+            txns.metrics.aborts.inc();
+            let reason = e
+                .user_facing()
+                .map(|u| u.message)
+                .unwrap_or_else(|| e.to_string());
+            return self
+                .commit_failed(
+                    done,
+                    CommitError::new(
+                        sqlstate::TRANSACTION_ROLLBACK.code(),
+                        format!("the transaction was rolled back: no connection to the coordinator to finish the commit: {reason}"),
+                    ),
+                )
+                .await;
         }
         // A writer whose lease is gone (its connection broke) lost its work.
         let missing: Vec<Option<i32>> = writers
@@ -208,12 +235,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         txns.metrics.commits.inc();
         // 5. The client's COMMIT gets its answer from the coordinator's open
         // transaction, or else from a fresh one (its BEGIN goes out with the COMMIT).
-        let held = self.lease.is_some();
         self.keep_leases(done);
-        if !for_client || held {
+        let open = self
+            .lease
+            .as_mut()
+            .is_some_and(|l| l.conn().status != TxnStatus::Idle);
+        if !for_client || open {
             return Ok(());
         }
-        self.ensure_lease().await?;
         protocol::encode_simple_query(&mut self.bout, "BEGIN");
         self.expect.push_back(super::Expect::Internal);
         Ok(())
@@ -265,7 +294,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// current one; the others go back to their pools (or stay, with session pooling).
     fn keep_leases(&mut self, leases: Vec<(Option<i32>, Lease)>) {
         self.node = None;
+        let dirty = !self.txn_settings.is_empty();
         for (n, mut l) in leases {
+            if dirty {
+                // SETs of the transaction (see `end_parked`).
+                l.conn().settings_fp = super::settings::DIRTY_FP;
+            }
             if l.conn().status != TxnStatus::Idle {
                 // Not expected: never hand out a backend inside a transaction.
                 tracing::warn!(node = %label(n), "a backend is still in a transaction after commit; closing it");

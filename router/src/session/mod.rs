@@ -151,6 +151,10 @@ pub struct Session<S> {
     /// Part of the open transaction was rolled back (a deadlock victim's other nodes):
     /// it can no longer commit.
     doomed: bool,
+    /// The next routed simple query carries its node's BEGIN (`BEGIN;<statement>`).
+    join_begin: bool,
+    /// That BEGIN's CommandComplete is swallowed.
+    swallow_begin: bool,
     /// The statement that opened the transaction (replayed on nodes that join it).
     begin_sql: Option<String>,
     /// The routed statements of the extended batch being translated.
@@ -185,6 +189,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             writers: Vec::new(),
             dist: None,
             doomed: false,
+            join_begin: false,
+            swallow_begin: false,
             begin_sql: None,
             routed: None,
             unnamed: None,
@@ -1029,6 +1035,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
             btag::READY_FOR_QUERY => {
                 let status = TxnStatus::from_byte(*f.body().first().unwrap_or(&0))?;
+                if !internal {
+                    self.swallow_begin = false;
+                }
                 let conn = self.lease.as_mut().expect("lease").conn();
                 conn.status = status;
                 match self.expect.pop_front() {
@@ -1059,6 +1068,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             btag::COMMAND_COMPLETE => {
                 let ctag = &f.body()[..f.body().len().saturating_sub(1)];
+                if self.swallow_begin && ctag == b"BEGIN" {
+                    self.swallow_begin = false;
+                    return Ok(());
+                }
                 self.saw_commit = ctag == b"COMMIT";
                 if ctag == b"DISCARD ALL" || ctag == b"DEALLOCATE ALL" {
                     let conn = self.lease.as_mut().expect("lease").conn();
@@ -1195,7 +1208,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if !pending.is_empty()
                     && let Some(l) = self.lease.as_mut()
                 {
-                    l.conn().settings_fp = self.settings.fingerprint();
+                    // SETs run on the coordinator: only its connection has them all.
+                    l.conn().settings_fp = if self.node.is_none() {
+                        self.settings.fingerprint()
+                    } else {
+                        settings::DIRTY_FP
+                    };
                 }
             }
         }

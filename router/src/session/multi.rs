@@ -153,7 +153,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let conn = self.lease.as_mut().expect("the writer's lease").conn();
         if let Err(e) = conn.run_internal("COMMIT").await {
             self.rollback_implicit().await;
-            return Err(e.into());
+            return Err(match e {
+                BackendError::Statement(f) => {
+                    RouterError::Commit(crate::txn::CommitError::from_backend(f.body()))
+                }
+                e => e.into(),
+            });
         }
         self.end_parked(super::route::TxnEnd::Rollback).await;
         self.writers.clear();

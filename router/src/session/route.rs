@@ -10,9 +10,9 @@
 //! node; a node that joins a transaction late gets the client's BEGIN first. COMMIT /
 //! ROLLBACK end every node's transaction: the nodes that only read first, the one
 //! that wrote last, with the client's own statement, so the client hears that node's
-//! answer. Writes on two nodes in one transaction are refused (0A000) until two-phase
-//! commit exists; so are statements on another node once the transaction failed (the
-//! node that failed answers them, as Postgres would).
+//! answer. A transaction that wrote on two nodes or more commits with two-phase commit
+//! (`commit.rs`). Once the transaction failed, the node that failed answers everything
+//! until it ends, as Postgres would.
 
 use super::{Expect, Session, Undo, msg};
 use crate::backend::PoolMode;
@@ -150,7 +150,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Notes a write on `target` inside a transaction: a transaction that wrote on two
     /// nodes commits with two-phase commit.
     fn check_write(&mut self, target: Option<i32>, writes: bool) -> Result<(), PlanError> {
-        if writes && self.status != TxnStatus::Idle && !self.writers.contains(&target) {
+        // Also while idle: a BEGIN in the same extended batch opens the transaction.
+        if writes && !self.writers.contains(&target) {
             self.writers.push(target);
         }
         Ok(())
@@ -197,7 +198,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.prepare_settings();
         self.ctx.metrics.statements_simple.inc();
         self.start_timer("simple");
-        protocol::encode_simple_query(&mut self.bout, sql);
+        if std::mem::take(&mut self.join_begin) {
+            // The joining node's BEGIN; its CommandComplete is not the client's.
+            protocol::encode_simple_query(&mut self.bout, &format!("BEGIN;{sql}"));
+            self.swallow_begin = true;
+        } else {
+            protocol::encode_simple_query(&mut self.bout, sql);
+        }
         self.expect.push_back(Expect::Query {
             tracked: None,
             ok: false,
@@ -243,6 +250,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // waited for them goes on without waiting for this client's ROLLBACK).
             self.end_parked(TxnEnd::Rollback).await;
             self.doomed = true;
+            // Its pids are given back: they must not stand for it in the wait graph.
+            self.dist = None;
         }
         if self.status == TxnStatus::Idle {
             self.writers.clear();
@@ -259,22 +268,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.switch(target, false).await
     }
 
-    /// `switch_to` for a request whose messages go out next through the session's
-    /// backend buffer: a plain BEGIN of a node joining the transaction goes out with
-    /// them (no round trip of its own). Only a plain BEGIN: it cannot fail on a healthy
-    /// connection, so the statements after it never run outside the transaction.
+    /// `switch_to` for a routed simple query sent next by `send_simple_here`: a plain
+    /// BEGIN of a node joining the transaction goes out in the same query string.
     pub(super) async fn switch_to_lazy(&mut self, target: Option<i32>) -> Result<(), RouterError> {
         self.switch(target, true).await
     }
 
     async fn switch(&mut self, target: Option<i32>, lazy: bool) -> Result<(), RouterError> {
-        if self.node == target {
-            return Ok(());
-        }
+        self.join_begin = false;
         if !self.expect.is_empty() {
+            // Replies still due on the current lease (and its status) come first.
             self.write_backend().await?;
             self.pump().await?;
             self.after_request().await;
+        }
+        if self.node == target {
+            // Same node: it may still have to join the transaction (no lease held, or
+            // an idle one: an implicit transaction of the router's, a lease given back).
+            return self.join(lazy).await;
         }
         if let Some(lease) = self.lease.take() {
             self.cancel.set(None);
@@ -292,8 +303,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.cancel.set(Some((c.addr, c.pid, c.secret)));
             self.lease = Some(lease);
         }
-        // A node joining an open transaction (new, or held idle with session pooling)
-        // gets its BEGIN first.
+        self.join(lazy).await
+    }
+
+    /// A node joining an open transaction (new, or held idle with session pooling)
+    /// gets its BEGIN first. `lazy`: a plain BEGIN goes out as the prefix of the simple
+    /// query the caller sends next (`BEGIN;<statement>`: if BEGIN fails, the statement
+    /// does not run), with no round trip of its own.
+    async fn join(&mut self, lazy: bool) -> Result<(), RouterError> {
         let joins = self.status != TxnStatus::Idle
             && self
                 .lease
@@ -310,8 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 conn.settings_fp = fp;
             }
             if lazy && plain_begin(&begin) {
-                protocol::encode_simple_query(&mut self.bout, "BEGIN");
-                self.expect.push_back(Expect::Internal);
+                self.join_begin = true;
             } else if let Err(e) = conn.run_internal(&begin).await {
                 // The node refused the client's own BEGIN: plain BEGIN then.
                 tracing::warn!(error = %e, "BEGIN on a node joining the transaction failed; using plain BEGIN");
@@ -350,6 +366,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Before the client's COMMIT / ROLLBACK goes out: the node that wrote becomes the
     /// current one (it gets the client's statement), the others end now.
     pub(super) async fn end_others_first(&mut self, end: TxnEnd) -> Result<(), RouterError> {
+        if !self.expect.is_empty() {
+            // Pipelined statements before the COMMIT may still fail the transaction:
+            // their answers decide how it ends.
+            self.write_backend().await?;
+            self.pump().await?;
+            self.after_request().await;
+        }
         if self.doomed && end == TxnEnd::Commit && self.status != TxnStatus::Failed {
             return self.commit_doomed().await;
         }
@@ -385,7 +408,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             TxnEnd::Rollback => "ROLLBACK",
         };
         let keep = self.mode == PoolMode::Session;
+        let dirty = !self.txn_settings.is_empty();
         for (node, mut lease) in std::mem::take(&mut self.parked) {
+            if dirty {
+                // The transaction ran SETs (on the coordinator): whichever connection
+                // has them, the next user re-applies its own settings.
+                lease.conn().settings_fp = super::settings::DIRTY_FP;
+            }
             let result = if lease.conn().status == TxnStatus::Idle {
                 Ok(())
             } else {
@@ -620,6 +649,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             None
         };
         let ctl = sql.and_then(control);
+        if self.status == TxnStatus::Idle && ctl != Some(Control::Begin) {
+            // A transaction this request opens (`BEGIN; ...` in one string, or none) is
+            // joined with a plain BEGIN, not an earlier transaction's.
+            self.begin_sql = None;
+        }
         match self.status {
             TxnStatus::Failed => {
                 if let Some(Control::End(e)) = ctl {
@@ -647,6 +681,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             TxnStatus::InTransaction => match ctl {
                 Some(Control::End(e)) => self.end_others_first(e).await,
                 Some(_) => Ok(()),
+                None if !self.parked.is_empty() && sql.is_some_and(ends_transaction_inside) => {
+                    Err(PlanError::NotSupported(
+                        "this transaction spans several nodes: COMMIT / ROLLBACK / PREPARE TRANSACTION must be sent as a statement of its own, not inside a query string with other statements".into(),
+                    )
+                    .into())
+                }
                 None => {
                     let writes = sql.is_none_or(|s| self.writes_here(s));
                     self.check_write(None, writes)?;
@@ -673,6 +713,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Messages sent without a Sync after them tie the batch to the current node;
         // replies still expected from it are collected by `switch_to`.
         let pinned = self.needs_sync;
+        if self.status == TxnStatus::Idle && !pinned {
+            // A BEGIN inside this batch opens a plain transaction.
+            self.begin_sql = None;
+        }
         if self.status == TxnStatus::Failed && !pinned {
             if let Some(Control::End(e)) = self.batch_control() {
                 self.end_others_first(e).await?;
@@ -694,7 +738,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .into());
             }
             self.check_write(group, writes)?;
-            self.switch_to_lazy(group).await?;
+            self.switch_to(group).await?;
             self.routed = Some(r);
             return Ok(());
         }
@@ -880,6 +924,31 @@ fn statement_writes(sql: &str) -> bool {
     })
 }
 
+/// Whether a query string holds, after its first statement, one that ends the
+/// transaction (the router must see those to end every node's part).
+fn ends_transaction_inside(sql: &str) -> bool {
+    use crate::plan::normalize::{Tok, tokens};
+    let mut start = false;
+    for (kind, s, e) in tokens(sql) {
+        match kind {
+            Tok::Semi => start = true,
+            Tok::Space => {}
+            Tok::Word if start => {
+                let w = &sql[s..e];
+                if ["commit", "end", "rollback", "abort", "prepare"]
+                    .iter()
+                    .any(|k| w.eq_ignore_ascii_case(k))
+                {
+                    return true;
+                }
+                start = false;
+            }
+            _ => start = false,
+        }
+    }
+    false
+}
+
 /// Whether a BEGIN statement has no options (replayed as plain `BEGIN`).
 fn plain_begin(sql: &str) -> bool {
     let words: Vec<&str> = sql
@@ -977,6 +1046,18 @@ mod tests {
         assert_eq!(control("PREPARE q AS SELECT 1"), None);
         assert_eq!(control("COMMIT PREPARED 'x'"), None);
         assert_eq!(control("SELECT 1"), None);
+    }
+
+    #[test]
+    fn transaction_ends_inside_a_query_string_are_found() {
+        assert!(ends_transaction_inside("UPDATE t SET v = 1; COMMIT"));
+        assert!(ends_transaction_inside("select 1;\n  end"));
+        assert!(ends_transaction_inside("SELECT 1; PREPARE TRANSACTION 'x'"));
+        assert!(!ends_transaction_inside(
+            "SELECT CASE WHEN true THEN 1 END; SELECT 2"
+        ));
+        assert!(!ends_transaction_inside("COMMIT"));
+        assert!(!ends_transaction_inside("SELECT 'a; commit'"));
     }
 
     #[test]

@@ -12,6 +12,11 @@ use std::hash::{Hash, Hasher};
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
+/// A connection's `settings_fp` when its settings are unknown (a transaction's SETs
+/// may be on it): never a session's fingerprint (those are 0 or odd), so the next
+/// session re-applies its own.
+pub const DIRTY_FP: u64 = 2;
+
 #[derive(Clone, Debug, Default)]
 pub struct Settings {
     /// From the startup packet (and `options=-c name=value`): name -> value.

@@ -1,7 +1,7 @@
 //! Distributed transactions: two-phase commit of transactions that wrote on several
 //! nodes, and the recovery of what a crash left prepared.
 //!
-//! Commit (driven by the session, `session/route.rs`): the nodes that only read get a
+//! Commit (driven by the session, `session/commit.rs`): the nodes that only read get a
 //! plain COMMIT; every writer gets `PREPARE TRANSACTION '<gid>'`; one commit record per
 //! prepared transaction goes into `shardgate.pg_dist_transaction` on the coordinator
 //! (autocommit, durable before the client hears COMMIT); then `COMMIT PREPARED` on each
@@ -353,6 +353,10 @@ impl Transactions {
             )
             .await
             .map_err(RecordError::Refused)?;
+            // The commit point must be durable whatever the role's or database's default.
+            c.batch_execute("SET synchronous_commit = on")
+                .await
+                .map_err(RecordError::Refused)?;
             let stmt = c
                 .prepare(
                     "INSERT INTO shardgate.pg_dist_transaction (groupid, gid) SELECT * FROM unnest($1::int4[], $2::text[])",

@@ -132,10 +132,11 @@ impl Transactions {
                     continue;
                 }
                 let commit = records.contains(gid);
+                let quoted = gid.replace('\'', "''");
                 let sql = if commit {
-                    format!("COMMIT PREPARED '{gid}'")
+                    format!("COMMIT PREPARED '{quoted}'")
                 } else {
-                    format!("ROLLBACK PREPARED '{gid}'")
+                    format!("ROLLBACK PREPARED '{quoted}'")
                 };
                 match c.batch_execute(&sql).await {
                     Ok(()) => {
@@ -158,7 +159,11 @@ impl Transactions {
         // such prepared transaction any more (a node that did not answer may still
         // have it, and a node that left the catalog never will).
         let answered: HashSet<&str> = clients.iter().map(|(t, _, _)| t.as_str()).collect();
-        let known: HashSet<String> = nodes.iter().map(|(g, _, _)| super::node_tag(*g)).collect();
+        // Every node of the catalog, active or not: an inactive node may come back with
+        // its prepared transactions.
+        let known: HashSet<String> = std::iter::once(super::node_tag(None))
+            .chain(snap.nodes.iter().map(|n| super::node_tag(Some(n.group_id))))
+            .collect();
         let still: HashSet<&str> = prepared.values().flatten().map(String::as_str).collect();
         let obsolete: Vec<&str> = records
             .iter()
