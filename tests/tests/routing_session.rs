@@ -322,8 +322,26 @@ async fn reference_writes_reach_every_placement() {
             vec![2, 2],
             "{mode}"
         );
+        // Autocommit writes right after a statement on either worker (the session is
+        // then already on one of the placements' nodes): every copy changes, together.
+        let (a, b) = two_node_table(&c, true).await;
+        for (i, id) in [(10, a), (11, b), (12, a), (13, b)] {
+            c.batch_execute(&format!("SELECT v FROM t WHERE id = {id}"))
+                .await
+                .unwrap();
+            c.batch_execute(&format!("INSERT INTO kinds VALUES ({i}, 'n')"))
+                .await
+                .unwrap_or_else(|e| panic!("{mode}: {e:?}"));
+            c.batch_execute(&format!("DELETE FROM kinds WHERE id = {i}"))
+                .await
+                .unwrap_or_else(|e| panic!("{mode}: {e:?}"));
+        }
+        assert_eq!(
+            copies("SELECT count(*) FROM {t}").await,
+            vec![2, 2],
+            "{mode}: copies equal"
+        );
         // Inside a transaction with a distributed write, then rolled back: no copy changes.
-        let (a, _) = two_node_table(&c, true).await;
         c.batch_execute("BEGIN").await.unwrap();
         c.batch_execute("UPDATE kinds SET name = 'x' WHERE id = 1")
             .await
