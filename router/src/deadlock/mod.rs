@@ -470,17 +470,17 @@ mod tests {
         }
     }
 
+    /// (node, pid) -> transaction, from (transaction, pid on node 1, pid on node 2).
+    fn owners(txns: &[(u64, i32, i32)]) -> HashMap<(Option<i32>, i32), u64> {
+        txns.iter()
+            .flat_map(|&(t, p1, p2)| [((Some(1), p1), t), ((Some(2), p2), t)])
+            .collect()
+    }
+
     #[test]
     fn a_cycle_across_two_nodes_cancels_the_youngest() {
         // txn 1 = pids 10 (node 1), 20 (node 2); txn 2 = pids 11 (node 1), 21 (node 2).
-        let owners: HashMap<_, _> = [
-            ((Some(1), 10), 1),
-            ((Some(2), 20), 1),
-            ((Some(1), 11), 2),
-            ((Some(2), 21), 2),
-        ]
-        .into_iter()
-        .collect();
+        let owners = owners(&[(1, 10, 20), (2, 11, 21)]);
         let waits = [w(1, 11, 10), w(2, 20, 21)];
         let c = find_cycles(&waits, &owners);
         assert_eq!(c.len(), 1);
@@ -511,14 +511,7 @@ mod tests {
     fn a_foreign_backend_can_close_a_cycle() {
         // txn 1 waits on node 2 for a foreign single-node transaction (pid 50), which
         // waits on node 2 for txn 2, which waits on node 1 for txn 1.
-        let owners: HashMap<_, _> = [
-            ((Some(1), 10), 1),
-            ((Some(2), 20), 1),
-            ((Some(1), 11), 2),
-            ((Some(2), 21), 2),
-        ]
-        .into_iter()
-        .collect();
+        let owners = owners(&[(1, 10, 20), (2, 11, 21)]);
         let waits = [w(2, 20, 50), w(2, 50, 21), w(1, 11, 10)];
         let c = find_cycles(&waits, &owners);
         assert_eq!(c.len(), 1);
@@ -527,18 +520,7 @@ mod tests {
 
     #[test]
     fn two_separate_cycles_get_one_victim_each() {
-        let owners: HashMap<_, _> = [
-            ((Some(1), 10), 1),
-            ((Some(2), 20), 1),
-            ((Some(1), 11), 2),
-            ((Some(2), 21), 2),
-            ((Some(1), 30), 3),
-            ((Some(2), 40), 3),
-            ((Some(1), 31), 4),
-            ((Some(2), 41), 4),
-        ]
-        .into_iter()
-        .collect();
+        let owners = owners(&[(1, 10, 20), (2, 11, 21), (3, 30, 40), (4, 31, 41)]);
         let waits = [w(1, 11, 10), w(2, 20, 21), w(1, 31, 30), w(2, 40, 41)];
         let mut v: Vec<u64> = find_cycles(&waits, &owners)
             .iter()

@@ -15,6 +15,7 @@
 //!    whichever protocol it used.
 
 use super::Session;
+use super::route::node_label;
 use crate::backend::{BackendError, Lease, PoolMode};
 use crate::error::{RouterError, sqlstate};
 use crate::protocol::{self, TxnStatus};
@@ -147,7 +148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     broken[i] = true;
                     failure.get_or_insert(CommitError::new(
                         sqlstate::TRANSACTION_ROLLBACK.code(),
-                        format!("the transaction was rolled back: PREPARE TRANSACTION failed on {}: {e}", label(wl[i].0)),
+                        format!("the transaction was rolled back: PREPARE TRANSACTION failed on {}: {e}", node_label(wl[i].0)),
                     ));
                 }
             }
@@ -224,7 +225,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             match r {
                 Ok(()) => done.push((n, l)),
                 Err(e) => {
-                    tracing::error!(node = %label(n), error = %e, "COMMIT PREPARED failed; recovery commits it (the commit record is there)");
+                    tracing::error!(node = %node_label(n), error = %e, "COMMIT PREPARED failed; recovery commits it (the commit record is there)");
                     if matches!(e, BackendError::Statement(_)) {
                         done.push((n, l));
                     }
@@ -264,7 +265,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 continue;
             };
             if let Err(e) = c.run_internal(&sql).await {
-                tracing::warn!(node = %label(*n), error = %e, "rolling back a node's part of a failed commit failed; recovery rolls it back");
+                tracing::warn!(node = %node_label(*n), error = %e, "rolling back a node's part of a failed commit failed; recovery rolls it back");
             }
         }
     }
@@ -302,7 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             if l.conn().status != TxnStatus::Idle {
                 // Not expected: never hand out a backend inside a transaction.
-                tracing::warn!(node = %label(n), "a backend is still in a transaction after commit; closing it");
+                tracing::warn!(node = %node_label(n), "a backend is still in a transaction after commit; closing it");
                 drop(l);
                 continue;
             }
@@ -364,12 +365,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.writers.clear();
         self.status = TxnStatus::Idle;
         self.keep_leases(kept);
-    }
-}
-
-fn label(node: Option<i32>) -> String {
-    match node {
-        None => "the coordinator".into(),
-        Some(g) => format!("the node of group {g}"),
     }
 }

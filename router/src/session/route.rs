@@ -966,7 +966,7 @@ fn plain_begin(sql: &str) -> bool {
     }
 }
 
-fn node_label(node: Option<i32>) -> String {
+pub(super) fn node_label(node: Option<i32>) -> String {
     match node {
         None => "the coordinator".into(),
         Some(g) => format!("the node of group {g}"),
