@@ -55,7 +55,7 @@ start_distributed_router() {
 listen = "127.0.0.1:$SGD_PORT"
 metrics_listen = "127.0.0.1:$SGD_METRICS_PORT"
 auth_method = "trust"
-pool_size = $POOL_SIZE
+pool_size = ${DIST_POOL_SIZE:-$POOL_SIZE}
 pool_mode = "transaction"
 max_client_connections = 20000
 worker_threads = ${SG_WORKER_THREADS:-0}

@@ -7,6 +7,7 @@
 #   ROUNDS=1 DURATION=5 bench/pgbench_distributed.sh            # smoke run
 #   MODES="simple extended prepared" bench/pgbench_distributed.sh
 #   PERF=1 ROUNDS=1 bench/pgbench_distributed.sh               # + perf profile of the router
+#   STRACE=1 ROUNDS=1 bench/pgbench_distributed.sh             # + syscalls per transaction
 #
 # Self-contained (temp dirs, free ports on 127.0.0.1, trust auth, torn down on exit):
 #  (a) passthrough: shardgate in front of ONE plain Postgres; `pgbench -i -s SCALE`
@@ -16,7 +17,9 @@
 #      `shardgate dev` sets them); `pgbench -i -s SCALE` THROUGH the router, then
 #      `SELECT create_distributed_table('pgbench_accounts', 'aid', shard_count => SHARDS)`
 #      through the router, then VACUUM ANALYZE + CHECKPOINT on every node.
-# Both routers use the same pool_size (POOL_SIZE, default 8; in (b) that is per node).
+# Both routers use the same pool_size (POOL_SIZE, default 8; in (b) that is per node,
+# so 16 worker backends against 8; DIST_POOL_SIZE sets (b)'s alone, e.g. 4 for the same
+# total number of backends).
 # For each round and each mode: `pgbench -n -S -M MODE -c CLIENTS -j THREADS -T DURATION`
 # against both, the order alternating from round to round. Prints raw tps per run, the
 # router's CPU time (user+sys from /proc) per transaction, per-mode medians and the ratio
@@ -100,11 +103,22 @@ for ((r = 1; r <= ROUNDS; r++)); do
                 (sleep $(( DURATION / 4 )); perf record -q -g -F 999 -p "$pid" -o "$WORK/perf-$mode.data" -- sleep $(( DURATION / 2 )) >/dev/null 2>&1) &
                 PERF_PID=$!
             fi
+            STRACE_PID=""
+            if [[ "${STRACE:-0}" == 1 && "$r" == 1 ]] && command -v strace >/dev/null; then
+                # The router's syscalls in the middle of the run (strace slows it down:
+                # these runs' tps are not comparable with the others).
+                (sleep $(( DURATION / 4 )); timeout -s INT $(( DURATION / 2 )) strace -c -f -p "$pid" -o "$WORK/strace-$mode-$t.txt" >/dev/null 2>&1) &
+                STRACE_PID=$!
+            fi
             set +e
             pgbench -n -S -M "$mode" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" \
                 -h 127.0.0.1 -p "$(port_of "$t")" -U postgres postgres >"$out" 2>&1
             rc=$?
             set -e
+            if [[ -n "$STRACE_PID" ]]; then
+                wait "$STRACE_PID" || true
+                log "strace: syscalls of the $t router ($mode) in $WORK/strace-$mode-$t.txt"
+            fi
             if [[ -n "$PERF_PID" ]]; then
                 wait "$PERF_PID"
                 {

@@ -88,9 +88,11 @@ fn snapshot() -> Snapshot {
             "abalance".into(),
             "filler".into(),
         ],
+        qualified: Default::default(),
     };
     Snapshot {
         version: 1,
+        generation: 1,
         nodes: vec![node(1, 5433), node(2, 5434)],
         colocations: HashMap::from([(
             1,

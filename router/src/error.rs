@@ -54,6 +54,7 @@ pub mod sqlstate {
     pub const TRANSACTION_RESOLUTION_UNKNOWN: SqlState = SqlState("08007");
     pub const DEADLOCK_DETECTED: SqlState = SqlState("40P01");
     pub const TRANSACTION_ROLLBACK: SqlState = SqlState("40000");
+    pub const CARDINALITY_VIOLATION: SqlState = SqlState("21000");
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,7 +328,7 @@ fn admin_facing(e: &AdminError) -> UserFacing {
 }
 
 /// A statement on distributed tables cannot be planned or bound.
-fn plan_facing(e: &crate::plan::PlanError) -> UserFacing {
+pub(crate) fn plan_facing(e: &crate::plan::PlanError) -> UserFacing {
     use crate::plan::PlanError as P;
     use Severity::*;
     use sqlstate::*;
@@ -341,6 +342,9 @@ fn plan_facing(e: &crate::plan::PlanError) -> UserFacing {
         P::NoPlacement(_) => {
             UserFacing::new(Error, OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string())
         }
+        P::Cardinality(_) => UserFacing::new(Error, CARDINALITY_VIOLATION, e.to_string()).hint(
+            "Ensure that no rows proposed for insertion within the same command have duplicate constrained values.",
+        ),
     }
 }
 

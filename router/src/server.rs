@@ -382,6 +382,9 @@ async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
+            // Shutdown first: a connection that waits in the backlog when shutdown
+            // begins is refused (the listener closes), never let in.
+            biased;
             _ = ctx.shutdown.cancelled() => return,
             r = listener.accept() => r,
         };

@@ -1093,6 +1093,17 @@ async fn recovery_finishes_admin_transactions_a_crash_left_prepared() {
         .await
         .unwrap();
     // A change whose coordinator committed (a commit record) and one that never did.
+    // Set up under the catalog lock, as a coordinator does: the router's own recovery
+    // pass must not see the first one prepared before its record exists (it would
+    // rightly roll it back as abandoned).
+    let coord = env.direct().await;
+    coord
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            shardgate::catalog::CATALOG_LOCK
+        ))
+        .await
+        .unwrap();
     w.batch_execute(
         "BEGIN; INSERT INTO landed VALUES (1); PREPARE TRANSACTION 'sg_admin_00000000000000aa_1'",
     )
@@ -1103,10 +1114,9 @@ async fn recovery_finishes_admin_transactions_a_crash_left_prepared() {
     )
     .await
     .unwrap();
-    env.direct()
-        .await
+    coord
         .batch_execute(
-            "INSERT INTO shardgate.pg_dist_transaction VALUES (1, 'sg_admin_00000000000000aa_1')",
+            "INSERT INTO shardgate.pg_dist_transaction VALUES (1, 'sg_admin_00000000000000aa_1'); COMMIT",
         )
         .await
         .unwrap();

@@ -126,15 +126,28 @@ async fn opposite_order(env: &TestEnv, mode: &str, extended: bool, a: i64, b: i6
     .unwrap_or_else(|_| {
         panic!("{ctx}: both sessions still blocked after 30 s: the deadlock was not broken")
     });
-    let (who, (result, err_at)) = first;
+    let (mut who, (mut result, mut err_at)) = first;
+    let mut rest = if who == 'A' { tb } else { ta };
+    let mut survivor_done = None;
+    if result.is_ok() {
+        // The survivor's answer raced ahead of the victim's error (the victim's locks
+        // go when its error is raised): the other session must be the victim.
+        let (r, t) = tokio::time::timeout(Duration::from_secs(10), &mut rest)
+            .await
+            .unwrap_or_else(|_| panic!("{ctx}: {who} finished, the other is still blocked"))
+            .unwrap();
+        survivor_done = Some(result);
+        who = if who == 'A' { 'B' } else { 'A' };
+        (result, err_at) = (r, t);
+    }
     let err = match result {
         Err(e) => e,
-        Ok(()) => panic!("{ctx}: session {who}'s statement finished first, without an error"),
+        Ok(()) => panic!("{ctx}: both statements finished without an error"),
     };
-    let (victim, survivor, mut rest, survivor_val) = if who == 'A' {
-        (&sa, &sb, tb, 2)
+    let (victim, survivor, survivor_val) = if who == 'A' {
+        (&sa, &sb, 2)
     } else {
-        (&sb, &sa, ta, 1)
+        (&sb, &sa, 1)
     };
     let took = err_at.saturating_duration_since(formed);
     assert_eq!(code(&err), "40P01", "{ctx}: {err:?}");
@@ -154,12 +167,19 @@ async fn opposite_order(env: &TestEnv, mode: &str, extended: bool, a: i64, b: i6
     );
     // As on one Postgres, the victim's locks go when its error is raised, on every
     // node: the survivor goes on before the victim's client sends ROLLBACK.
-    let (r, _) = tokio::time::timeout(Duration::from_secs(10), &mut rest)
-        .await
-        .unwrap_or_else(|_| {
-            panic!("{ctx}: the survivor still blocked while the victim has not rolled back yet")
-        })
-        .unwrap();
+    let r =
+        match survivor_done {
+            Some(r) => r,
+            None => tokio::time::timeout(Duration::from_secs(10), &mut rest)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{ctx}: the survivor still blocked while the victim has not rolled back yet"
+                    )
+                })
+                .unwrap()
+                .0,
+        };
     r.unwrap_or_else(|e| panic!("{ctx}: the survivor's statement failed too: {e:?}"));
     let e = victim.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(

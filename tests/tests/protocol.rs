@@ -346,6 +346,113 @@ async fn settings_survive_transaction_pooling() {
     .unwrap();
     assert_eq!(show(&c, "work_mem").await, "3MB");
     assert_eq!(show(&b, "work_mem").await, "4MB");
+    // RESET ALL brings them back, as in Postgres (they are the session's defaults).
+    c.batch_execute("SET work_mem = '9MB'").await.unwrap();
+    c.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(show(&c, "work_mem").await, "3MB");
+}
+
+/// Session state a client changes where the router cannot follow it (`set_config`, a
+/// SET behind a comment, SETs in a string with transaction control, SET SESSION
+/// AUTHORIZATION) and roles never reach another client of the same backend
+/// connection; SETs of the extended protocol follow the session as simple ones do; a
+/// ROLLBACK TO SAVEPOINT undoes the SETs since the savepoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_never_leaks_between_clients() {
+    let env = TestEnv::with(EnvOptions {
+        pool_size: 1,
+        ..Default::default()
+    })
+    .await;
+    let a = env.client().await;
+    let b = env.client().await;
+    let login = show(&b, "session_authorization").await;
+
+    // Extended protocol (tokio-postgres's `execute`: Parse, Bind, Execute).
+    a.execute("SET statement_timeout = '2345ms'", &[])
+        .await
+        .unwrap();
+    assert_eq!(show(&b, "statement_timeout").await, "0");
+    assert_eq!(show(&a, "statement_timeout").await, "2345ms");
+    a.execute("SET work_mem = '5MB'", &[]).await.unwrap();
+    a.execute("DISCARD ALL", &[]).await.unwrap();
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(show(&a, "work_mem").await, "4MB", "DISCARD ALL is kept");
+    assert_eq!(show(&a, "statement_timeout").await, "0");
+
+    // What the router does not follow: the client keeps it on its connection, the
+    // next client of that connection does not get it.
+    for (sql, name, value) in [
+        (
+            "SELECT set_config('application_name', 'by_set_config', false)",
+            "application_name",
+            "by_set_config",
+        ),
+        ("SET work_mem = '7MB' -- c", "work_mem", "7MB"),
+        (
+            "BEGIN; SET search_path = leaked; COMMIT",
+            "search_path",
+            "leaked",
+        ),
+    ] {
+        a.batch_execute(sql).await.unwrap();
+        assert_eq!(show(&a, name).await, value, "{sql}");
+        assert_ne!(show(&b, name).await, value, "{sql} reached another client");
+    }
+    // Extended protocol too; a SET behind a comment is tracked.
+    a.query("SELECT set_config('search_path', 'leaked2', false)", &[])
+        .await
+        .unwrap();
+    assert_ne!(show(&b, "search_path").await, "leaked2");
+    a.execute("/* c */ SET work_mem = '6MB'", &[])
+        .await
+        .unwrap();
+    assert_eq!(show(&a, "work_mem").await, "6MB");
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(show(&a, "work_mem").await, "6MB", "replayed");
+    a.batch_execute("RESET work_mem").await.unwrap();
+
+    // Roles: RESET ALL keeps SET ROLE (as in Postgres); neither reaches b.
+    a.batch_execute("DROP ROLE IF EXISTS sg_leak_role; CREATE ROLE sg_leak_role")
+        .await
+        .unwrap();
+    a.batch_execute("SET ROLE sg_leak_role").await.unwrap();
+    assert_eq!(current_user(&b).await, login);
+    assert_eq!(current_user(&a).await, "sg_leak_role");
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(current_user(&b).await, login);
+    assert_eq!(current_user(&a).await, "sg_leak_role");
+    a.batch_execute("RESET ROLE").await.unwrap();
+    a.batch_execute("SET SESSION AUTHORIZATION sg_leak_role")
+        .await
+        .unwrap();
+    assert_eq!(show(&a, "session_authorization").await, "sg_leak_role");
+    assert_eq!(show(&b, "session_authorization").await, login);
+    assert_eq!(current_user(&b).await, login);
+
+    // ROLLBACK TO SAVEPOINT undoes the SETs since.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET search_path = kept").await.unwrap();
+    a.batch_execute("SAVEPOINT p").await.unwrap();
+    a.batch_execute("SET work_mem = '9MB'").await.unwrap();
+    a.batch_execute("ROLLBACK TO SAVEPOINT p").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(show(&a, "search_path").await, "kept");
+    assert_eq!(show(&a, "work_mem").await, "4MB");
+
+    // COMMIT with another statement after it in the string: the SETs count.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET work_mem = '11MB'").await.unwrap();
+    a.batch_execute("COMMIT; SELECT 1").await.unwrap();
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(show(&a, "work_mem").await, "11MB");
+}
+
+async fn current_user(c: &tokio_postgres::Client) -> String {
+    rows(c.simple_query("SELECT current_user").await.unwrap())[0][0]
+        .clone()
+        .unwrap()
 }
 
 async fn show(c: &tokio_postgres::Client, what: &str) -> String {

@@ -28,6 +28,30 @@ async fn v(c: &Client, id: i64) -> i32 {
         .get(0)
 }
 
+/// What `sql` (`{t}` standing for the shard table) gives on each worker's copy of the
+/// reference table `kinds`.
+async fn kinds_copies(env: &TestEnv, sql: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for i in 0..2 {
+        let w = env.worker(i).await;
+        let t: String = w
+            .query_one(
+                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE tablename ~ '^kinds_[0-9]+$'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let v: i64 = w
+            .query_one(&sql.replace("{t}", &t), &[])
+            .await
+            .unwrap()
+            .get(0);
+        out.push(v);
+    }
+    out
+}
+
 /// Open transactions left on any node by the router (none once clients are done).
 async fn open_transactions(env: &TestEnv) -> i64 {
     let sql = format!(
@@ -278,30 +302,6 @@ async fn reference_writes_reach_every_placement() {
         c.batch_execute("SELECT create_reference_table('kinds')")
             .await
             .unwrap();
-        let copies = |sql: &'static str| {
-            let env = &env;
-            async move {
-                let mut out = Vec::new();
-                for i in 0..2 {
-                    let w = env.worker(i).await;
-                    let t: String = w
-                        .query_one(
-                            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE tablename ~ '^kinds_[0-9]+$'",
-                            &[],
-                        )
-                        .await
-                        .unwrap()
-                        .get(0);
-                    let v: i64 = w
-                        .query_one(&sql.replace("{t}", &t), &[])
-                        .await
-                        .unwrap()
-                        .get(0);
-                    out.push(v);
-                }
-                out
-            }
-        };
         // Autocommit, with RETURNING: the client gets one answer.
         let rows = c
             .simple_query("INSERT INTO kinds VALUES (1, 'a'), (2, 'b') RETURNING id")
@@ -318,7 +318,7 @@ async fn reference_writes_reach_every_placement() {
             .count();
         assert_eq!(returned, 2, "{mode}: RETURNING rows of one placement");
         assert_eq!(
-            copies("SELECT count(*) FROM {t}").await,
+            kinds_copies(&env, "SELECT count(*) FROM {t}").await,
             vec![2, 2],
             "{mode}"
         );
@@ -337,7 +337,7 @@ async fn reference_writes_reach_every_placement() {
                 .unwrap_or_else(|e| panic!("{mode}: {e:?}"));
         }
         assert_eq!(
-            copies("SELECT count(*) FROM {t}").await,
+            kinds_copies(&env, "SELECT count(*) FROM {t}").await,
             vec![2, 2],
             "{mode}: copies equal"
         );
@@ -351,7 +351,7 @@ async fn reference_writes_reach_every_placement() {
             .unwrap();
         c.batch_execute("ROLLBACK").await.unwrap();
         assert_eq!(
-            copies("SELECT count(*) FROM {t} WHERE name = 'x'").await,
+            kinds_copies(&env, "SELECT count(*) FROM {t} WHERE name = 'x'").await,
             vec![0, 0],
             "{mode}: rolled back on every copy"
         );
@@ -365,7 +365,7 @@ async fn reference_writes_reach_every_placement() {
             .unwrap();
         c.batch_execute("COMMIT").await.unwrap();
         assert_eq!(
-            copies("SELECT count(*) FROM {t} WHERE name = 'y'").await,
+            kinds_copies(&env, "SELECT count(*) FROM {t} WHERE name = 'y'").await,
             vec![1, 1],
             "{mode}: committed on every copy"
         );
@@ -377,7 +377,7 @@ async fn reference_writes_reach_every_placement() {
             .unwrap_err();
         assert_eq!(code(&e), "23505", "{mode}: {e:?}");
         assert_eq!(
-            copies("SELECT count(*) FROM {t}").await,
+            kinds_copies(&env, "SELECT count(*) FROM {t}").await,
             vec![2, 2],
             "{mode}"
         );
@@ -464,6 +464,39 @@ async fn multi_row_inserts_across_shards() {
                 .len();
             assert_eq!(n, 0, "{mode}: row {i} rolled back");
         }
+        // ON CONFLICT DO UPDATE with a key twice: 21000 as on one Postgres (split into
+        // rows, the second would update the first's row), simple and extended, and
+        // nothing stays. Distinct keys upsert across nodes.
+        let keys: Vec<String> = (401..=408).map(|i| format!("({i}, 1)")).collect();
+        let upsert = |rows: &str| {
+            format!(
+                "INSERT INTO t (id, v) VALUES {rows} ON CONFLICT (id) DO UPDATE SET v = excluded.v + 1"
+            )
+        };
+        let e = c
+            .batch_execute(&upsert(&format!("{}, (401, 2)", keys.join(", "))))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "21000", "{mode}: {e:?}");
+        let e = c
+            .execute(
+                &upsert("($1, 1), ($2, 1), ($3, 1), ($4, 1), ($2, 2)"),
+                &[&401i64, &402i64, &403i64, &404i64],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "21000", "{mode}: {e:?}");
+        for i in 401..=408i64 {
+            let n = c
+                .query("SELECT v FROM t WHERE id = $1", &[&i])
+                .await
+                .unwrap()
+                .len();
+            assert_eq!(n, 0, "{mode}: row {i} of a failed upsert stays");
+        }
+        c.batch_execute(&upsert(&keys.join(", "))).await.unwrap();
+        c.batch_execute(&upsert(&keys.join(", "))).await.unwrap();
+        assert_eq!(v(&c, 401).await, 2, "{mode}: updated once");
         // Inside a transaction: rolled back with it.
         c.batch_execute("BEGIN").await.unwrap();
         c.batch_execute("INSERT INTO t (id, v) VALUES (301, 1), (302, 1), (303, 1), (304, 1)")
@@ -548,4 +581,686 @@ async fn views_over_distributed_tables_are_refused_not_answered_empty() {
     c.batch_execute("DROP VIEW t_view2; DROP VIEW t_view; DROP VIEW plain_view")
         .await
         .unwrap();
+}
+
+/// Statements the router tier plans since the corpus work: a one-shard table needs no
+/// key; tables of two colocation groups run where both chosen shards are (and are
+/// refused, not half answered, when no node has both); an integer expression of
+/// literals is a key; `position(a IN b)` in FROM (which the tiers' parser rejects as
+/// written) is planned as Postgres's grammar reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shard_tables_constant_keys_and_position_in_from() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let (a, b) = two_node_table(&c, false).await; // t: ids 1..=40, a and b on two workers
+    for sql in [
+        "CREATE TABLE one (id int8, note text)",
+        "SELECT create_distributed_table('one', 'id', shard_count => 1)",
+        "UPDATE t SET v = 7 WHERE id = 2",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    for id in [a, b, 2] {
+        c.execute("INSERT INTO one VALUES ($1, $2)", &[&id, &format!("n{id}")])
+            .await
+            .unwrap();
+    }
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM one", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3, "a one-shard table read without a key");
+    // `1 + 1` is the key 2, in both protocols.
+    let simple = c
+        .simple_query("SELECT v FROM t WHERE id = 1 + 1")
+        .await
+        .unwrap();
+    let row = simple.iter().find_map(|m| match m {
+        shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(row.as_deref(), Some("7"));
+    let v: i32 = c
+        .query_one("SELECT v FROM t WHERE id = (3 - 2) * 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 7);
+    // position() in FROM keeps its column name.
+    let r = c
+        .query_one(
+            "SELECT id, position FROM t, position('om' in 'Thomas') WHERE id = 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i32>(1)), (3, 3));
+    // The join of t (8 shards) and one (1 shard, another colocation group) runs on the
+    // node holding both shards; for keys whose t shard is elsewhere, one's shard is
+    // copied to that node first (in both protocols). A write or a locking read across
+    // nodes is refused.
+    let one_group: i32 = env
+        .direct()
+        .await
+        .query_one(
+            "SELECT p.groupid FROM shardgate.pg_dist_placement p JOIN shardgate.pg_dist_shard s USING (shardid) WHERE s.logicalrelid = 'one'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let join = "SELECT t.id, one.note FROM t JOIN one ON one.id = t.id WHERE t.id = $1";
+    let mut t_groups = Vec::new();
+    let pulled = || async {
+        metric_sum(
+            &env.metrics().await,
+            "shardgate_session_pulled_shards_total",
+        )
+    };
+    for id in [a, b] {
+        let shard: i64 = c
+            .simple_query(&format!(
+                "SELECT get_shard_id_for_distribution_column('t', {id})"
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .find_map(|m| match m {
+                shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    r.get(0).map(|v| v.parse().unwrap())
+                }
+                _ => None,
+            })
+            .unwrap();
+        let t_group: i32 = c
+            .query_one(
+                "SELECT groupid FROM shardgate.pg_dist_placement WHERE shardid = $1",
+                &[&shard],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        t_groups.push(t_group);
+        let before = pulled().await;
+        let rows = c.query(join, &[&id]).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, String>(1), format!("n{id}"));
+        let simple = c
+            .simple_query(&join.replace("$1", &id.to_string()))
+            .await
+            .unwrap();
+        let note = simple.iter().find_map(|m| match m {
+            shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
+                r.get(1).map(str::to_owned)
+            }
+            _ => None,
+        });
+        assert_eq!(note, Some(format!("n{id}")));
+        let copies = pulled().await - before;
+        if t_group == one_group {
+            assert_eq!(copies, 0.0, "both shards on one node: nothing copied");
+        } else {
+            assert_eq!(copies, 2.0, "one's shard copied once per protocol");
+            let e = c
+                .query(&format!("{join} FOR UPDATE OF t"), &[&id])
+                .await
+                .unwrap_err();
+            assert_eq!(code(&e), "0A000", "a locking read: {e:?}");
+            let e = c
+                .execute(
+                    "INSERT INTO t (id, v) SELECT one.id, 1 FROM one WHERE one.id = $1 ON CONFLICT DO NOTHING",
+                    &[&id],
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(code(&e), "0A000", "a write: {e:?}");
+            // In a transaction, the copy is read on the transaction's own connection:
+            // it sees the transaction's writes.
+            c.batch_execute("BEGIN").await.unwrap();
+            c.execute("UPDATE one SET note = 'changed' WHERE id = $1", &[&id])
+                .await
+                .unwrap();
+            let rows = c.query(join, &[&id]).await.unwrap();
+            assert_eq!(rows[0].get::<_, String>(1), "changed");
+            c.batch_execute("ROLLBACK").await.unwrap();
+            let rows = c.query(join, &[&id]).await.unwrap();
+            assert_eq!(rows[0].get::<_, String>(1), format!("n{id}"));
+        }
+    }
+    assert_ne!(t_groups[0], t_groups[1], "a and b are on different workers");
+    let far = if t_groups[0] == one_group { b } else { a };
+    // A shard too large to copy: refused, and in a transaction the transaction fails
+    // as Postgres would after an error.
+    c.batch_execute("INSERT INTO one SELECT g, 'bulk' FROM generate_series(1000, 11000) g")
+        .await
+        .unwrap();
+    let e = c.query(join, &[&far]).await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    assert!(
+        e.as_db_error()
+            .unwrap()
+            .message()
+            .contains("more than 10000 rows"),
+        "{e:?}"
+    );
+    let simple_join = join.replace("$1", &far.to_string());
+    for simple in [false, true] {
+        c.batch_execute("BEGIN").await.unwrap();
+        let e = if simple {
+            c.simple_query(&simple_join).await.map(|_| ()).unwrap_err()
+        } else {
+            c.query(join, &[&far]).await.map(|_| ()).unwrap_err()
+        };
+        assert_eq!(code(&e), "0A000", "{e:?}");
+        let e = c.query("SELECT 1", &[]).await.unwrap_err();
+        assert_eq!(code(&e), "25P02", "{e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // A refused copy after a savepoint: ROLLBACK TO undoes the failure, and COMMIT
+    // keeps the transaction's writes, as on one Postgres.
+    let v_far = || async {
+        c.query_one("SELECT v FROM t WHERE id = $1", &[&far])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    };
+    let v_before = v_far().await;
+    for simple in [false, true] {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("UPDATE t SET v = v + 1 WHERE id = $1", &[&far])
+            .await
+            .unwrap();
+        c.batch_execute("SAVEPOINT s").await.unwrap();
+        let e = if simple {
+            c.simple_query(&simple_join).await.map(|_| ()).unwrap_err()
+        } else {
+            c.query(join, &[&far]).await.map(|_| ()).unwrap_err()
+        };
+        assert_eq!(code(&e), "0A000", "{e:?}");
+        c.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    assert_eq!(v_far().await, v_before + 2, "both transactions committed");
+    c.batch_execute("DELETE FROM one WHERE note = 'bulk'")
+        .await
+        .unwrap();
+    // Tables of another group with a distribution column of another type are not
+    // pinned together (a key converts differently for each).
+    for sql in [
+        "CREATE TABLE tk (k text, n int8)",
+        "SELECT create_distributed_table('tk', 'k', shard_count => 4)",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let e = c
+        .query(
+            "SELECT t.v FROM t JOIN tk ON tk.n = t.id WHERE t.id = $1 AND tk.k = $2",
+            &[&a, &"x"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    let msg = e.as_db_error().unwrap().message().to_owned();
+    assert!(msg.contains("different types"), "{msg}");
+    // The session goes on after the refusal.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM one WHERE id = $1", &[&a])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+/// Extended-protocol statements that run on several nodes: a write of a reference table
+/// (every placement) and a multi-row INSERT with parameters whose rows span shards (one
+/// INSERT per row, parameters renumbered), from tokio-postgres (Bind, Execute, Sync after
+/// a prepare) and psycopg (Parse, Bind, Describe, Execute, Sync; and prepared), in both
+/// pool modes: every copy changes together, an error leaves nothing, and the client gets
+/// one answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_writes_on_several_nodes() {
+    for mode in ["transaction", "session"] {
+        let env = fleet(mode).await;
+        let c = env.client().await;
+        for sql in [
+            "CREATE TABLE kinds (id int PRIMARY KEY, name text NOT NULL)",
+            "SELECT create_reference_table('kinds')",
+        ] {
+            c.batch_execute(sql).await.unwrap();
+        }
+        let (a, b) = two_node_table(&c, false).await;
+        // A reference write: every placement, one answer.
+        let n = c
+            .execute("INSERT INTO kinds VALUES ($1, $2)", &[&1i32, &"a"])
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e:?}"));
+        assert_eq!(n, 1, "{mode}");
+        let rows = c
+            .query(
+                "UPDATE kinds SET name = $2 WHERE id = $1 RETURNING name",
+                &[&1i32, &"b"],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "{mode}");
+        assert_eq!(rows[0].get::<_, String>(0), "b");
+        assert_eq!(
+            kinds_copies(&env, "SELECT count(*) FROM {t} WHERE name = 'b'").await,
+            vec![1, 1],
+            "{mode}"
+        );
+        let e = c
+            .execute("INSERT INTO kinds VALUES ($1, $2)", &[&1i32, &"dup"])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "23505", "{mode}: {e:?}");
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("INSERT INTO kinds VALUES ($1, $2)", &[&2i32, &"x"])
+            .await
+            .unwrap();
+        assert_eq!(v(&c, a).await, 0, "{mode}: a read in the same transaction");
+        c.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(
+            kinds_copies(&env, "SELECT count(*) FROM {t}").await,
+            vec![1, 1],
+            "{mode}"
+        );
+        // A multi-row INSERT over two workers, a parameter used twice.
+        let upsert = "INSERT INTO t (id, v) VALUES ($1, $2), ($3, $4), ($5, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v RETURNING id, v";
+        let rows = c
+            .query(upsert, &[&a, &5i32, &b, &6i32, &5000i64])
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e:?}"));
+        let got: Vec<(i64, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(
+            got,
+            vec![(a, 5), (b, 6), (5000, 5)],
+            "{mode}: in VALUES order"
+        );
+        assert_eq!((v(&c, a).await, v(&c, b).await), (5, 6), "{mode}");
+        let n = c
+            .execute(
+                "INSERT INTO t (id, v) VALUES ($1, $2), ($3, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+                &[&a, &7i32, &b],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 2, "{mode}: one summed tag");
+        // The second row fails (NOT NULL): the first is not kept.
+        let e = c
+            .execute(
+                "INSERT INTO t (id, v) VALUES ($1, $2), ($3, $4) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+                &[&a, &8i32, &b, &None::<i32>],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "23502", "{mode}: {e:?}");
+        assert_eq!((v(&c, a).await, v(&c, b).await), (7, 7), "{mode}");
+
+        // psycopg: Parse, Bind, Describe, Execute, Sync in one go; then prepared.
+        let have = std::process::Command::new("python3")
+            .args(["-c", "import psycopg"])
+            .output();
+        if !matches!(&have, Ok(o) if o.status.success()) {
+            eprintln!("SKIPPED (psycopg part): python3 with psycopg 3 is not available");
+            continue;
+        }
+        let script = r#"
+import sys, psycopg
+a, b = int(sys.argv[2]), int(sys.argv[3])
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    cur = conn.cursor()
+    cur.execute("INSERT INTO kinds VALUES (%s, %s) RETURNING id", (10, "p"))
+    assert cur.fetchall() == [(10,)], "reference RETURNING"
+    for prepare in (False, True):
+        for k in range(3):
+            cur.execute(
+                "INSERT INTO t (id, v) VALUES (%s, %s), (%s, %s) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v RETURNING id, v",
+                (a, 100 + k, b, 200 + k), prepare=prepare)
+            assert cur.fetchall() == [(a, 100 + k), (b, 200 + k)], (prepare, k)
+            assert cur.rowcount == 2, cur.rowcount
+            cur.execute("UPDATE kinds SET name = %s WHERE id = %s", ("q%d" % k, 10), prepare=prepare)
+            assert cur.rowcount == 1
+    with conn.transaction():
+        cur.execute("INSERT INTO kinds VALUES (%s, %s)", (11, "in-txn"))
+        cur.execute("SELECT v FROM t WHERE id = %s", (a,))
+        assert cur.fetchall() == [(102,)]
+    try:
+        cur.execute("INSERT INTO kinds VALUES (%s, %s)", (11, "dup"))
+        raise SystemExit("duplicate accepted")
+    except psycopg.errors.UniqueViolation:
+        pass
+print("OK")
+"#;
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(env.conn_str("postgres"))
+            .arg(a.to_string())
+            .arg(b.to_string())
+            .output()
+            .await
+            .expect("python3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.trim() == "OK",
+            "{mode}: psycopg ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            kinds_copies(
+                &env,
+                "SELECT count(*) FROM {t} WHERE id = 10 AND name = 'q2' OR id = 11"
+            )
+            .await,
+            vec![2, 2],
+            "{mode}"
+        );
+        assert_eq!((v(&c, a).await, v(&c, b).await), (102, 202), "{mode}");
+        assert_eq!(env.prepared_anywhere().await, 0, "{mode}");
+        drop(c);
+        assert_eq!(
+            open_transactions(&env).await,
+            0,
+            "{mode}: nothing left open"
+        );
+    }
+}
+
+/// A statement prepared while its table was local keeps answering right once the table
+/// is distributed (what a statement routes to is worked out per catalog version, not
+/// once per statement), and the same statement reaches every shard it is bound to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_follow_a_table_being_distributed() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    c.batch_execute(
+        "CREATE TABLE late (id int8 PRIMARY KEY, v int NOT NULL);
+         INSERT INTO late SELECT g, g * 10 FROM generate_series(1, 50) g",
+    )
+    .await
+    .unwrap();
+    let st = c.prepare("SELECT v FROM late WHERE id = $1").await.unwrap();
+    let v: i32 = c.query_one(&st, &[&7i64]).await.unwrap().get(0);
+    assert_eq!(v, 70, "local table");
+    c.batch_execute("SELECT create_distributed_table('late', 'id', shard_count => 8)")
+        .await
+        .unwrap();
+    // The coordinator's table is an empty shell now: the rows come from the shards.
+    for _ in 0..3 {
+        for id in 1..=50i64 {
+            let rows = c.query(&st, &[&id]).await.unwrap();
+            assert_eq!(rows.len(), 1, "row {id} after distribution");
+            assert_eq!(rows[0].get::<_, i32>(0), (id * 10) as i32);
+        }
+    }
+    let n: i64 = env
+        .direct()
+        .await
+        .query_one("SELECT count(*) FROM ONLY late", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the rows are in the shards");
+    // A view that comes to read a distributed table (no catalog version change): a
+    // statement prepared on it while it was local is refused from then on, not
+    // answered from the coordinator's empty shell.
+    c.batch_execute(
+        "CREATE TABLE loc (id int8, v int);
+         INSERT INTO loc VALUES (1, 1);
+         CREATE VIEW vv AS SELECT id, v FROM loc",
+    )
+    .await
+    .unwrap();
+    let on_view = c.prepare("SELECT v FROM vv WHERE id = $1").await.unwrap();
+    assert_eq!(c.query(&on_view, &[&1i64]).await.unwrap().len(), 1);
+    env.direct()
+        .await
+        .batch_execute("CREATE OR REPLACE VIEW vv AS SELECT id, v FROM late")
+        .await
+        .unwrap();
+    let mut refused = None;
+    for _ in 0..50 {
+        match c.query(&on_view, &[&1i64]).await {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let e = refused.expect("the view over a distributed table is refused");
+    assert_eq!(code(&e), "0A000", "{e:?}");
+}
+
+/// Savepoints in a transaction over two workers behave as on one Postgres: a ROLLBACK
+/// TO undoes what every node did since the savepoint (also a node that joined after it,
+/// and after an error on one of them), RELEASE keeps it; in both pool modes and both
+/// protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_span_every_node_of_the_transaction() {
+    for mode in ["transaction", "session"] {
+        let env = fleet(mode).await;
+        let c = env.client().await;
+        let (a, b) = two_node_table(&c, false).await; // v = 0 everywhere
+        for extended in [false, true] {
+            let run = |sql: String| {
+                let c = &c;
+                async move {
+                    if extended {
+                        c.execute(sql.as_str(), &[]).await.map(|_| ())
+                    } else {
+                        c.batch_execute(&sql).await
+                    }
+                }
+            };
+            let what = format!("{mode}, extended {extended}");
+            // b's node joins after the savepoint; the rollback reaches it.
+            run("BEGIN".into()).await.unwrap();
+            run(format!("UPDATE t SET v = 1 WHERE id = {a}"))
+                .await
+                .unwrap();
+            run("SAVEPOINT s".into()).await.unwrap();
+            run(format!("UPDATE t SET v = 2 WHERE id = {b}"))
+                .await
+                .unwrap();
+            run(format!("UPDATE t SET v = 3 WHERE id = {a}"))
+                .await
+                .unwrap();
+            run("ROLLBACK TO SAVEPOINT s".into()).await.unwrap();
+            run("COMMIT".into()).await.unwrap();
+            assert_eq!((v(&c, a).await, v(&c, b).await), (1, 0), "{what}");
+            // An error on b's node, then ROLLBACK TO, then more work: committed.
+            run("BEGIN".into()).await.unwrap();
+            run(format!("UPDATE t SET v = 5 WHERE id = {a}"))
+                .await
+                .unwrap();
+            run("SAVEPOINT s1".into()).await.unwrap();
+            run(format!("UPDATE t SET v = 6 WHERE id = {b}"))
+                .await
+                .unwrap();
+            let e = run(format!("INSERT INTO t (id, v) VALUES ({b}, 1)"))
+                .await
+                .unwrap_err();
+            assert_eq!(code(&e), "23505", "{what}: {e:?}");
+            run("ROLLBACK TO s1".into()).await.unwrap();
+            run(format!("UPDATE t SET v = 7 WHERE id = {a}"))
+                .await
+                .unwrap();
+            run("COMMIT".into()).await.unwrap();
+            assert_eq!((v(&c, a).await, v(&c, b).await), (7, 0), "{what}");
+            // RELEASE keeps the work of both nodes.
+            run("BEGIN".into()).await.unwrap();
+            run("SAVEPOINT s2".into()).await.unwrap();
+            run(format!("UPDATE t SET v = 8 WHERE id = {a}"))
+                .await
+                .unwrap();
+            run(format!("UPDATE t SET v = 9 WHERE id = {b}"))
+                .await
+                .unwrap();
+            run("RELEASE SAVEPOINT s2".into()).await.unwrap();
+            run("COMMIT".into()).await.unwrap();
+            assert_eq!((v(&c, a).await, v(&c, b).await), (8, 9), "{what}");
+            c.batch_execute(&format!("UPDATE t SET v = 0 WHERE id = {a}"))
+                .await
+                .unwrap();
+            c.batch_execute(&format!("UPDATE t SET v = 0 WHERE id = {b}"))
+                .await
+                .unwrap();
+        }
+        // A comment after the name is fine; a savepoint command inside a string of
+        // several statements is refused (it could not reach every node); an unknown
+        // savepoint fails the transaction as on one Postgres, and the session goes on.
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute(&format!("UPDATE t SET v = 1 WHERE id = {a}"))
+            .await
+            .unwrap();
+        c.batch_execute("SAVEPOINT s3").await.unwrap();
+        c.batch_execute(&format!("UPDATE t SET v = 2 WHERE id = {b}"))
+            .await
+            .unwrap();
+        c.batch_execute("ROLLBACK TO SAVEPOINT s3 /* retry */")
+            .await
+            .unwrap();
+        assert_eq!(
+            (v(&c, a).await, v(&c, b).await),
+            (1, 0),
+            "{mode}: in the transaction"
+        );
+        let e = c.batch_execute("SAVEPOINT s4; SELECT 1").await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{mode}: {e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute(&format!("UPDATE t SET v = 1 WHERE id = {a}"))
+            .await
+            .unwrap();
+        c.batch_execute(&format!("UPDATE t SET v = 2 WHERE id = {b}"))
+            .await
+            .unwrap();
+        let e = c
+            .batch_execute("RELEASE SAVEPOINT nosuch")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "3B001", "{mode}: {e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!((v(&c, a).await, v(&c, b).await), (0, 0), "{mode}");
+        assert_eq!(env.prepared_anywhere().await, 0, "{mode}");
+        drop(c);
+        assert_eq!(
+            open_transactions(&env).await,
+            0,
+            "{mode}: nothing left open"
+        );
+    }
+}
+
+/// The rows of a simple query as text (NULL as `None`).
+async fn text_rows(c: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    c.simple_query(sql)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A shard copied to another node for a join keeps every value exactly: types whose
+/// text depends on the session's settings (DateStyle, IntervalStyle,
+/// extra_float_digits), char(n) padding, a NOT NULL domain, a nondeterministic
+/// collation, quotes, backslashes, NULLs, arrays, json, bytea, a column name that needs
+/// quoting; and the session's settings are back on the copy's node afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copied_shards_keep_every_value() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let (a, b) = two_node_table(&c, false).await;
+    // Types and collations are not propagated by the router: every server gets them.
+    let setup = "CREATE DOMAIN posint AS int NOT NULL CHECK (VALUE > 0); \
+                 CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)";
+    env.direct().await.batch_execute(setup).await.unwrap();
+    for w in 0..2 {
+        env.worker(w).await.batch_execute(setup).await.unwrap();
+    }
+    for sql in [
+        "CREATE TABLE typed (k int8, \"Mixed Name\" text, n numeric(12,4), f float8, ts timestamptz, d date, i interval, by bytea, j jsonb, arr int[], ok bool, u uuid, ch char(5), p posint, nm text COLLATE ci)",
+        "SELECT create_distributed_table('typed', 'k', shard_count => 1)",
+        "INSERT INTO typed VALUES (1, 'it''s \\ \"q\" ü', 12.5, 0.1::float8 + 0.2::float8, '2024-02-29 23:59:59.123456+05:30', '2024-12-31', '1 day 02:03:04.5', '\\x00ff27', '{\"a\": [1, \"x''y\"]}', '{1,NULL,3}', true, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'ab', 7, 'abc')",
+        "INSERT INTO typed VALUES (2, NULL, NULL, 'NaN', '-infinity', NULL, NULL, NULL, 'null', '{}', NULL, NULL, NULL, 1, NULL)",
+        "INSERT INTO typed VALUES (3, '', -0.0001, 1e300, 'epoch', '0001-01-01 BC', '-3 years', '', '[]', NULL, false, NULL, '', 2, 'x')",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    // SETs in one string of several statements reach the workers too.
+    for set in [
+        "SET datestyle = 'SQL, DMY'; SET intervalstyle = 'sql_standard'",
+        "SET extra_float_digits = 0",
+    ] {
+        c.batch_execute(set).await.unwrap();
+    }
+    // A string that fails rolls its SETs back (on the coordinator and for the workers).
+    c.batch_execute("SET datestyle = 'German'; SELECT 1/0")
+        .await
+        .unwrap_err();
+    let expected = text_rows(&c, "SELECT *, octet_length(ch) FROM typed ORDER BY k").await;
+    assert_eq!(expected.len(), 3);
+    assert_eq!(
+        expected[0][12].as_deref(),
+        Some("ab   "),
+        "char(5) is padded"
+    );
+    assert_eq!(
+        expected[0][5].as_deref(),
+        Some("31/12/2024"),
+        "the session's DateStyle"
+    );
+    let before = metric_sum(
+        &env.metrics().await,
+        "shardgate_session_pulled_shards_total",
+    );
+    for id in [a, b] {
+        // `t.ctid` exists only on t itself: t is never the one copied.
+        let got = text_rows(
+            &c,
+            &format!(
+                "SELECT typed.*, octet_length(typed.ch) FROM t JOIN typed ON true WHERE t.id = {id} AND t.ctid IS NOT NULL ORDER BY typed.k"
+            ),
+        )
+        .await;
+        assert_eq!(got, expected, "joined through key {id}");
+        // Filters on the copy's columns read its values typed, with their collation.
+        let got = text_rows(
+            &c,
+            &format!(
+                "SELECT x.k FROM t, typed x WHERE t.id = {id} AND x.ts < '2000-01-01'::timestamptz AND x.\"Mixed Name\" IS NOT NULL \
+                 UNION ALL SELECT x.k FROM t, typed x WHERE t.id = {id} AND x.nm = 'ABC' AND x.f = 0.1::float8 + 0.2::float8 ORDER BY 1"
+            ),
+        )
+        .await;
+        assert_eq!(
+            got,
+            vec![vec![Some("1".to_owned())], vec![Some("3".to_owned())]],
+            "key {id}"
+        );
+    }
+    let after = metric_sum(
+        &env.metrics().await,
+        "shardgate_session_pulled_shards_total",
+    );
+    assert_eq!(
+        after - before,
+        2.0,
+        "one of the two keys reads a copy, twice"
+    );
+    // The copy's node has the session's settings again.
+    for _ in 0..3 {
+        let d = text_rows(&c, "SELECT d, i FROM typed WHERE k = 1").await;
+        assert_eq!(d[0][0].as_deref(), Some("31/12/2024"));
+        assert_eq!(d[0][1].as_deref(), Some("1 2:03:04.5"));
+    }
 }

@@ -23,9 +23,11 @@ pub(crate) enum Role {
 pub(crate) struct Found {
     /// Per tagged relation.
     pub roles: Vec<Role>,
-    /// The one value every distributed occurrence is pinned to (None: reference tables
-    /// only).
-    pub key: Option<Key>,
+    /// Per colocation group of the distributed occurrences, the value they are all
+    /// pinned to (`None` for a group of one-shard tables: any value is on its shard).
+    /// Tables of different groups may be pinned to different values; the router runs
+    /// the statement only on a node that holds every chosen shard.
+    pub keys: Vec<(i32, Option<Key>)>,
 }
 
 /// Analyses a statement whose relation names carry tags (`rels[i]` is the original of
@@ -1433,8 +1435,9 @@ impl<'a> Analysis<'a> {
     /// Solves the graph and checks the statement as a whole.
     fn finish(mut self) -> Result<Found, Stop> {
         self.solve()?;
-        let mut key: Option<Key> = None;
-        let mut group: Option<i32> = None;
+        // Per colocation group, the value its occurrences are pinned to (`None`: a
+        // group of one-shard tables, which needs none).
+        let mut keys: Vec<(i32, Option<Key>)> = Vec::new();
         let mut any_reference = false;
         for o in &self.occs {
             let t = &self.tables[o.table];
@@ -1442,29 +1445,29 @@ impl<'a> Analysis<'a> {
                 any_reference = true;
                 continue;
             };
-            let Some(v) = &self.nodes[n].value else {
-                return not_mine(format!(
-                    "an occurrence of {} is not pinned to one distribution value",
-                    t.name
-                ));
+            let v = match &self.nodes[n].value {
+                // A table of one shard: every occurrence is on that shard.
+                _ if t.shard_count == 1 => None,
+                Some(v) => Some(v.clone()),
+                None => {
+                    return not_mine(format!(
+                        "an occurrence of {} is not pinned to one distribution value",
+                        t.name
+                    ));
+                }
             };
-            match &key {
-                None => key = Some(v.clone()),
-                Some(k) if k != v => return not_mine("tables pinned to different values"),
-                _ => {}
-            }
-            match group {
-                None => group = Some(t.colocation_id),
-                Some(g) if g != t.colocation_id => {
-                    return not_mine(format!("{} is not colocated with the other tables", t.name));
+            match keys.iter().find(|(g, _)| *g == t.colocation_id) {
+                None => keys.push((t.colocation_id, v)),
+                Some((_, k)) if v.is_some() && *k != v => {
+                    return not_mine("tables of one colocation group pinned to different values");
                 }
                 _ => {}
             }
         }
-        if key.is_none() && !any_reference {
+        if keys.is_empty() && !any_reference {
             return not_mine("no table");
         }
-        if key.is_some() && self.writes_reference {
+        if !keys.is_empty() && self.writes_reference {
             return not_mine("writes a reference table (every node) with distributed tables");
         }
         let Some(roles) = self.roles.iter().copied().collect::<Option<Vec<Role>>>() else {
@@ -1473,7 +1476,7 @@ impl<'a> Analysis<'a> {
         if let Some(message) = self.refusal {
             return Err(Stop::Refuse(message));
         }
-        Ok(Found { roles, key })
+        Ok(Found { roles, keys })
     }
 
     fn solve(&mut self) -> Result<(), Stop> {

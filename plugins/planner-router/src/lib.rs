@@ -1,7 +1,7 @@
 //! `planner-router`: the second planner tier (after `planner-fastpath`). It takes one
-//! statement whose distributed tables are all in one colocation group and are all
-//! *pinned* to the same distribution value, so that the whole statement runs unchanged
-//! (but for the table names) on the one node that holds that value's shards: joins,
+//! statement whose distributed tables are all *pinned*, those of one colocation group
+//! to the same distribution value, so that the whole statement runs unchanged (but for
+//! the table names) on the one node that holds the chosen shards: joins,
 //! subqueries in FROM / WHERE / the SELECT list, CTEs (recursive and data-modifying
 //! ones too), window functions, aggregates, set operations, joins with reference
 //! tables; UPDATE / DELETE (with FROM / USING), INSERT ... VALUES (every row with the
@@ -49,8 +49,15 @@
 //! assumption.
 //!
 //! Every occurrence of every distributed table (in subqueries, CTEs, every branch of a
-//! set operation, UPDATE / DELETE targets and their FROM / USING) must be pinned, all to
-//! the same `v` (the same `$n`, or the same literal), all in one colocation group. An
+//! set operation, UPDATE / DELETE targets and their FROM / USING) must be pinned, those
+//! of one colocation group all to the same `v` (the same `$n`, or the same literal). An
+//! occurrence of a table of one shard needs no pin (all its rows are on that shard).
+//! Tables of different colocation groups may be pinned to different values: their
+//! shards need not be on one node, and the router refuses the plan at run time when no
+//! node holds all of them. A key may be an integer expression of literals (`1 + 1`),
+//! folded as Postgres folds it (an overflow is not folded). A statement the SQL parser
+//! rejects only for `position(a IN b)` (in FROM) is planned as Postgres's grammar
+//! reads it, `pg_catalog.position(b, a)` (see `position.rs`). An
 //! occurrence pinned to two different values is refused too: its key is not known
 //! until the parameters are bound. A local table, or a name that is neither a table of
 //! the catalog view nor a CTE (a view, a local table the view does not list), is
@@ -82,14 +89,15 @@
 wit_bindgen::generate!({ world: "planner-tier", path: "../../wit/planner" });
 
 mod analysis;
+mod position;
 
 use exports::shardgate::planner::planner::{
     CatalogView, Guest, Literal, MergeKind, PlanResult, PlanTemplate, ShardKey, Statement, Table,
     TableKind, Target,
 };
 use sqlparser::ast::{
-    self, Expr, Ident, ObjectName, ObjectNamePart, TableFactor, TableObject, UnaryOperator, Value,
-    VisitMut, VisitorMut,
+    self, BinaryOperator, Expr, Ident, ObjectName, ObjectNamePart, TableFactor, TableObject,
+    UnaryOperator, Value, VisitMut, VisitorMut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -177,6 +185,19 @@ fn key_of(e: &Expr) -> Result<Option<Key>, ()> {
             },
             _ => Err(()),
         },
+        // Integer arithmetic on literals (`1 + 1`), folded as Postgres would; an
+        // overflow is not folded (Postgres fails the statement on any shard).
+        Expr::BinaryOp { left, op, right } => match (key_of(left)?, key_of(right)?) {
+            (Some(Key::Int(a)), Some(Key::Int(b))) => match op {
+                BinaryOperator::Plus => a.checked_add(b),
+                BinaryOperator::Minus => a.checked_sub(b),
+                BinaryOperator::Multiply => a.checked_mul(b),
+                _ => None,
+            }
+            .map(|v| Some(Key::Int(v)))
+            .ok_or(()),
+            _ => Err(()),
+        },
         Expr::Value(v) => match &v.value {
             Value::Placeholder(p) => match p.strip_prefix('$').map(str::parse::<u32>) {
                 Some(Ok(n)) if n >= 1 => Ok(Some(Key::Param(n - 1))),
@@ -251,9 +272,19 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
     if sql.contains("{t") {
         return not_mine("the text contains `{t`, which plan templates reserve");
     }
-    let mut statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
-        Ok(s) => s,
-        Err(e) => return not_mine(format!("does not parse: {e}")),
+    let rewritten: Option<String>;
+    let (mut statements, sql) = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(s) => (s, sql),
+        Err(e) => {
+            rewritten = position::rewrite(sql);
+            match rewritten.as_deref() {
+                Some(text) => match Parser::parse_sql(&PostgreSqlDialect {}, text) {
+                    Ok(s) => (s, text),
+                    Err(_) => return not_mine(format!("does not parse: {e}")),
+                },
+                None => return not_mine(format!("does not parse: {e}")),
+            }
+        }
     };
     if statements.len() != 1 {
         return not_mine(format!("{} statements, not one", statements.len()));
@@ -331,8 +362,13 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
         .iter()
         .map(|t| Target {
             table: *t as u32,
-            key: match (&tables[*t].kind, &found.key) {
-                (TableKind::Distributed, Some(k)) => k.shard_key(),
+            key: match tables[*t].kind {
+                TableKind::Distributed => found
+                    .keys
+                    .iter()
+                    .find(|(g, _)| *g == tables[*t].colocation_id)
+                    .and_then(|(_, k)| k.as_ref())
+                    .map_or(ShardKey::AllShards, Key::shard_key),
                 _ => ShardKey::AllShards,
             },
         })

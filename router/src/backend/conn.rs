@@ -249,8 +249,21 @@ impl BackendConn {
     pub async fn run_capture(&mut self, sql: &str) -> Result<BytesMut, BackendError> {
         let mut out = BytesMut::new();
         protocol::encode_simple_query(&mut out, sql);
-        self.write_all(&out).await?;
-        out.clear();
+        match self.run_capture_raw(&out).await? {
+            (out, None) => Ok(out),
+            (_, Some(f)) => Err(BackendError::Statement(f)),
+        }
+    }
+
+    /// Sends `messages` (ending with a Sync, or a simple Query) and keeps the answers up
+    /// to ReadyForQuery: the messages before any ErrorResponse, and the ErrorResponse
+    /// itself apart.
+    pub async fn run_capture_raw(
+        &mut self,
+        messages: &[u8],
+    ) -> Result<(BytesMut, Option<Frame>), BackendError> {
+        self.write_all(messages).await?;
+        let mut out = BytesMut::new();
         let mut failed = None;
         loop {
             let f = self.read_frame().await?;
@@ -262,11 +275,9 @@ impl BackendConn {
                 }
                 btag::READY_FOR_QUERY => {
                     self.status = TxnStatus::from_byte(*f.body().first().unwrap_or(&0))?;
-                    return match failed {
-                        Some(f) => Err(BackendError::Statement(f)),
-                        None => Ok(out),
-                    };
+                    return Ok((out, failed));
                 }
+                _ if failed.is_some() => continue,
                 _ => {}
             }
             out.extend_from_slice(&f.raw);

@@ -67,12 +67,34 @@ pub struct TableMeta {
     pub shards: Vec<Shard>,
     /// Column names in table order (dropped columns left out).
     pub columns: Vec<String>,
+    /// Every shard's name as shard SQL writes it (`"schema"."t_102008"`), by shard
+    /// index; made on first use (`qualified_shard`).
+    pub qualified: std::sync::OnceLock<Vec<String>>,
 }
 
 impl TableMeta {
     /// The shard table's name for shard id `id` (unquoted).
     pub fn shard_name(&self, id: i64) -> String {
         shard_name(&self.name, id)
+    }
+
+    /// The shard of index `index`, schema-qualified and quoted for shard SQL.
+    pub fn qualified_shard(&self, index: usize) -> Option<&str> {
+        self.qualified
+            .get_or_init(|| {
+                let schema = crate::plan::quote_ident(&self.schema);
+                self.shards
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{schema}.{}",
+                            crate::plan::quote_ident(&self.shard_name(s.id))
+                        )
+                    })
+                    .collect()
+            })
+            .get(index)
+            .map(String::as_str)
     }
 }
 
@@ -125,7 +147,13 @@ pub struct Snapshot {
     /// directly or through other views, by unqualified name: on the coordinator they
     /// would read the empty shell tables.
     pub views: std::collections::HashSet<String>,
+    /// Unique per loaded snapshot (0: never loaded): what may change while `version`
+    /// stays (the views) changes this too. Caches of routing decisions key on it.
+    pub generation: u64,
 }
+
+/// The source of `Snapshot::generation`.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The views that read distributed or reference tables, directly or through other
 /// views (sorted names).
@@ -264,6 +292,7 @@ impl Snapshot {
                 column_type: r.get(8),
                 columns: r.get(9),
                 shards: shards.remove(&oid).unwrap_or_default(),
+                qualified: Default::default(),
             };
             names.entry(t.name.clone()).or_default().push(oid);
             tables.insert(oid, Arc::new(t));
@@ -276,6 +305,7 @@ impl Snapshot {
             tables,
             names,
             views: views.into_iter().collect(),
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 

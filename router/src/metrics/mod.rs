@@ -24,6 +24,8 @@ pub struct Metrics {
     pub statement_seconds: HistogramVec,
     pub errors: IntCounterVec,
     pub cancel_requests: IntCounter,
+    /// Shards copied to another node for a read joining tables that are not colocated.
+    pub pulled_shards: IntCounter,
     /// Label-resolved handles for the per-request hot path.
     pub statements_simple: IntCounter,
     pub statements_extended: IntCounter,
@@ -110,8 +112,13 @@ impl Metrics {
             "shardgate_frontend_cancel_requests_total",
             "CancelRequests received",
         ));
+        let pulled_shards = must(IntCounter::new(
+            "shardgate_session_pulled_shards_total",
+            "Shards copied to the node running a read that joins tables which are not colocated (their shards on different nodes)",
+        ));
         for c in [
-            Box::new(client_connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pulled_shards.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(client_connections.clone()),
             Box::new(client_connections_total.clone()),
             Box::new(client_auth_failures.clone()),
             Box::new(pool_connections.clone()),
@@ -142,6 +149,7 @@ impl Metrics {
             statement_seconds,
             errors,
             cancel_requests,
+            pulled_shards,
         }
     }
 

@@ -45,6 +45,10 @@ pub enum PlanError {
     /// Not supported yet (0A000).
     #[error("{0}")]
     NotSupported(String),
+    /// A statement would affect one row twice (21000), as Postgres says of an
+    /// `INSERT ... ON CONFLICT DO UPDATE` with duplicate keys.
+    #[error("{0}")]
+    Cardinality(String),
 }
 
 /// A piece of a compiled shard SQL template.
@@ -64,13 +68,39 @@ pub struct Planned {
     pub tier: String,
     /// The tables, in target order, with their shard choice.
     targets: Vec<(Arc<TableMeta>, ShardKey)>,
+
     segments: Vec<Seg>,
     /// The statement only reads.
     pub read_only: bool,
+    /// A read whose shards may be copied to the node that runs it (a query with no
+    /// lock: see [`Bound::pulls`]).
+    pullable: bool,
     /// `$n` up to this are the client's; above, the normalised literals.
     client_params: u32,
     /// Whether the plan was made from the normalised text (literals as `$k`).
     normalized: bool,
+}
+
+impl Planned {
+    /// A name prefix for copies of shards that no identifier of the statement starts
+    /// with (`sg_pull_`, else `sg_pull1_`, ...).
+    fn copy_prefix(&self) -> String {
+        let text: String = self
+            .segments
+            .iter()
+            .filter_map(|s| match s {
+                Seg::Text(t) => Some(t.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect();
+        (0..)
+            .map(|n| match n {
+                0 => "sg_pull_".to_owned(),
+                n => format!("sg_pull{n}_"),
+            })
+            .find(|p| !text.contains(p.as_str()))
+            .expect("some prefix is free")
+    }
 }
 
 /// A plan bound to a statement's values: where to run what.
@@ -83,6 +113,97 @@ pub struct Bound {
     /// A write of a reference table: the other placements' groups, which must run the
     /// same SQL in the same (distributed) transaction.
     pub also: Vec<i32>,
+    /// A read whose shards no one node holds: the shards copied from their nodes
+    /// first. `sql` reads each by its `name`, which the executor defines in a WITH
+    /// clause holding the copied rows ([`with_pulled`]).
+    pub pulls: Vec<Pull>,
+}
+
+/// A shard a read copies from the node holding it (see [`Bound::pulls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pull {
+    /// The node (group) it is copied from.
+    pub group: i32,
+    /// Its schema-qualified, quoted name on that node.
+    pub shard: String,
+    /// The table's name (for messages).
+    pub table: String,
+    /// The name the statement reads the copy by.
+    pub name: String,
+}
+
+/// Rows a read copies from another node's shard, at most; a larger shard refuses the
+/// statement (running it across nodes needs the pushdown tier).
+pub const PULL_MAX_ROWS: i64 = 10_000;
+/// The copied rows as SQL text, at most (bytes).
+pub const PULL_MAX_BYTES: usize = 16 << 20;
+
+/// `sql` with `ctes` (name, query) defined in front: added to the statement's own
+/// WITH clause (after `WITH [RECURSIVE]`), or as a new one.
+pub fn with_pulled(sql: &str, ctes: &[(String, String)]) -> String {
+    let list: Vec<String> = ctes
+        .iter()
+        .map(|(name, body)| format!("{name} AS ({body})"))
+        .collect();
+    let list = list.join(", ");
+    let mut words = tokens(sql)
+        .into_iter()
+        .filter(|(k, _, _)| !matches!(k, Tok::Space));
+    if let Some((Tok::Word, s, e)) = words.next()
+        && sql[s..e].eq_ignore_ascii_case("with")
+    {
+        let at = match words.next() {
+            Some((Tok::Word, s2, e2)) if sql[s2..e2].eq_ignore_ascii_case("recursive") => e2,
+            _ => e,
+        };
+        return format!("{} {list}, {}", &sql[..at], &sql[at..]);
+    }
+    format!("WITH {list} {sql}")
+}
+
+/// The node a read whose shards no one node holds runs on: the active node holding
+/// the most of them; among equals, the one whose shards belong to tables of more
+/// shards (a table of one shard, often small, is the one copied), then `prefer` (the
+/// session's node), then the first shard's placement order.
+fn pull_host(
+    needed: &[(&crate::catalog::Shard, usize)],
+    snap: &Snapshot,
+    prefer: Option<i32>,
+) -> Option<i32> {
+    let mut best: Option<((usize, usize, bool), i32)> = None;
+    for (s, _) in needed {
+        for g in &s.placements {
+            if snap.node_by_group(*g).is_none() {
+                continue;
+            }
+            let held = needed.iter().filter(|(x, _)| x.placements.contains(g));
+            let score = (
+                held.clone().count(),
+                held.map(|(_, shards)| *shards).sum::<usize>(),
+                prefer == Some(*g),
+            );
+            if best.is_none_or(|(b, _)| score > b) {
+                best = Some((score, *g));
+            }
+        }
+    }
+    best.map(|(_, g)| g)
+}
+
+/// Whether a template is a query a WITH clause can be put in front of (SELECT, VALUES,
+/// TABLE, WITH, or a parenthesised one).
+fn is_query(sql: &str) -> bool {
+    tokens(sql)
+        .into_iter()
+        .find(|(k, _, _)| !matches!(k, Tok::Space))
+        .is_some_and(|(k, s, e)| {
+            let w = &sql[s..e];
+            (k == Tok::Word
+                && ["select", "values", "table", "with"]
+                    .iter()
+                    .any(|x| w.eq_ignore_ascii_case(x)))
+                || w == "("
+        })
 }
 
 /// A bound parameter of the extended protocol.
@@ -337,6 +458,23 @@ impl Planner {
             .iter()
             .map(|x| (view.metas[x.table as usize].clone(), x.key.clone()))
             .collect::<Vec<_>>();
+        // Tables of different colocation groups pinned by keys must have distribution
+        // columns of one type: a value written from one into the other is stored
+        // converted ('007' read as int8 is stored as '7' in a text column), and would
+        // be in another shard than its key says. (Colocated tables share the type.)
+        let keyed: Vec<&TableMeta> = targets
+            .iter()
+            .filter(|(t, k)| t.method == Method::Hash && *k != ShardKey::AllShards)
+            .map(|(t, _)| &**t)
+            .collect();
+        if let Some(first) = keyed.first()
+            && let Some(other) = keyed.iter().find(|t| t.column_type != first.column_type)
+        {
+            return Err(PlanError::NotPlannable(format!(
+                "{} and {} are in different colocation groups and their distribution columns have different types; such a statement is not routed to one node",
+                first.name, other.name
+            )));
+        }
         let client_params = norm.client_params;
         let sql = &t.sql_template;
         let mut segments = Vec::new();
@@ -368,6 +506,7 @@ impl Planner {
             targets,
             segments,
             read_only: norm.read_only,
+            pullable: norm.read_only && is_query(sql),
             client_params,
             normalized,
         })
@@ -385,42 +524,129 @@ impl Planner {
         plugins: &PluginSet,
         prefer: Option<i32>,
     ) -> Result<Bound, PlanError> {
-        // The shard index shared by the distributed targets (colocated: same index).
-        let mut index: Option<u32> = None;
-        for (table, key) in &plan.targets {
+        // Each distributed target's shard index: colocated targets share one; a table
+        // of one shard needs no key.
+        let mut shard_of: Vec<u32> = vec![0; plan.targets.len()];
+        let mut first_hash: Option<usize> = None;
+        for (n, (table, key)) in plan.targets.iter().enumerate() {
             if table.method != Method::Hash {
                 continue;
             }
-            let i = self.shard_index(plan, table, key, literals, param, plugins)?;
-            match index {
-                None => index = Some(i),
-                Some(j) if j != i => {
-                    return Err(PlanError::NotPlannable(format!(
-                        "the statement's tables resolve to different shards ({} and {})",
-                        j, i
-                    )));
-                }
-                _ => {}
+            let i = if table.shards.len() == 1 && *key == ShardKey::AllShards {
+                0
+            } else {
+                self.shard_index(plan, table, key, literals, param, plugins)?
+            };
+            if let Some((m, _)) = plan.targets[..n].iter().enumerate().find(|(m, (t, _))| {
+                t.method == Method::Hash
+                    && t.colocation_id == table.colocation_id
+                    && shard_of[*m] != i
+            }) {
+                return Err(PlanError::NotPlannable(format!(
+                    "the statement's tables resolve to different shards ({} and {})",
+                    shard_of[m], i
+                )));
             }
+            shard_of[n] = i;
+            first_hash.get_or_insert(n);
         }
-        // The node: the distributed targets' shard's first placement, or for
-        // reference-only plans one of the reference placements.
-        let mut also = Vec::new();
-        let group = if let Some(i) = index {
-            let (table, _) = plan
-                .targets
-                .iter()
-                .find(|(t, _)| t.method == Method::Hash)
-                .expect("a distributed target");
-            let shard = table.shards.get(i as usize).ok_or_else(|| {
+        let shard_of_target = |n: usize| {
+            let (table, _) = &plan.targets[n];
+            let i = shard_of[n] as usize;
+            table.shards.get(i).ok_or_else(|| {
                 PlanError::NoPlacement(format!(
                     "table {} has no shard {i} in the catalog",
                     table.name
                 ))
-            })?;
-            *shard.placements.first().ok_or_else(|| {
-                PlanError::NoPlacement(format!("shard {} has no placement", shard.id))
-            })?
+            })
+        };
+        // The node: one that holds every chosen shard (and the reference tables), or
+        // for reference-only plans one of the reference placements.
+        let mut also = Vec::new();
+        // Targets read from a copy (their shard is on another node than the one that
+        // runs the statement).
+        let mut pulled: Vec<Option<Pull>> = Vec::new();
+        let group = if let Some(f) = first_hash {
+            let mut needed = Vec::with_capacity(plan.targets.len());
+            for n in 0..plan.targets.len() {
+                needed.push(shard_of_target(n)?);
+            }
+            let first = needed[f];
+            if first.placements.is_empty() {
+                return Err(PlanError::NoPlacement(format!(
+                    "shard {} has no placement",
+                    first.id
+                )));
+            }
+            match first
+                .placements
+                .iter()
+                .find(|g| needed.iter().all(|s| s.placements.contains(g)))
+            {
+                Some(g) => *g,
+                None if plan.pullable => {
+                    let weighed: Vec<_> = needed
+                        .iter()
+                        .zip(&plan.targets)
+                        .map(|(s, (t, _))| (*s, t.shards.len()))
+                        .collect();
+                    let prefix = plan.copy_prefix();
+                    let host = pull_host(&weighed, snap, prefer).ok_or_else(|| {
+                        PlanError::NoPlacement(
+                            "no active node holds a shard the statement needs".into(),
+                        )
+                    })?;
+                    for (n, s) in needed.iter().enumerate() {
+                        if s.placements.contains(&host) {
+                            pulled.push(None);
+                            continue;
+                        }
+                        let (table, _) = &plan.targets[n];
+                        let source = s
+                            .placements
+                            .iter()
+                            .copied()
+                            .find(|g| snap.node_by_group(*g).is_some())
+                            .ok_or_else(|| {
+                                PlanError::NoPlacement(format!(
+                                    "shard {} of {} has no placement on an active node",
+                                    s.id, table.name
+                                ))
+                            })?;
+                        let index = match table.method {
+                            Method::Hash => shard_of[n] as usize,
+                            Method::Reference => 0,
+                        };
+                        let shard = table.qualified_shard(index).ok_or_else(|| {
+                            PlanError::NoPlacement(format!(
+                                "table {} has no shard {index} in the catalog",
+                                table.name
+                            ))
+                        })?;
+                        pulled.push(Some(Pull {
+                            group: source,
+                            shard: shard.to_owned(),
+                            table: table.name.clone(),
+                            name: format!("{prefix}{}", s.id),
+                        }));
+                    }
+                    host
+                }
+                None => {
+                    let shards: Vec<String> = plan
+                        .targets
+                        .iter()
+                        .zip(&needed)
+                        .map(|((t, _), s)| {
+                            format!("{} shard {} on groups {:?}", t.name, s.id, s.placements)
+                        })
+                        .collect();
+                    return Err(PlanError::NotPlannable(format!(
+                        "no node holds every shard the statement needs ({}): its tables are not colocated; only a plain read (no write, lock or EXPLAIN) is run across nodes, by copying small shards, and anything else needs the pushdown tier, not available yet",
+                        shards.join(", ")
+                    )));
+                }
+            }
         } else {
             let (table, _) = &plan.targets[0];
             let placements = &table
@@ -479,15 +705,23 @@ impl Planner {
         for s in &plan.segments {
             match s {
                 Seg::Text(t) => sql.push_str(t),
+                Seg::Table(n) if pulled.get(*n).is_some_and(Option::is_some) => {
+                    let p = pulled[*n].as_ref().expect("checked");
+                    sql.push_str(&p.name);
+                }
                 Seg::Table(n) => {
                     let (table, _) = &plan.targets[*n];
-                    let shard = match table.method {
-                        Method::Hash => &table.shards[index.unwrap_or(0) as usize],
-                        Method::Reference => &table.shards[0],
+                    let index = match table.method {
+                        Method::Hash => shard_of[*n] as usize,
+                        Method::Reference => 0,
                     };
-                    sql.push_str(&quote_ident(&table.schema));
-                    sql.push('.');
-                    sql.push_str(&quote_ident(&table.shard_name(shard.id)));
+                    let name = table.qualified_shard(index).ok_or_else(|| {
+                        PlanError::NoPlacement(format!(
+                            "table {} has no shard {index} in the catalog",
+                            table.name
+                        ))
+                    })?;
+                    sql.push_str(name);
                 }
                 Seg::Literal(k) => match literals.get(*k) {
                     Some(l) => sql.push_str(l),
@@ -499,11 +733,18 @@ impl Planner {
                 },
             }
         }
+        let mut pulls: Vec<Pull> = Vec::new();
+        for p in pulled.into_iter().flatten() {
+            if !pulls.iter().any(|q| q.name == p.name) {
+                pulls.push(p);
+            }
+        }
         Ok(Bound {
             group,
             sql,
             read_only: plan.read_only,
             also,
+            pulls,
         })
     }
 
@@ -656,4 +897,51 @@ fn binary_value(b: &[u8], oid: u32, t: ValueType) -> Result<Value, PlanError> {
 /// `"ident"`, quotes doubled.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_query, with_pulled};
+
+    fn ctes() -> Vec<(String, String)> {
+        vec![("sg_pull_7".into(), "SELECT 1".into())]
+    }
+
+    #[test]
+    fn copies_go_in_front_or_into_the_statements_with_clause() {
+        assert_eq!(
+            with_pulled("SELECT * FROM sg_pull_7 b", &ctes()),
+            "WITH sg_pull_7 AS (SELECT 1) SELECT * FROM sg_pull_7 b"
+        );
+        assert_eq!(
+            with_pulled(
+                "/* c */ with x AS (SELECT 2) SELECT * FROM x, sg_pull_7",
+                &ctes()
+            ),
+            "/* c */ with sg_pull_7 AS (SELECT 1),  x AS (SELECT 2) SELECT * FROM x, sg_pull_7"
+        );
+        assert_eq!(
+            with_pulled("WITH RECURSIVE r(n) AS (SELECT 1) SELECT 1", &ctes()),
+            "WITH RECURSIVE sg_pull_7 AS (SELECT 1),  r(n) AS (SELECT 1) SELECT 1"
+        );
+        let two = vec![
+            ("a".to_owned(), "SELECT 1".to_owned()),
+            ("b".to_owned(), "SELECT 2".to_owned()),
+        ];
+        assert_eq!(
+            with_pulled("(SELECT 1) UNION (SELECT 2)", &two),
+            "WITH a AS (SELECT 1), b AS (SELECT 2) (SELECT 1) UNION (SELECT 2)"
+        );
+    }
+
+    #[test]
+    fn only_queries_take_copies() {
+        assert!(is_query("  SELECT 1"));
+        assert!(is_query("-- x\nwith a AS (SELECT 1) SELECT 1"));
+        assert!(is_query("(SELECT 1)"));
+        assert!(is_query("VALUES (1)"));
+        assert!(!is_query("EXPLAIN SELECT 1"));
+        assert!(!is_query("SHOW x"));
+        assert!(!is_query(""));
+    }
 }

@@ -67,7 +67,8 @@ pub(crate) fn tokens(sql: &str) -> Vec<(Tok, usize, usize)> {
                 Tok::Space
             }
             b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
+                // To the end of the line: \n or \r, as Postgres's scanner.
+                while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
                     i += 1;
                 }
                 Tok::Space

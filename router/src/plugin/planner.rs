@@ -325,11 +325,14 @@ fn from_wit_template(t: wit::PlanTemplate) -> PlanTemplate {
 /// - every `{tN}` of the template names a target, and every target appears;
 /// - a `Param(i)` key names a parameter the template uses (`$n` outside quotes and
 ///   comments, i < the highest n);
-/// - `SingleShard`: the distributed targets share one shard choice (not `AllShards`
-///   unless the table has one shard) and one colocation group (the same key hashes to
-///   the same shard index in one group only); targets of reference tables (one shard,
-///   a placement on every worker) are keyed `AllShards` and go with whichever node the
-///   distributed targets choose; a plan of reference targets only is valid too;
+/// - `SingleShard`: the distributed targets of one colocation group share one shard
+///   choice (the same key hashes to the same shard index in one group only), which is
+///   not `AllShards` unless the group's tables have one shard; targets of different
+///   groups may choose differently (the router runs the plan on a node holding every
+///   chosen shard, or refuses it when there is none); targets of reference tables (one
+///   shard, a placement on every worker) are keyed `AllShards` and go with whichever
+///   node the distributed targets choose; a plan of reference targets only is valid
+///   too;
 /// - `AggregateCombine`: an `AvgSumCount` is followed by its count column.
 pub fn validate_plan(plan: &PlanTemplate, tables: &[PlannerTable]) -> Result<(), String> {
     if plan.sql_template.trim().is_empty() {
@@ -387,37 +390,32 @@ pub fn validate_plan(plan: &PlanTemplate, tables: &[PlannerTable]) -> Result<(),
                     table(t).name
                 ));
             }
-            let mut distributed = plan
+            // Per colocation group, one shard choice (the same key hashes to the same
+            // shard index within a group only); all-shards only on one-shard tables.
+            // Groups may differ: the router then runs the plan on a node that holds
+            // every chosen shard, or refuses it.
+            let distributed: Vec<(usize, &PlanTarget)> = plan
                 .targets
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| !is_reference(t));
-            if let Some((f, first)) = distributed.clone().next() {
-                if let Some((i, _)) = distributed.clone().find(|(_, t)| t.key != first.key) {
-                    return Err(format!(
-                        "a single-shard plan with different shard choices (target {f} and target {i})"
-                    ));
-                }
-                if first.key == ShardKey::AllShards
-                    && let Some((_, t)) =
-                        distributed.clone().find(|(_, t)| table(t).shard_count != 1)
-                {
+                .filter(|(_, t)| !is_reference(t))
+                .collect();
+            for (i, t) in &distributed {
+                if t.key == ShardKey::AllShards && table(t).shard_count != 1 {
                     return Err(format!(
                         "a single-shard plan on all shards of {} ({} shards)",
                         table(t).name,
                         table(t).shard_count
                     ));
                 }
-                let mut groups = distributed
-                    .by_ref()
-                    .map(|(_, t)| table(t))
-                    .filter(|t| t.kind == PlannerTableKind::Distributed)
-                    .map(|t| t.colocation_id);
-                if let Some(g) = groups.next()
-                    && let Some(other) = groups.find(|x| *x != g)
+                if let Some((f, _)) = distributed.iter().find(|(_, x)| {
+                    table(x).colocation_id == table(t).colocation_id && x.key != t.key
+                }) && table(t).shard_count != 1
                 {
                     return Err(format!(
-                        "a single-shard plan over colocation groups {g} and {other}"
+                        "a single-shard plan with different shard choices in one colocation group (target {} and target {})",
+                        f.min(i),
+                        f.max(i)
                     ));
                 }
             }
@@ -609,6 +607,16 @@ mod tests {
                 &[(4, all.clone()), (2, all.clone())],
                 "SELECT FROM {t0}, {t1}",
             ),
+            // Other colocation groups choose their own shard; a one-shard table needs
+            // no key.
+            plan(
+                &[(0, one.clone()), (2, all.clone()), (3, p1.clone())],
+                "SELECT FROM {t0}, {t1}, {t2} WHERE $1",
+            ),
+            plan(
+                &[(0, one.clone()), (4, all.clone())],
+                "SELECT FROM {t0}, {t1}",
+            ),
         ];
         for p in good {
             assert_eq!(validate_plan(&p, &tables), Ok(()), "{p:?}");
@@ -619,14 +627,14 @@ mod tests {
                     &[(0, p1.clone()), (1, one.clone())],
                     "SELECT FROM {t0}, {t1} WHERE $1",
                 ),
-                "different shard choices (target 0 and target 1)",
+                "different shard choices in one colocation group (target 0 and target 1)",
             ),
             (
                 plan(
                     &[(2, all.clone()), (0, p1.clone()), (1, one.clone())],
                     "SELECT FROM {t0}, {t1}, {t2} WHERE $1",
                 ),
-                "different shard choices (target 1 and target 2)",
+                "different shard choices in one colocation group (target 1 and target 2)",
             ),
             (
                 plan(
@@ -641,13 +649,6 @@ mod tests {
                     "SELECT FROM {t0}, {t1}",
                 ),
                 "single-shard plan on all shards of a (4 shards)",
-            ),
-            (
-                plan(
-                    &[(0, one.clone()), (2, all.clone()), (3, one.clone())],
-                    "SELECT FROM {t0}, {t1}, {t2}",
-                ),
-                "colocation groups 1 and 2",
             ),
         ];
         for (p, want) in bad {

@@ -12,7 +12,9 @@ mod admin_ext;
 mod commit;
 mod multi;
 mod prepared;
+mod pull;
 mod route;
+mod savepoint;
 mod settings;
 
 pub use prepared::{Prepared, PreparedRegistry, ReservedUse, reserved_use};
@@ -65,6 +67,9 @@ enum Expect {
         undo: Option<Undo>,
         /// A Describe of this statement: its ParameterDescription is kept.
         describes: Option<Arc<Prepared>>,
+        /// An Execute of a SET / RESET / DISCARD ALL: noted when it completes, recorded
+        /// at ReadyForQuery if nothing in its batch failed.
+        tracks: Option<SessionStmt>,
     },
     /// A reply the router makes itself, sent when every earlier reply has been.
     Synth { tag: u8, undo: Option<Undo> },
@@ -86,6 +91,7 @@ fn msg(forward: bool) -> Expect {
         prepares: None,
         undo: None,
         describes: None,
+        tracks: None,
     }
 }
 
@@ -104,6 +110,10 @@ pub struct Session<S> {
     settings: Settings,
     /// Tracked statements run inside the open transaction; kept if it commits.
     txn_settings: Vec<SessionStmt>,
+    /// Extended protocol: the tracked statements bound to portals (by portal name),
+    /// and the tracked statements of the current batch that completed.
+    bound_tracked: Vec<(Bytes, SessionStmt)>,
+    ext_tracked: Vec<SessionStmt>,
     /// Client statement name -> router statement.
     stmts: HashMap<Bytes, Arc<Prepared>>,
     /// Statements whose Parse was sent in the current batch (not yet confirmed).
@@ -145,6 +155,9 @@ pub struct Session<S> {
     parked: Vec<(Option<i32>, Lease)>,
     /// The nodes that wrote in the open transaction (two or more: two-phase commit).
     writers: Vec<Option<i32>>,
+    /// Savepoints open in the transaction, oldest first (`savepoint.rs`), each with
+    /// the number of `txn_settings` before it (a ROLLBACK TO undoes the SETs since).
+    savepoints: Vec<(String, usize)>,
     /// The open transaction's registration with the deadlock detector, once it holds
     /// backends on two nodes.
     dist: Option<crate::deadlock::Handle>,
@@ -187,6 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             node: None,
             parked: Vec::new(),
             writers: Vec::new(),
+            savepoints: Vec::new(),
             dist: None,
             doomed: false,
             join_begin: false,
@@ -210,6 +224,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             cancel: guard.slot.clone(),
             settings,
             txn_settings: Vec::new(),
+            bound_tracked: Vec::new(),
+            ext_tracked: Vec::new(),
             stmts: HashMap::new(),
             batch_prepared: HashSet::new(),
             batch: Vec::new(),
@@ -242,7 +258,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.ensure_lease().await?;
         let lease = self.lease.as_mut().expect("lease just acquired");
         let conn = lease.conn();
-        if conn.settings_fp != self.settings.fingerprint() {
+        if !self.settings.applied(conn.settings_fp) {
             conn.run_internal(&self.settings.apply_sql()).await?;
             conn.settings_fp = self.settings.fingerprint();
         }
@@ -339,13 +355,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Queues a simple Query (or FunctionCall) for the backend.
     async fn queue_query(&mut self, frame: Frame) -> Result<(), RouterError> {
-        let tracked = if frame.tag == tag::QUERY {
+        let settings::Inspected { tracked, untracked } = if frame.tag == tag::QUERY {
             let body = frame.body();
             let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)])
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
-            classify(sql)
+            settings::inspect(sql)
         } else {
-            None
+            // A FunctionCall: the function may be set_config.
+            settings::Inspected {
+                tracked: None,
+                untracked: true,
+            }
         };
         // DEALLOCATE of a statement the router renamed is answered here: on the backend
         // the statement has another name and may serve other clients.
@@ -368,6 +388,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.refuse_request(e);
         }
         self.prepare_settings();
+        if untracked {
+            self.mark_untracked();
+        }
         self.ctx.metrics.statements_simple.inc();
         self.start_timer("simple");
         let reserved = if frame.tag == tag::QUERY {
@@ -416,7 +439,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.answer_locally(end.as_ref()) {
             return Ok(());
         }
-        match self.choose_node_batch().await {
+        let sync = end.as_ref().is_some_and(|f| f.tag == tag::SYNC);
+        match self.choose_node_batch(sync).await {
             Ok(()) => {}
             Err(e) => {
                 self.batch.clear();
@@ -424,6 +448,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.routed = None;
                 return self.fail_batch(e, end).await;
             }
+        }
+        if let Some(m) = self.routed.as_mut().and_then(|r| r.multi.take()) {
+            self.routed = None;
+            self.batch.clear();
+            self.batch_bytes = 0;
+            return self.run_multi_batch(m).await;
         }
         if let Err(e) = self.ensure_lease().await {
             self.routed = None;
@@ -572,6 +602,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             prepares: None,
                             undo,
                             describes: None,
+                            tracks: None,
                         });
                     } else if self.is_prepared(prep.id) {
                         self.expect.push_back(Expect::Synth {
@@ -591,6 +622,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             prepares: Some(prep.clone()),
                             undo,
                             describes: None,
+                            tracks: None,
                         });
                     }
                 }
@@ -619,6 +651,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     Some(prep) if !b.statement.is_empty() => {
                         self.ensure_prepared(&prep);
+                        let i = prep.settings.get_or_init(|| inspect_text(&prep.query));
+                        self.bind_settings(b.portal, i);
                         protocol::encode_bind(&mut self.bout, b.portal, &prep.name, b.rest);
                         self.expect.push_back(msg(true));
                     }
@@ -627,6 +661,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     // Unnamed, or unknown: the backend answers (26000 for unknown).
                     _ => {
+                        if b.statement.is_empty()
+                            && let Some((q, _)) = &self.unnamed
+                        {
+                            let i = inspect_text(q);
+                            self.bind_settings(b.portal, &i);
+                        }
                         self.bout.extend_from_slice(&f.raw);
                         self.expect.push_back(msg(true));
                     }
@@ -644,6 +684,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             prepares: None,
                             undo: None,
                             describes: Some(prep),
+                            tracks: None,
                         });
                     }
                     _ if kind == b'S' && name.starts_with(ROUTER_STMT_PREFIX) => {
@@ -677,7 +718,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tag::EXECUTE => {
                 self.ctx.metrics.statements_extended.inc();
                 self.bout.extend_from_slice(&f.raw);
-                self.expect.push_back(msg(true));
+                // Execute: the portal's name, then a row limit.
+                let body = f.body();
+                let portal = body.iter().position(|&b| b == 0).map(|i| &body[..i]);
+                let tracks = self
+                    .bound_tracked
+                    .iter()
+                    .find(|(p, _)| Some(p.as_ref()) == portal)
+                    .map(|(_, t)| t.clone());
+                self.expect.push_back(Expect::Msg {
+                    forward: true,
+                    prepares: None,
+                    undo: None,
+                    describes: None,
+                    tracks,
+                });
                 self.needs_sync = true;
             }
             tag::SYNC => {
@@ -728,6 +783,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 prepares: Some(prep.clone()),
                 undo: None,
                 describes: None,
+                tracks: None,
             });
         }
     }
@@ -763,10 +819,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let fp = self.settings.fingerprint();
         let conn = self.lease.as_mut().expect("lease held").conn();
-        if conn.settings_fp != fp {
-            protocol::encode_simple_query(&mut self.bout, &self.settings.apply_sql());
-            conn.settings_fp = fp;
+        if !self.settings.applied(conn.settings_fp) {
+            // The reset is a Query of its own (one implicit transaction): a replayed
+            // SET that fails cannot undo it and leave another client's state.
+            protocol::encode_simple_query(&mut self.bout, settings::RESET_SQL);
             self.expect.push_back(Expect::Internal);
+            let replay = self.settings.replay_sql();
+            if !replay.is_empty() {
+                protocol::encode_simple_query(&mut self.bout, &replay);
+                self.expect.push_back(Expect::Internal);
+            }
+            conn.settings_fp = fp;
+        }
+    }
+
+    /// The held connection may now have session state the router does not follow:
+    /// this session goes on with it as it is, any other resets it before use.
+    fn mark_untracked(&mut self) {
+        let u = self.settings.untracked_fingerprint();
+        if let Some(l) = self.lease.as_mut() {
+            l.conn().settings_fp = u;
+        }
+    }
+
+    /// The session state a statement of the extended protocol changes (its text
+    /// `query`, bound to `portal`): an untracked change marks the connection now, a
+    /// tracked one is noted for the portal's Execute.
+    fn bind_settings(&mut self, portal: &[u8], i: &settings::Inspected) {
+        if i.untracked {
+            self.mark_untracked();
+        }
+        if !self.bound_tracked.is_empty() {
+            self.bound_tracked.retain(|(p, _)| p.as_ref() != portal);
+        }
+        let t = match &i.tracked {
+            // The extended protocol has one statement per Parse: a `Many` here is a
+            // statement behind comments.
+            Some(SessionStmt::Many(all)) if all.len() == 1 => all[0].clone(),
+            Some(SessionStmt::Many(_)) => return self.mark_untracked(),
+            Some(t) => t.clone(),
+            None => return,
+        };
+        if matches!(
+            t,
+            SessionStmt::Set { .. }
+                | SessionStmt::Reset { .. }
+                | SessionStmt::ResetAll
+                | SessionStmt::DiscardAll
+        ) {
+            self.bound_tracked.push((Bytes::copy_from_slice(portal), t));
+        }
+    }
+
+    /// Tracked statements of the batch that ran but will not be recorded (an error
+    /// or a ROLLBACK after them, which may have undone them or not): the connection
+    /// is this session's alone until reset.
+    fn drop_ext_tracked(&mut self) {
+        if !self.ext_tracked.is_empty() {
+            self.ext_tracked.clear();
+            self.mark_untracked();
         }
     }
 
@@ -1007,14 +1118,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             btag::ERROR_RESPONSE => match self.expect.front() {
                 Some(Expect::Internal) => {
+                    // Its settings are not what they should be: nobody's.
+                    if let Some(l) = self.lease.as_mut() {
+                        l.conn().settings_fp = settings::DIRTY_FP;
+                    }
                     tracing::warn!(
                         message = %String::from_utf8_lossy(protocol::error_field(f.body(), b'M').unwrap_or_default()),
                         "applying session settings on a backend failed"
                     );
                 }
-                Some(Expect::Query { .. }) => self.forward_error(f),
+                Some(Expect::Query { .. }) => {
+                    if let Some(Expect::Query { tracked, ok }) = self.expect.front_mut()
+                        && matches!(tracked, Some(SessionStmt::Many(_)))
+                    {
+                        *ok = false;
+                    }
+                    self.forward_error(f)
+                }
                 _ => {
                     self.forward_error(f);
+                    // The batch's implicit transaction (or the client's) is rolled
+                    // back, and the SETs it ran with it (unless a COMMIT came first).
+                    self.drop_ext_tracked();
                     // The backend now skips to Sync: so do the replies it will not send.
                     while let Some(e) = self.expect.front() {
                         if matches!(e, Expect::Sync | Expect::Query { .. } | Expect::Internal) {
@@ -1048,7 +1173,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         }
                         self.on_ready(status, f);
                     }
-                    Some(Expect::Sync) => self.on_ready(status, f),
+                    Some(Expect::Sync) => {
+                        for t in std::mem::take(&mut self.ext_tracked) {
+                            self.on_tracked(t, status);
+                        }
+                        if status == TxnStatus::Idle {
+                            // Portals end with the transaction.
+                            self.bound_tracked.clear();
+                        }
+                        self.on_ready(status, f)
+                    }
                     _ => return self.desync("ReadyForQuery out of turn"),
                 }
             }
@@ -1072,18 +1206,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.swallow_begin = false;
                     return Ok(());
                 }
-                self.saw_commit = ctag == b"COMMIT";
+                // Whether the transaction committed: from the tags that end one (not
+                // from the last tag: `COMMIT; SELECT 1` committed). Cleared between
+                // requests (`after_request`).
+                if ctag == b"COMMIT" {
+                    self.saw_commit = true;
+                } else if ctag == b"ROLLBACK" || ctag == b"PREPARE TRANSACTION" {
+                    self.saw_commit = false;
+                }
                 if ctag == b"DISCARD ALL" || ctag == b"DEALLOCATE ALL" {
                     let conn = self.lease.as_mut().expect("lease").conn();
                     conn.prepared.clear();
-                    if ctag == b"DISCARD ALL" {
+                    // Reset to defaults, unless the request goes on to change them in
+                    // ways the router does not follow (it marked the connection).
+                    if ctag == b"DISCARD ALL"
+                        && conn.settings_fp != self.settings.untracked_fingerprint()
+                    {
                         conn.settings_fp = 0;
                     }
                     self.stmts.clear();
                 }
                 match self.expect.front_mut() {
                     Some(Expect::Query { tracked, ok }) => {
-                        if tracked.as_ref().is_some_and(|t| t.tag() == ctag) {
+                        if tracked
+                            .as_ref()
+                            .is_some_and(|t| t.tag() == ctag || matches!(t, SessionStmt::Many(_)))
+                        {
                             *ok = true;
                         }
                         self.out.extend_from_slice(f.raw);
@@ -1128,8 +1276,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn end_msg(&mut self, f: FrameRef<'_>) -> Result<(), RouterError> {
         match self.expect.pop_front() {
             Some(Expect::Msg {
-                forward, prepares, ..
+                forward,
+                prepares,
+                tracks,
+                ..
             }) => {
+                if f.tag == btag::COMMAND_COMPLETE {
+                    let ctag = &f.body()[..f.body().len().saturating_sub(1)];
+                    match tracks {
+                        Some(t) if t.tag() == ctag => self.ext_tracked.push(t),
+                        // ROLLBACK (or ROLLBACK TO) in the batch: what it undid is not
+                        // known here.
+                        _ if ctag == b"ROLLBACK" => self.drop_ext_tracked(),
+                        _ => {}
+                    }
+                }
                 if let Some(p) = prepares {
                     // Postgres accepted it: from now on a Parse of the same text can be
                     // answered without a backend (see `answer_locally`).
@@ -1184,11 +1345,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// A tracked statement succeeded with the transaction now in `status`.
     fn on_tracked(&mut self, t: SessionStmt, status: TxnStatus) {
+        if let SessionStmt::Many(all) = t {
+            for t in all {
+                self.on_tracked(t, status);
+            }
+            return;
+        }
         if status == TxnStatus::Idle && self.status == TxnStatus::Idle {
+            let was = self.settings.untracked_fingerprint();
             self.settings.record(&t);
             if let Some(l) = self.lease.as_mut() {
                 let c = l.conn();
-                if c.settings_fp != 0 || !matches!(t, SessionStmt::DiscardAll) {
+                if c.settings_fp == settings::DIRTY_FP {
+                    // Not what any session has (a replay failed, or startup parameters
+                    // were reset): it stays so.
+                } else if matches!(t, SessionStmt::ResetAll) && self.settings.has_startup() {
+                    // Its startup parameters are gone from the connection.
+                    c.settings_fp = settings::DIRTY_FP;
+                } else if c.settings_fp == was {
+                    // It keeps the changes the router does not follow.
+                    c.settings_fp = self.settings.untracked_fingerprint();
+                } else if c.settings_fp != 0 || !matches!(t, SessionStmt::DiscardAll) {
                     c.settings_fp = self.settings.fingerprint();
                 }
             }
@@ -1202,6 +1379,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // The transaction ended: its session-level SETs stay only if it committed.
             let pending = std::mem::take(&mut self.txn_settings);
             if self.saw_commit {
+                let was = self.settings.untracked_fingerprint();
                 for t in &pending {
                     self.settings.record(t);
                 }
@@ -1209,12 +1387,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     && let Some(l) = self.lease.as_mut()
                 {
                     // SETs run on the coordinator: only its connection has them all.
-                    l.conn().settings_fp = if self.node.is_none() {
-                        self.settings.fingerprint()
-                    } else {
-                        settings::DIRTY_FP
-                    };
+                    let c = l.conn();
+                    let reset = self.settings.has_startup()
+                        && pending.iter().any(|t| matches!(t, SessionStmt::ResetAll));
+                    c.settings_fp =
+                        if self.node.is_some() || reset || c.settings_fp == settings::DIRTY_FP {
+                            settings::DIRTY_FP
+                        } else if c.settings_fp == was {
+                            self.settings.untracked_fingerprint()
+                        } else {
+                            self.settings.fingerprint()
+                        };
                 }
+            } else if !pending.is_empty() {
+                // Rolled back; but what the same request ran after its ROLLBACK (an
+                // extended batch `ROLLBACK, SET`) is not known here.
+                self.mark_untracked();
             }
         }
         self.status = status;
@@ -1273,6 +1461,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.cancel.set(None);
             drop(l);
         }
+        self.ext_tracked.clear();
+        self.bound_tracked.clear();
         self.batch_prepared.clear();
         self.needs_sync = false;
     }
@@ -1436,6 +1626,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
     }
+}
+
+/// `settings::inspect` of a statement's text (not UTF-8: nothing to track).
+fn inspect_text(query: &[u8]) -> settings::Inspected {
+    std::str::from_utf8(query)
+        .map(settings::inspect)
+        .unwrap_or_default()
 }
 
 fn command_complete(ctag: &[u8]) -> Vec<u8> {

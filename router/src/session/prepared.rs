@@ -23,6 +23,71 @@ pub struct Prepared {
     /// The parameter types a backend described (ParameterDescription): how binary
     /// parameters of unspecified type are read when a distribution key is bound.
     pub described: std::sync::OnceLock<Vec<u32>>,
+    /// What every Bind of a routed statement would otherwise work out again from the
+    /// text (see `Routing`).
+    pub routing: Routing,
+    /// What its text does to session settings (`settings::inspect`), worked out at
+    /// its first Bind.
+    pub settings: std::sync::OnceLock<super::settings::Inspected>,
+}
+
+/// Per-statement routing facts, kept with the statement so that a Bind does not lex
+/// its text again: the normalised text (it depends on the text only), whether the
+/// text names a distributed or reference table (for one catalog snapshot), and the
+/// router statements of the shard SQL its Binds ran (a few per statement: one per
+/// shard it reached).
+#[derive(Debug, Default)]
+pub struct Routing {
+    normalized: std::sync::OnceLock<crate::plan::Normalized>,
+    routed: Mutex<Option<(u64, bool)>>,
+    shards: Mutex<Vec<Arc<Prepared>>>,
+}
+
+/// Shard statements remembered per client statement (a statement keyed on its
+/// distribution column reaches at most one per shard).
+const MAX_SHARD_STATEMENTS: usize = 256;
+
+impl Routing {
+    /// `normalize(text)`, computed once.
+    pub fn normalized(&self, text: &str) -> &crate::plan::Normalized {
+        self.normalized.get_or_init(|| crate::plan::normalize(text))
+    }
+
+    /// Whether the text is routed under the catalog snapshot `generation`, from
+    /// `decide` on a miss.
+    pub fn routed(&self, generation: u64, decide: impl FnOnce() -> bool) -> bool {
+        let mut slot = self.routed.lock();
+        match *slot {
+            Some((g, r)) if g == generation => r,
+            _ => {
+                let r = decide();
+                *slot = Some((generation, r));
+                r
+            }
+        }
+    }
+
+    /// The router statement for the shard SQL `sql` (with the statement's parameter
+    /// types), from `registry` the first time.
+    pub fn shard_statement(
+        &self,
+        sql: &str,
+        param_types: &[u8],
+        registry: &PreparedRegistry,
+    ) -> Arc<Prepared> {
+        let mut shards = self.shards.lock();
+        if let Some(p) = shards
+            .iter()
+            .find(|p| p.query == sql.as_bytes() && p.param_types == param_types)
+        {
+            return p.clone();
+        }
+        let p = registry.intern(sql.as_bytes(), param_types);
+        if shards.len() < MAX_SHARD_STATEMENTS {
+            shards.push(p.clone());
+        }
+        p
+    }
 }
 
 #[derive(Default)]
@@ -62,6 +127,8 @@ impl PreparedRegistry {
             param_types: key.1.clone(),
             validated: AtomicBool::new(false),
             described: std::sync::OnceLock::new(),
+            routing: Routing::default(),
+            settings: std::sync::OnceLock::new(),
         });
         if map.len() < MAX_SHARED {
             map.insert(key, p.clone());

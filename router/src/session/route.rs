@@ -19,7 +19,7 @@ use crate::backend::PoolMode;
 use crate::error::{RouterError, sqlstate};
 use crate::plan::{Bound, ParamValue, PlanError, normalize};
 use crate::protocol::{self, Frame, TxnStatus, tag};
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -85,6 +85,44 @@ pub(super) struct RoutedBatch {
     pub binds: VecDeque<Bound>,
     /// Client statement name -> the shard statement its last Bind used (Describe 'S').
     pub described: Vec<(Bytes, Arc<super::Prepared>)>,
+    /// A batch of one statement that runs on several nodes (`binds` is empty).
+    pub multi: Option<MultiBatch>,
+}
+
+/// A batch of one statement (`[Parse] Bind [Describe] Execute Sync`) that runs on
+/// several nodes: a write of a reference table with several placements, or a
+/// multi-row INSERT whose rows span shards.
+pub(super) struct MultiBatch {
+    /// The client's Parse: statement name, text and raw parameter types.
+    pub parse: Option<(Bytes, Bytes, Bytes)>,
+    pub steps: Vec<super::multi::Step>,
+    pub merge: super::multi::Merge,
+}
+
+/// The shape of a batch of one statement, up to its Sync.
+struct OneStatement {
+    /// The Parse (name, text, raw types), if the batch has one.
+    parse: Option<(Bytes, Bytes, Bytes)>,
+    /// A Describe ('S' or 'P') and whether it comes before the Bind.
+    describe: Option<(u8, bool)>,
+}
+
+impl RoutedBatch {
+    fn multi(
+        parse: Option<(Bytes, Bytes, Bytes)>,
+        steps: Vec<super::multi::Step>,
+        merge: super::multi::Merge,
+    ) -> RoutedBatch {
+        RoutedBatch {
+            binds: VecDeque::new(),
+            described: Vec::new(),
+            multi: Some(MultiBatch {
+                parse,
+                steps,
+                merge,
+            }),
+        }
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -111,10 +149,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         crate::admin::touches_distributed(&snap, sql).is_some()
     }
 
+    /// Whether the client statement `p` names a distributed or reference table
+    /// (worked out once per catalog snapshot).
+    pub(super) fn is_routed_statement(&self, p: &super::Prepared) -> bool {
+        if self.database != self.ctx.catalog.database {
+            return false;
+        }
+        let snap = self.ctx.catalog.peek();
+        p.routing.routed(snap.generation, || {
+            std::str::from_utf8(&p.query)
+                .is_ok_and(|sql| crate::admin::touches_distributed(&snap, sql).is_some())
+        })
+    }
+
     /// Plans and binds `sql` with the client's parameters.
     pub(super) fn bind_statement(
         &self,
         sql: &str,
+        param_types: &[u32],
+        params: &[ParamValue<'_>],
+    ) -> Result<Bound, PlanError> {
+        self.bind_normalized(sql, None, param_types, params)
+    }
+
+    /// As `bind_statement`, with the text's normalised form when it is known already.
+    pub(super) fn bind_normalized(
+        &self,
+        sql: &str,
+        norm: Option<&crate::plan::Normalized>,
         param_types: &[u32],
         params: &[ParamValue<'_>],
     ) -> Result<Bound, PlanError> {
@@ -125,11 +187,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             )));
         }
         let plugins = self.ctx.plugins.current();
-        let norm = normalize(sql);
+        let owned;
+        let norm = match norm {
+            Some(n) => n,
+            None => {
+                owned = normalize(sql);
+                &owned
+            }
+        };
         let plan = self
             .ctx
             .planner
-            .plan(sql, &norm, param_types, &snap, &plugins)?;
+            .plan(sql, norm, param_types, &snap, &plugins)?;
         let param = |i: usize| -> Option<ParamValue<'_>> {
             params.get(i).map(|p| match p {
                 ParamValue::Null => ParamValue::Null,
@@ -140,11 +209,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let prefer = self
             .node
             .or_else(|| self.parked.iter().find_map(|(n, _)| *n));
-        let bound =
-            self.ctx
-                .planner
-                .bind(&plan, &norm.literals, &param, &snap, &plugins, prefer)?;
-        Ok(bound)
+        self.ctx
+            .planner
+            .bind(&plan, &norm.literals, &param, &snap, &plugins, prefer)
     }
 
     /// Notes a write on `target` inside a transaction: a transaction that wrote on two
@@ -168,7 +235,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(PlanError::NotPlannable(reason)) => {
                 // A multi-row INSERT whose rows span shards: row by row.
                 return match self.split_insert(&sql) {
-                    Ok(Some(steps)) => self.run_steps(steps, super::multi::Merge::Insert).await,
+                    Ok(Some(steps)) => self
+                        .run_steps(steps, super::multi::Merge::Insert, None)
+                        .await
+                        .map(|_| ()),
                     Ok(None) => {
                         self.refuse_in_session(RouterError::Plan(PlanError::NotPlannable(reason)))
                             .await
@@ -181,6 +251,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !bound.also.is_empty() {
             return self.run_on_every_placement(bound).await;
         }
+        if !bound.pulls.is_empty() {
+            return self.run_pulled(bound).await;
+        }
         if let Err(e) = self.check_write(Some(bound.group), !bound.read_only) {
             return self.refuse_in_session(RouterError::Plan(e)).await;
         }
@@ -191,11 +264,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Sends a simple query on the session's current node and forwards the answers.
-    async fn send_simple_here(&mut self, sql: &str) -> Result<(), RouterError> {
+    pub(super) async fn send_simple_here(&mut self, sql: &str) -> Result<(), RouterError> {
         if let Err(e) = self.ensure_lease().await {
             return self.refuse_request(e);
         }
         self.prepare_settings();
+        if super::settings::inspect(sql).untracked {
+            // `SELECT set_config(...) FROM dist WHERE ...` on a shard's connection.
+            self.mark_untracked();
+        }
         self.ctx.metrics.statements_simple.inc();
         self.start_timer("simple");
         if std::mem::take(&mut self.join_begin) {
@@ -255,8 +332,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if self.status == TxnStatus::Idle {
             self.writers.clear();
+            self.savepoints.clear();
             self.dist = None;
             self.doomed = false;
+            if self.expect.is_empty() {
+                self.saw_commit = false;
+            }
         }
         self.maybe_release();
     }
@@ -322,17 +403,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let apply = self.settings.apply_sql();
             let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
             let conn = self.lease.as_mut().expect("lease just acquired").conn();
-            if conn.settings_fp != fp {
+            if !self.settings.applied(conn.settings_fp) {
                 conn.run_internal(&apply).await?;
                 conn.settings_fp = fp;
             }
-            if lazy && plain_begin(&begin) {
+            if lazy && plain_begin(&begin) && self.savepoints.is_empty() {
                 self.join_begin = true;
-            } else if let Err(e) = conn.run_internal(&begin).await {
-                // The node refused the client's own BEGIN: plain BEGIN then.
-                tracing::warn!(error = %e, "BEGIN on a node joining the transaction failed; using plain BEGIN");
-                let _ = conn.run_internal("ROLLBACK").await;
-                conn.run_internal("BEGIN").await?;
+            } else {
+                if let Err(e) = conn.run_internal(&begin).await {
+                    // The node refused the client's own BEGIN: plain BEGIN then.
+                    tracing::warn!(error = %e, "BEGIN on a node joining the transaction failed; using plain BEGIN");
+                    let _ = conn.run_internal("ROLLBACK").await;
+                    conn.run_internal("BEGIN").await?;
+                }
+                // The transaction's open savepoints, so that a ROLLBACK TO reaches
+                // what this node does from now on.
+                for (name, _) in &self.savepoints {
+                    conn.run_internal(&super::savepoint::SavepointOp::Set(name.clone()).sql())
+                        .await?;
+                }
             }
             self.note_distributed();
         }
@@ -434,7 +523,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Plans the extended batch: the worker its routed statements run on, if any.
     /// `Ok(None)`: nothing routed (the coordinator, or the current node for
     /// transaction control).
-    pub(super) fn plan_batch(&self) -> Result<Option<RoutedBatch>, PlanError> {
+    pub(super) fn plan_batch(&self, sync: bool) -> Result<Option<RoutedBatch>, PlanError> {
         if self.database != self.ctx.catalog.database {
             return Ok(None);
         }
@@ -463,12 +552,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let Ok(b) = protocol::decode_bind(f.body()) else {
                         continue;
                     };
+                    let mut client_stmt = None;
                     let (query, types) = if b.statement.is_empty() {
                         match &unnamed {
                             Some((q, t)) => (q.clone(), t.clone()),
                             None => continue,
                         }
                     } else if let Some(p) = self.stmts.get(b.statement) {
+                        client_stmt = Some(p.clone());
                         // Unspecified types: as a backend described them.
                         let mut t = param_oids(&p.param_types);
                         if let Some(d) = p.described.get() {
@@ -488,7 +579,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         continue;
                     };
                     let sql = std::str::from_utf8(&query).unwrap_or("");
-                    if !self.is_routed_text(&query) {
+                    let routed = match &client_stmt {
+                        Some(p) => self.is_routed_statement(p),
+                        None => self.is_routed_text(&query),
+                    };
+                    if !routed {
                         if control(sql).is_none() {
                             coordinator = true;
                         }
@@ -496,11 +591,84 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     let params = bind_params(b.rest, &types)
                         .map_err(|_| PlanError::InvalidValue("malformed Bind message".into()))?;
-                    let bound = self.bind_statement(sql, &types, &params)?;
+                    let norm = client_stmt.as_ref().map(|p| p.routing.normalized(sql));
+                    let bound = match self.bind_normalized(sql, norm, &types, &params) {
+                        Ok(bound) => bound,
+                        Err(PlanError::NotPlannable(reason)) => {
+                            // A multi-row INSERT whose rows span shards: row by row, as
+                            // one statement of its own batch.
+                            if let Some(one) = self.one_statement_batch(sync)
+                                && one.describe.is_none_or(|(k, _)| k == b'P')
+                                && let Some(steps) = self.split_insert_ext(
+                                    sql,
+                                    &super::multi::encode_types(&types),
+                                    b.rest,
+                                    one.describe,
+                                )?
+                            {
+                                return Ok(Some(RoutedBatch::multi(
+                                    one.parse,
+                                    steps,
+                                    super::multi::Merge::Insert,
+                                )));
+                            }
+                            return Err(PlanError::NotPlannable(reason));
+                        }
+                        Err(e) => return Err(e),
+                    };
                     if !bound.also.is_empty() {
-                        return Err(PlanError::NotSupported(
-                            "a write of a reference table with several placements runs in the simple protocol only for now (it must reach every placement); send it as a simple query".into(),
-                        ));
+                        // A write of a reference table: on every placement.
+                        let Some(one) = self.one_statement_batch(sync) else {
+                            return Err(PlanError::NotSupported(
+                                "a write of a reference table with several placements must reach every placement: send it in a batch of its own ([Parse] Bind [Describe] Execute Sync) or as a simple query".into(),
+                            ));
+                        };
+                        let types = super::multi::encode_types(&types);
+                        let rest = Bytes::copy_from_slice(b.rest);
+                        let steps = std::iter::once(bound.group)
+                            .chain(bound.also.iter().copied())
+                            .map(|group| super::multi::Step {
+                                group,
+                                sql: bound.sql.clone(),
+                                ext: Some(super::multi::ExtStep {
+                                    types: types.clone(),
+                                    rest: rest.clone(),
+                                    describe: one.describe,
+                                }),
+                                pulls: Vec::new(),
+                                writes: true,
+                            })
+                            .collect();
+                        return Ok(Some(RoutedBatch::multi(
+                            one.parse,
+                            steps,
+                            super::multi::Merge::Last,
+                        )));
+                    }
+                    if !bound.pulls.is_empty() {
+                        // A read of copies of other nodes' shards: copied first, then
+                        // run, as one statement of its own batch.
+                        let Some(one) = self.one_statement_batch(sync) else {
+                            return Err(PlanError::NotSupported(
+                                "this statement joins tables that are not colocated and whose shards are on different nodes: send it in a batch of its own ([Parse] Bind [Describe] Execute Sync) or as a simple query".into(),
+                            ));
+                        };
+                        let step = super::multi::Step {
+                            group: bound.group,
+                            sql: bound.sql,
+                            ext: Some(super::multi::ExtStep {
+                                types: super::multi::encode_types(&types),
+                                rest: Bytes::copy_from_slice(b.rest),
+                                describe: one.describe,
+                            }),
+                            pulls: bound.pulls,
+                            writes: false,
+                        };
+                        return Ok(Some(RoutedBatch::multi(
+                            one.parse,
+                            vec![step],
+                            super::multi::Merge::Last,
+                        )));
                     }
                     match group {
                         Some(g) if g != bound.group => {
@@ -526,7 +694,75 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Some(RoutedBatch {
             binds,
             described: Vec::new(),
+            multi: None,
         }))
+    }
+
+    /// The batch's shape when it runs exactly one statement and ends with `sync`:
+    /// `[Parse] [Describe S] Bind [Describe] Execute` (all rows), with nothing still
+    /// pending on the backend.
+    fn one_statement_batch(&self, sync: bool) -> Option<OneStatement> {
+        if !sync || self.needs_sync || !self.expect.is_empty() {
+            return None;
+        }
+        let mut parse = None;
+        let mut bind: Option<(Bytes, Bytes)> = None;
+        let mut describe = None;
+        let mut executed = false;
+        for f in &self.batch {
+            match f.tag {
+                tag::PARSE if parse.is_none() && bind.is_none() => {
+                    let p = protocol::decode_parse(f.body()).ok()?;
+                    if !p.name.is_empty() && self.stmts.contains_key(p.name) {
+                        return None;
+                    }
+                    parse = Some((
+                        Bytes::copy_from_slice(p.name),
+                        Bytes::copy_from_slice(p.query),
+                        Bytes::copy_from_slice(p.param_types),
+                    ));
+                }
+                tag::BIND if bind.is_none() => {
+                    let b = protocol::decode_bind(f.body()).ok()?;
+                    if let Some((name, _, _)) = &parse
+                        && name[..] != *b.statement
+                    {
+                        return None;
+                    }
+                    bind = Some((
+                        Bytes::copy_from_slice(b.portal),
+                        Bytes::copy_from_slice(b.statement),
+                    ));
+                }
+                tag::DESCRIBE if describe.is_none() && !executed => {
+                    let (kind, name) = protocol::decode_target(f.body()).ok()?;
+                    match (&bind, kind) {
+                        (Some((portal, _)), b'P') if portal[..] == *name => {
+                            describe = Some((kind, false))
+                        }
+                        (Some((_, stmt)), b'S') if stmt[..] == *name => {
+                            describe = Some((kind, false))
+                        }
+                        (None, b'S') if parse.as_ref().is_some_and(|(n, _, _)| n[..] == *name) => {
+                            describe = Some((kind, true))
+                        }
+                        _ => return None,
+                    }
+                }
+                tag::EXECUTE if !executed => {
+                    let body = f.body();
+                    let (portal, _) = bind.as_ref()?;
+                    let end = body.iter().position(|c| *c == 0)?;
+                    let rows = body.get(end + 1..end + 5)?;
+                    if body[..end] != portal[..] || rows != [0, 0, 0, 0] {
+                        return None;
+                    }
+                    executed = true;
+                }
+                _ => return None,
+            }
+        }
+        executed.then_some(OneStatement { parse, describe })
     }
 
     /// Translates one message of a routed batch; `false`: not a message this batch
@@ -564,32 +800,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             tag::BIND => {
                 let b = protocol::decode_bind(f.body())?;
-                let query = if b.statement.is_empty() {
-                    self.unnamed.as_ref().map(|(q, _)| q.clone())
+                let client_stmt = if b.statement.is_empty() {
+                    None
                 } else {
-                    self.stmts.get(b.statement).map(|p| p.query.clone())
+                    match self.stmts.get(b.statement) {
+                        Some(p) => Some(p.clone()),
+                        None => return Ok(false),
+                    }
                 };
-                let Some(query) = query else {
-                    return Ok(false);
+                let routed = match &client_stmt {
+                    Some(p) => self.is_routed_statement(p),
+                    None => self
+                        .unnamed
+                        .as_ref()
+                        .is_some_and(|(q, _)| self.is_routed_text(q)),
                 };
-                if !self.is_routed_text(&query) {
+                if !routed {
                     return Ok(false);
                 }
-                let types = if b.statement.is_empty() {
-                    self.unnamed
-                        .as_ref()
-                        .map(|(_, t)| t.clone())
-                        .unwrap_or_default()
-                } else {
-                    self.stmts
-                        .get(b.statement)
-                        .map(|p| p.param_types.clone())
-                        .unwrap_or_default()
-                };
                 let Some(bound) = self.routed.as_mut().and_then(|r| r.binds.pop_front()) else {
                     return Ok(false);
                 };
-                let sprep = self.ctx.prepared.intern(bound.sql.as_bytes(), &types);
+                let sprep = match &client_stmt {
+                    // A named statement remembers its shard statements.
+                    Some(p) => {
+                        p.routing
+                            .shard_statement(&bound.sql, &p.param_types, &self.ctx.prepared)
+                    }
+                    None => {
+                        let types = self
+                            .unnamed
+                            .as_ref()
+                            .map(|(_, t)| t.clone())
+                            .unwrap_or_default();
+                        self.ctx.prepared.intern(bound.sql.as_bytes(), &types)
+                    }
+                };
                 self.ensure_prepared(&sprep);
                 protocol::encode_bind(&mut self.bout, b.portal, &sprep.name, b.rest);
                 self.expect.push_back(msg(true));
@@ -656,8 +902,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         match self.status {
             TxnStatus::Failed => {
-                if let Some(Control::End(e)) = ctl {
-                    self.end_others_first(e).await?;
+                match ctl {
+                    Some(Control::End(e)) => self.end_others_first(e).await?,
+                    Some(Control::Other) => {
+                        if let Some(sql) = sql {
+                            self.savepoint_command(sql).await?;
+                        }
+                    }
+                    _ => {}
                 }
                 Ok(())
             }
@@ -680,6 +932,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             TxnStatus::InTransaction => match ctl {
                 Some(Control::End(e)) => self.end_others_first(e).await,
+                Some(Control::Other) => match sql {
+                    Some(sql) => self.savepoint_command(sql).await,
+                    None => Ok(()),
+                },
                 Some(_) => Ok(()),
                 None if !self.parked.is_empty() && sql.is_some_and(ends_transaction_inside) => {
                     Err(PlanError::NotSupported(
@@ -706,7 +962,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Picks the node of an extended batch and plans its routed statements.
-    pub(super) async fn choose_node_batch(&mut self) -> Result<(), RouterError> {
+    pub(super) async fn choose_node_batch(&mut self, sync: bool) -> Result<(), RouterError> {
         if self.skip_until_sync {
             return Ok(());
         }
@@ -718,17 +974,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.begin_sql = None;
         }
         if self.status == TxnStatus::Failed && !pinned {
-            if let Some(Control::End(e)) = self.batch_control() {
-                self.end_others_first(e).await?;
+            match self.batch_control() {
+                Some(Control::End(e)) => self.end_others_first(e).await?,
+                Some(Control::Other) => self.batch_savepoint_command().await?,
+                _ => {}
             }
             return Ok(());
         }
         let routed = if self.status == TxnStatus::Failed {
             None
         } else {
-            self.plan_batch()?
+            self.plan_batch(sync)?
         };
         if let Some(r) = routed {
+            if r.multi.is_some() {
+                // Runs on its nodes by itself (`Session::run_multi_batch`).
+                self.routed = Some(r);
+                return Ok(());
+            }
             let group = r.binds.front().map(|b| b.group);
             let writes = r.binds.iter().any(|b| !b.read_only);
             if pinned && self.node != group {
@@ -753,6 +1016,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.switch_to(None).await
             }
             (_, Some(Control::End(e))) => self.end_others_first(e).await,
+            (_, Some(Control::Other)) => self.batch_savepoint_command().await,
             (_, Some(_)) => Ok(()),
             (_, None) => {
                 let writes = self.batch_writes();
@@ -765,14 +1029,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The texts of the statements the batch's Binds run.
     fn batch_bound_texts(&self) -> Vec<Bytes> {
         let mut unnamed = self.unnamed.as_ref().map(|(q, _)| q.clone());
+        // Statements parsed earlier in this batch (not in `stmts` yet).
+        let mut named: Vec<(Bytes, Bytes)> = Vec::new();
         let mut out = Vec::new();
         for f in &self.batch {
             match f.tag {
                 tag::PARSE => {
-                    if let Ok(p) = protocol::decode_parse(f.body())
-                        && p.name.is_empty()
-                    {
-                        unnamed = Some(Bytes::copy_from_slice(p.query));
+                    if let Ok(p) = protocol::decode_parse(f.body()) {
+                        let q = Bytes::copy_from_slice(p.query);
+                        if p.name.is_empty() {
+                            unnamed = Some(q);
+                        } else {
+                            named.push((Bytes::copy_from_slice(p.name), q));
+                        }
                     }
                 }
                 tag::BIND => {
@@ -781,6 +1050,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     };
                     let q = if b.statement.is_empty() {
                         unnamed.clone()
+                    } else if let Some((_, q)) =
+                        named.iter().rev().find(|(n, _)| n[..] == *b.statement)
+                    {
+                        Some(q.clone())
                     } else {
                         self.stmts.get(b.statement).map(|p| p.query.clone())
                     };
@@ -801,6 +1074,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             last = Some(control(std::str::from_utf8(q).ok()?)?);
         }
         last
+    }
+
+    /// A savepoint command (simple query) in a transaction: run on the transaction's
+    /// other nodes first. One the router cannot follow (inside a string of several
+    /// statements) is refused in the database with distributed tables: on one node
+    /// only, it would leave the nodes disagreeing about the savepoint.
+    async fn savepoint_command(&mut self, sql: &str) -> Result<(), RouterError> {
+        if !super::savepoint::is_savepoint_command(sql) {
+            return Ok(());
+        }
+        match super::savepoint::savepoint_op(sql) {
+            Some(op) => self.savepoint_elsewhere(&op).await,
+            None if self.database == self.ctx.catalog.database => Err(PlanError::NotSupported(
+                "SAVEPOINT, RELEASE and ROLLBACK TO must be sent as a statement of their own in a transaction (it may span several nodes)".into(),
+            )
+            .into()),
+            None => Ok(()),
+        }
+    }
+
+    /// The savepoint command of an extended batch of transaction control.
+    async fn batch_savepoint_command(&mut self) -> Result<(), RouterError> {
+        let texts = self.batch_bound_texts();
+        let sqls: Vec<&str> = texts
+            .iter()
+            .filter_map(|q| std::str::from_utf8(q).ok())
+            .filter(|q| super::savepoint::is_savepoint_command(q))
+            .collect();
+        match (texts.len(), sqls.as_slice()) {
+            (_, []) => Ok(()),
+            (1, [sql]) => {
+                let sql = (*sql).to_owned();
+                self.savepoint_command(&sql).await
+            }
+            _ if self.database == self.ctx.catalog.database => Err(PlanError::NotSupported(
+                "SAVEPOINT, RELEASE and ROLLBACK TO must be sent in an extended-protocol batch of their own (up to Sync) in a transaction (it may span several nodes)".into(),
+            )
+            .into()),
+            _ => Ok(()),
+        }
     }
 
     fn batch_writes(&self) -> bool {
@@ -988,41 +1301,98 @@ pub(super) fn param_oids(raw: &[u8]) -> Vec<u32> {
 
 /// The parameter values of a Bind message (after portal and statement names).
 pub(super) fn bind_params<'a>(rest: &'a [u8], oids: &[u32]) -> Result<Vec<ParamValue<'a>>, ()> {
-    let mut at = 0;
-    let u16_at = |at: &mut usize| -> Result<u16, ()> {
-        let v = rest.get(*at..*at + 2).ok_or(())?;
-        *at += 2;
-        Ok(u16::from_be_bytes([v[0], v[1]]))
-    };
-    let nformats = u16_at(&mut at)? as usize;
-    let mut formats = Vec::with_capacity(nformats);
-    for _ in 0..nformats {
-        formats.push(u16_at(&mut at)?);
-    }
-    let nparams = u16_at(&mut at)? as usize;
-    let mut out = Vec::with_capacity(nparams);
-    for i in 0..nparams {
-        let len = rest.get(at..at + 4).ok_or(())?;
-        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
-        at += 4;
-        if len < 0 {
-            out.push(ParamValue::Null);
-            continue;
-        }
-        let v = rest.get(at..at + len as usize).ok_or(())?;
-        at += len as usize;
-        let format = match nformats {
-            0 => 0,
-            1 => formats[0],
-            _ => *formats.get(i).ok_or(())?,
+    let parts = BindParts::parse(rest).ok_or(())?;
+    parts
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let Some(v) = v else {
+                return Ok(ParamValue::Null);
+            };
+            let format = match parts.formats.as_slice() {
+                [] => 0,
+                [f] => *f,
+                all => *all.get(i).ok_or(())?,
+            };
+            Ok(if format == 1 {
+                ParamValue::Binary(v, oids.get(i).copied().unwrap_or(0))
+            } else {
+                ParamValue::Text(v)
+            })
+        })
+        .collect()
+}
+
+/// A Bind body after the names: parameter format codes, values (None: NULL) and result
+/// format codes.
+pub(super) struct BindParts<'a> {
+    pub formats: Vec<u16>,
+    pub values: Vec<Option<&'a [u8]>>,
+    pub results: &'a [u8],
+}
+
+impl<'a> BindParts<'a> {
+    pub(super) fn parse(rest: &'a [u8]) -> Option<BindParts<'a>> {
+        let mut at = 0usize;
+        let u16_at = |at: &mut usize| -> Option<u16> {
+            let v = rest.get(*at..*at + 2)?;
+            *at += 2;
+            Some(u16::from_be_bytes([v[0], v[1]]))
         };
-        out.push(if format == 1 {
-            ParamValue::Binary(v, oids.get(i).copied().unwrap_or(0))
-        } else {
-            ParamValue::Text(v)
-        });
+        let n = u16_at(&mut at)? as usize;
+        let mut formats = Vec::with_capacity(n);
+        for _ in 0..n {
+            formats.push(u16_at(&mut at)?);
+        }
+        let n = u16_at(&mut at)? as usize;
+        let mut values = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = rest.get(at..at + 4)?;
+            let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+            at += 4;
+            if len < 0 {
+                values.push(None);
+            } else {
+                values.push(Some(rest.get(at..at + len as usize)?));
+                at += len as usize;
+            }
+        }
+        Some(BindParts {
+            formats,
+            values,
+            results: &rest[at..],
+        })
     }
-    Ok(out)
+
+    /// The Bind body for the parameters `used` (0-based, in their new order).
+    pub(super) fn subset(&self, used: &[usize]) -> Bytes {
+        let mut out = BytesMut::new();
+        match self.formats.len() {
+            0 | 1 => {
+                out.put_u16(self.formats.len() as u16);
+                out.extend(self.formats.iter().flat_map(|f| f.to_be_bytes()));
+            }
+            _ => {
+                out.put_u16(used.len() as u16);
+                for n in used {
+                    out.put_u16(self.formats.get(*n).copied().unwrap_or(0));
+                }
+            }
+        }
+        out.put_u16(used.len() as u16);
+        for n in used {
+            match self.values[*n] {
+                None => out.put_i32(-1),
+                Some(v) => {
+                    out.put_i32(v.len() as i32);
+                    out.extend_from_slice(v);
+                }
+            }
+        }
+        out.extend_from_slice(self.results);
+        out.freeze()
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,14 @@ const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 /// session re-applies its own.
 pub const DIRTY_FP: u64 = 2;
 
+/// What puts a backend connection back to its defaults before a session's settings
+/// are replayed. `RESET ALL` leaves the role and the session user alone (Postgres
+/// exempts them), so a `SET ROLE` of one client would outlive it: they are reset too.
+pub const RESET_SQL: &str = "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ROLE";
+
+/// Owners of [`Settings`], for [`Settings::untracked_fingerprint`].
+static NEXT_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 #[derive(Clone, Debug, Default)]
 pub struct Settings {
     /// From the startup packet (and `options=-c name=value`): name -> value.
@@ -24,6 +32,8 @@ pub struct Settings {
     /// Session-level SET statements, by lowercased parameter name: the text to replay.
     sets: BTreeMap<String, String>,
     fp: u64,
+    /// Which session these are (unique in the process).
+    owner: u64,
 }
 
 /// A statement that changes session state the router tracks.
@@ -38,6 +48,10 @@ pub enum SessionStmt {
     },
     ResetAll,
     DiscardAll,
+    /// The SET / RESET / DISCARD ALL statements of a string of several statements, in
+    /// order: recorded only when the whole string succeeded (an error rolls back the
+    /// string's implicit transaction, and its SETs with it).
+    Many(Vec<SessionStmt>),
     /// `DEALLOCATE name` (or `DEALLOCATE PREPARE name`).
     Deallocate {
         name: String,
@@ -54,6 +68,8 @@ impl SessionStmt {
             SessionStmt::DiscardAll => b"DISCARD ALL",
             SessionStmt::Deallocate { .. } => b"DEALLOCATE",
             SessionStmt::DeallocateAll => b"DEALLOCATE ALL",
+            // Matched by any CommandComplete of the string (see the session).
+            SessionStmt::Many(_) => b"",
         }
     }
 }
@@ -66,7 +82,10 @@ fn valid_name(n: &str) -> bool {
 
 impl Settings {
     pub fn from_startup(params: &[(String, String)]) -> Result<Settings, RouterError> {
-        let mut s = Settings::default();
+        let mut s = Settings {
+            owner: NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ..Settings::default()
+        };
         for (k, v) in params {
             if NOT_SETTINGS.contains(&k.as_str()) || k.starts_with("_pq_.") {
                 continue;
@@ -97,6 +116,21 @@ impl Settings {
         self.fp
     }
 
+    /// The fingerprint of a connection that has this session's settings plus
+    /// changes the router did not follow (see [`Inspected::untracked`]): the session
+    /// itself goes on using it as it is, any other session resets it first. Never 0,
+    /// [`DIRTY_FP`] or a session's fingerprint (those are odd): it is 4 modulo 8.
+    pub fn untracked_fingerprint(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.owner, self.fp).hash(&mut h);
+        (h.finish() << 3) | 4
+    }
+
+    /// Whether a connection with fingerprint `conn_fp` already has these settings.
+    pub fn applied(&self, conn_fp: u64) -> bool {
+        conn_fp == self.fp || conn_fp == self.untracked_fingerprint()
+    }
+
     fn refresh(&mut self) {
         self.fp = if self.startup.is_empty() && self.sets.is_empty() {
             0
@@ -110,41 +144,61 @@ impl Settings {
 
     /// The statement that puts a backend connection into this session's state.
     pub fn apply_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL");
-        for (k, v) in &self.startup {
-            sql.push_str("; SET ");
-            sql.push_str(k);
-            sql.push_str(" TO ");
-            sql.push_str(&dollar_quote(v));
+        let replay = self.replay_sql();
+        if replay.is_empty() {
+            RESET_SQL.to_owned()
+        } else {
+            format!("{RESET_SQL}; {replay}")
         }
-        for stmt in self.sets.values() {
-            sql.push_str("; ");
-            sql.push_str(stmt);
-        }
-        sql
+    }
+
+    /// The session's settings as SET statements, for a connection just reset:
+    /// startup parameters, then SETs, a `SET ROLE` last (the others may need the
+    /// login role's privileges, as they had when the client ran them).
+    pub fn replay_sql(&self) -> String {
+        self.statements(false)
     }
 
     /// The same for the router's own control connections (admin functions), which
     /// must stay in UTF-8 whatever the client uses.
     pub fn control_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL");
-        for (k, v) in &self.startup {
-            if k.eq_ignore_ascii_case("client_encoding") {
-                continue;
-            }
-            sql.push_str("; SET ");
-            sql.push_str(k);
-            sql.push_str(" TO ");
-            sql.push_str(&dollar_quote(v));
+        let replay = self.statements(true);
+        if replay.is_empty() {
+            RESET_SQL.to_owned()
+        } else {
+            format!("{RESET_SQL}; {replay}")
         }
-        for stmt in self.sets.values() {
-            if stmt.to_ascii_lowercase().contains("client_encoding") {
-                continue;
+    }
+
+    fn statements(&self, keep_encoding: bool) -> String {
+        let mut sql = String::new();
+        let mut push = |s: &str| {
+            if !sql.is_empty() {
+                sql.push_str("; ");
             }
-            sql.push_str("; ");
-            sql.push_str(stmt);
+            sql.push_str(s);
+        };
+        for (k, v) in &self.startup {
+            if !(keep_encoding && k == "client_encoding") {
+                push(&format!("SET {k} TO {}", dollar_quote(v)));
+            }
+        }
+        for (k, stmt) in &self.sets {
+            if k != "role" && !(keep_encoding && k == "client_encoding") {
+                push(stmt);
+            }
+        }
+        if let Some(role) = self.sets.get("role") {
+            push(role);
         }
         sql
+    }
+
+    /// Whether the session has startup parameters: a client's `RESET ALL` brings
+    /// those back in Postgres, but on a backend where the router SET them it resets
+    /// them to the server's defaults (the connection must be replayed).
+    pub fn has_startup(&self) -> bool {
+        !self.startup.is_empty()
     }
 
     /// Records a tracked statement that succeeded (outside a transaction, or in one
@@ -157,8 +211,15 @@ impl Settings {
             SessionStmt::Reset { name } => {
                 self.sets.remove(name);
             }
-            SessionStmt::ResetAll | SessionStmt::DiscardAll => self.sets.clear(),
+            // Postgres's RESET ALL leaves the role; DISCARD ALL resets it too.
+            SessionStmt::ResetAll => self.sets.retain(|name, _| name == "role"),
+            SessionStmt::DiscardAll => self.sets.clear(),
             SessionStmt::Deallocate { .. } | SessionStmt::DeallocateAll => {}
+            SessionStmt::Many(all) => {
+                for t in all {
+                    self.record(t);
+                }
+            }
         }
         self.refresh();
     }
@@ -221,14 +282,190 @@ fn parse_options(opts: &str) -> Result<Vec<(String, String)>, RouterError> {
     Ok(out)
 }
 
+/// What a simple Query string does to the session state the router follows.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Inspected {
+    /// The statements to record when the string succeeds: one statement
+    /// ([`classify`]), or the SET / RESET / DISCARD ALL statements of a string of
+    /// several ([`SessionStmt::Many`]).
+    pub tracked: Option<SessionStmt>,
+    /// The string may leave session settings behind that the router does not follow:
+    /// `set_config(...)`, a SET behind a comment or of a kind not tracked (`SET SESSION
+    /// AUTHORIZATION`, `SET SESSION CHARACTERISTICS`), a string of several statements
+    /// with transaction control and SETs. The backend connection is then marked so
+    /// that no other session takes it without resetting it first.
+    pub untracked: bool,
+}
+
+/// Looks at a simple Query string (or the text of an extended-protocol statement).
+/// Cheap for the statements of OLTP traffic: a byte scan, and the lexer only for
+/// strings that have both a `;` and "set" / "dis" in them.
+pub fn inspect(sql: &str) -> Inspected {
+    if let Some(t) = classify(sql) {
+        return Inspected {
+            tracked: Some(t),
+            untracked: false,
+        };
+    }
+    let b = sql.as_bytes();
+    let mut untracked = calls_set_config(b);
+    if memchr::memchr(b';', b).is_none() {
+        // One statement: what follows its leading comments (sqlcommenter-style
+        // comments, and SETs behind them, are tracked as any other).
+        let head = skip_comments(sql);
+        if head.len() != sql.trim_start().len()
+            && let Some(t) = classify(head)
+        {
+            return Inspected {
+                tracked: Some(t),
+                untracked,
+            };
+        }
+        untracked |= changes_settings(head);
+        return Inspected {
+            tracked: None,
+            untracked,
+        };
+    }
+    if !b
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"set") || w.eq_ignore_ascii_case(b"dis"))
+    {
+        return Inspected {
+            tracked: None,
+            untracked,
+        };
+    }
+    use crate::plan::normalize::{Tok, tokens};
+    let mut all = Vec::new();
+    let mut control = false;
+    let mut untracked_set = false;
+    // Each statement from its first word (the lexer's: comments are spaces to it).
+    let mut take = |stmt: &str| {
+        control |= super::route::control(stmt).is_some();
+        match classify(stmt) {
+            Some(
+                t @ (SessionStmt::Set { .. }
+                | SessionStmt::Reset { .. }
+                | SessionStmt::ResetAll
+                | SessionStmt::DiscardAll),
+            ) => all.push(t),
+            Some(_) => {}
+            None => untracked_set |= changes_settings(stmt),
+        }
+    };
+    let mut first = None;
+    for (k, s, _) in tokens(sql) {
+        match k {
+            Tok::Semi => {
+                if let Some(f) = first.take() {
+                    take(&sql[f..s]);
+                }
+            }
+            Tok::Space => {}
+            _ if first.is_none() => first = Some(s),
+            _ => {}
+        }
+    }
+    if let Some(f) = first {
+        take(&sql[f..]);
+    }
+    // A string with transaction control decides itself what its SETs leave behind
+    // (`BEGIN; SET ...; ROLLBACK` leaves nothing): it is not tracked, only marked.
+    untracked |= untracked_set || (control && !all.is_empty());
+    Inspected {
+        tracked: (!all.is_empty() && !control).then_some(SessionStmt::Many(all)),
+        untracked,
+    }
+}
+
+/// Whether the text calls `set_config` (found by its underscore, which `memchr` finds
+/// fast and SQL text has few of).
+fn calls_set_config(b: &[u8]) -> bool {
+    memchr::memchr_iter(b'_', b).any(|i| {
+        i >= 3
+            && b[i - 3..i].eq_ignore_ascii_case(b"set")
+            && b.get(i + 1..i + 7)
+                .is_some_and(|w| w.eq_ignore_ascii_case(b"config"))
+    })
+}
+
+/// `sql` from its first word: leading whitespace and comments (`--` to the end of
+/// the line, `/* */` nested as Postgres nests them) skipped; "" if a comment does not
+/// end.
+fn skip_comments(sql: &str) -> &str {
+    let mut s = sql.trim_start();
+    loop {
+        if let Some(rest) = s.strip_prefix("--") {
+            // Postgres ends it at a carriage return too.
+            s = rest
+                .find(['\n', '\r'])
+                .map_or("", |i| &rest[i + 1..])
+                .trim_start();
+        } else if s.starts_with("/*") {
+            let b = s.as_bytes();
+            let (mut depth, mut i) = (0usize, 0usize);
+            loop {
+                match b.get(i..i + 2) {
+                    None => return "",
+                    Some(b"/*") => {
+                        depth += 1;
+                        i += 2;
+                    }
+                    Some(b"*/") => {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+            s = s[i..].trim_start();
+        } else {
+            return s;
+        }
+    }
+}
+
+/// Whether a statement `classify` did not take (`stmt` from its first word) may change
+/// session settings: a SET, RESET or DISCARD of a kind or spelling it leaves alone
+/// (`SET/**/x = 1`, `SET SESSION AUTHORIZATION`), except `SET LOCAL`, `SET
+/// TRANSACTION` and `SET CONSTRAINTS`, which end with the transaction.
+fn changes_settings(stmt: &str) -> bool {
+    let word = |s: &str| -> usize {
+        s.find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(s.len())
+    };
+    let first = &stmt[..word(stmt)];
+    if first.eq_ignore_ascii_case("reset") || first.eq_ignore_ascii_case("discard") {
+        return true;
+    }
+    if !first.eq_ignore_ascii_case("set") {
+        return false;
+    }
+    let rest = skip_comments(&stmt[first.len()..]);
+    let second = &rest[..word(rest)];
+    !["local", "transaction", "constraints"]
+        .iter()
+        .any(|k| second.eq_ignore_ascii_case(k))
+}
+
 /// Recognizes the single statements whose effect outlives a transaction and that the
 /// router must track. Anything else (including several statements in one Query) is
 /// `None` and passes through untracked.
 pub fn classify(sql: &str) -> Option<SessionStmt> {
     // Fast exit for the common case (no allocation): only SET, RESET, DISCARD and
     // DEALLOCATE are tracked.
-    let first = sql.trim_start().as_bytes().first()?.to_ascii_lowercase();
-    if !matches!(first, b's' | b'r' | b'd') {
+    let first = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()?;
+    if !["set", "reset", "discard", "deallocate"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k))
+    {
         return None;
     }
     let s = sql.trim().trim_end_matches(';').trim();
@@ -243,6 +480,11 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
         ["set", "session", "authorization", ..] => None,
         ["set", "session", name, ..] | ["set", name, ..] => {
             let name = set_name(name, &words)?;
+            if name == "session_authorization" {
+                // SET SESSION AUTHORIZATION spelled as a setting: RESET ALL leaves it,
+                // and it resets the role. Not tracked (the connection is marked).
+                return None;
+            }
             Some(SessionStmt::Set {
                 name,
                 stmt: s.to_owned(),
@@ -292,6 +534,111 @@ fn canonical(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sets_inside_strings_of_several_statements_are_found() {
+        use super::{Inspected, SessionStmt, inspect};
+        let Inspected {
+            tracked: Some(SessionStmt::Many(all)),
+            untracked: false,
+        } = inspect("SET a.b = 1; SELECT ';'; reset c.d ; DISCARD ALL; DEALLOCATE x")
+        else {
+            panic!("not found");
+        };
+        assert_eq!(all.len(), 3);
+        assert!(matches!(&all[0], SessionStmt::Set { name, .. } if name == "a.b"));
+        assert!(matches!(&all[1], SessionStmt::Reset { name } if name == "c.d"));
+        assert!(matches!(all[2], SessionStmt::DiscardAll));
+        assert_eq!(inspect("SELECT 1; SELECT 2"), Inspected::default());
+        assert_eq!(inspect("SELECT 'set'; SELECT 2"), Inspected::default());
+        assert!(matches!(
+            inspect("SET a.b = 1"),
+            Inspected {
+                tracked: Some(SessionStmt::Set { .. }),
+                untracked: false
+            }
+        ));
+        // OLTP statements are neither.
+        for sql in [
+            "UPDATE t SET a = 1 WHERE id = 2",
+            "BEGIN; UPDATE t SET a = 1; COMMIT",
+            "SELECT * FROM dist WHERE k = 1",
+            "SET LOCAL work_mem = '1MB'",
+            "BEGIN; SET LOCAL work_mem = '1MB'; SELECT 1; COMMIT",
+            "PREPARE p AS SELECT 1; SET a.b = 1",
+        ] {
+            let i = inspect(sql);
+            assert!(!i.untracked, "{sql}");
+            assert_eq!(
+                i.tracked.is_some(),
+                sql.starts_with("PREPARE"),
+                "{sql}: SQL PREPARE is not transaction control"
+            );
+        }
+        // What the router cannot follow is marked, never recorded.
+        for sql in [
+            "SELECT set_config('search_path', 'x', false)",
+            "select PG_CATALOG.SET_CONFIG('a.b', '1', false); select 1",
+            "SET search_path = x -- trailing",
+            "/* a */ SET /* b */ search_path = x",
+            "SET SESSION AUTHORIZATION nobody",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "SET/**/work_mem = 1",
+            "SET\"work_mem\" = 1",
+            "SET session_authorization = 'bob'",
+            "RESET/**/work_mem",
+            "SELECT 1; DISCARD /* c */ ALL",
+            "BEGIN; SET search_path = x; COMMIT",
+            "SET a.b = 1; /* c */ ROLLBACK",
+            "SELECT 1; SET a.b = 1 -- trailing",
+        ] {
+            let i = inspect(sql);
+            assert!(i.untracked, "{sql}");
+            assert!(i.tracked.is_none(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn leading_comments_are_skipped() {
+        for sql in [
+            "/* c */ SET search_path = x",
+            "-- c\nSET search_path = x",
+            "  /* a /* nested */ b */ -- c\n SET search_path = x",
+            "-- c\rSET search_path = x",
+        ] {
+            assert!(
+                matches!(inspect(sql), Inspected { tracked: Some(SessionStmt::Set { name, .. }), untracked: false } if name == "search_path"),
+                "{sql}"
+            );
+        }
+        assert_eq!(skip_comments("/* unterminated"), "");
+        assert_eq!(skip_comments("-- only"), "");
+        assert_eq!(skip_comments("/* é */ SELECT 1"), "SELECT 1");
+        assert!(calls_set_config(
+            b"SELECT pg_catalog.SET_CONFIG('a', 'b', false)"
+        ));
+        assert!(!calls_set_config(b"SELECT set_conf, _config, set_"));
+    }
+
+    #[test]
+    fn reset_all_keeps_the_role_and_apply_resets_it() {
+        let mut s = Settings::from_startup(&[]).unwrap();
+        s.record(&classify("SET ROLE app").unwrap());
+        s.record(&classify("SET work_mem = '8MB'").unwrap());
+        s.record(&SessionStmt::ResetAll);
+        let sql = s.apply_sql();
+        assert!(sql.starts_with("RESET ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ROLE"));
+        assert!(sql.ends_with("; SET ROLE app"), "{sql}");
+        assert!(!sql.contains("work_mem"));
+        s.record(&SessionStmt::DiscardAll);
+        assert_eq!(s.fingerprint(), 0);
+        // A connection with untracked changes is this session's own, nobody else's.
+        let other = Settings::from_startup(&[]).unwrap();
+        let u = s.untracked_fingerprint();
+        assert!(s.applied(u) && s.applied(0));
+        assert!(!other.applied(u));
+        assert!(u % 8 == 4);
+    }
+
     use super::*;
 
     #[test]
@@ -346,7 +693,9 @@ mod tests {
         let fp0 = s.fingerprint();
         assert_ne!(fp0, 0);
         let sql = s.apply_sql();
-        assert!(sql.starts_with("RESET ALL; SET application_name TO $sg1$it's $sg$$sg1$"));
+        assert!(sql.starts_with(
+            "RESET ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; SET application_name TO $sg1$it's $sg$$sg1$"
+        ));
         assert!(sql.contains("SET search_path TO $sg$a b$sg$"));
         assert!(sql.contains("SET work_mem TO $sg$4MB$sg$"));
         s.record(&classify("set statement_timeout = 1000").unwrap());
