@@ -72,6 +72,8 @@ host = "127.0.0.1"
 port = $W2_PORT
 [[users]]
 name = "postgres"
+[planner]
+promote_simple_queries = ${PROMOTE:-true}
 CONF
     "$SHARDGATE" serve --config "$WORK/shardgate-dist.toml" >"$WORK/shardgate-dist.log" 2>&1 &
     SGD_PID=$!

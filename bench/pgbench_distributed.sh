@@ -8,6 +8,7 @@
 #   MODES="simple extended prepared" bench/pgbench_distributed.sh
 #   PERF=1 ROUNDS=1 bench/pgbench_distributed.sh               # + perf profile of the router
 #   STRACE=1 ROUNDS=1 bench/pgbench_distributed.sh             # + syscalls per transaction
+#   PROMOTE=false bench/pgbench_distributed.sh                  # simple queries as text on workers
 #
 # Self-contained (temp dirs, free ports on 127.0.0.1, trust auth, torn down on exit):
 #  (a) passthrough: shardgate in front of ONE plain Postgres; `pgbench -i -s SCALE`
@@ -159,6 +160,7 @@ COORD_ROWS="$(sql_at "$COORD_PORT" 'SELECT count(*) FROM ONLY pgbench_accounts')
 HITS="$(metric "$SGD_METRICS_PORT" shardgate_plan_cache_hits_total)"
 MISSES="$(metric "$SGD_METRICS_PORT" shardgate_plan_cache_misses_total)"
 REFUSALS="$(metric "$SGD_METRICS_PORT" shardgate_plan_refusals_total)"
+PROMOTED="$(metric "$SGD_METRICS_PORT" shardgate_session_promoted_statements_total)"
 [[ "${HITS:-0}" -gt 0 ]] || CHECK_FAIL=1
 W1_COMMITS="$(sql_at "$W1_PORT" "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'")"
 W2_COMMITS="$(sql_at "$W2_PORT" "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'")"
@@ -207,7 +209,7 @@ echo "## correctness (distributed setup)"
 echo "SELECT abalance FROM pgbench_accounts WHERE aid = 12345 : distributed '${ROW}', passthrough '${ROW_PASS}'"
 echo "rows in shards on the workers                           : $W1_ROWS + $W2_ROWS = $((W1_ROWS + W2_ROWS)) (expected $((SCALE * 100000))); shards $W1_SHARDS + $W2_SHARDS"
 echo "rows left in the coordinator's pgbench_accounts        : $COORD_ROWS"
-echo "router plan cache: hits $HITS, misses $MISSES, refusals $REFUSALS"
+echo "router plan cache: hits $HITS, misses $MISSES, refusals $REFUSALS; simple queries run prepared on workers: $PROMOTED (PROMOTE=${PROMOTE:-true})"
 echo "worker transactions committed (pg_stat_database)        : worker1 $W1_COMMITS, worker2 $W2_COMMITS"
 echo "failed transactions in every pgbench run                : 0 (a run with failures stops the script)"
 echo "ERROR/WARN lines in the distributed router's log        : $DIST_ERRORS"

@@ -308,7 +308,10 @@ async fn a_distribution_plugin_in_use_is_swapped_only_for_an_identical_function(
         "{report:?}"
     );
     assert!(
-        line[3].as_deref().unwrap_or("").ends_with("from hash_citus.wasm"),
+        line[3]
+            .as_deref()
+            .unwrap_or("")
+            .ends_with("from hash_citus.wasm"),
         "the file's build is loaded: {report:?}"
     );
     assert_eq!(futures_join((1..50).map(shard_of)).await, before);

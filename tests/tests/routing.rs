@@ -1379,7 +1379,10 @@ async fn planner_swaps_under_load_fail_no_statement() {
                 "{report:?}"
             );
             let build = builds.entry(name).or_default();
-            assert_ne!(line[3], *build, "{name}: the new build is loaded: {report:?}");
+            assert_ne!(
+                line[3], *build,
+                "{name}: the new build is loaded: {report:?}"
+            );
             *build = line[3].clone();
         }
         // Let the load go on for a while with the new build before the next swap.

@@ -1264,3 +1264,168 @@ async fn copied_shards_keep_every_value() {
         assert_eq!(d[0][1].as_deref(), Some("1 2:03:04.5"));
     }
 }
+
+/// Rows, or the SQLSTATE of the error, of a simple query.
+async fn outcome(c: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    match c.simple_query(sql).await {
+        Ok(msgs) => Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+                }
+                _ => None,
+            })
+            .collect()),
+        Err(e) => Err(code(&e)),
+    }
+}
+
+/// Routed simple queries whose literals are numeric and stand after a comparison or in
+/// LIMIT/OFFSET run as statements prepared on the worker (literals bound as typed
+/// parameters). Every statement gives what plain Postgres gives for the same table:
+/// promoted or not (positions in ORDER BY, casts with a type modifier, unary minus,
+/// strings stay text), with every literal type (int4, int8, numeric), errors, in a
+/// transaction, and after a column is added (no stale prepared statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let plain = env.direct().await;
+    let create = "CREATE TABLE {t} (id int8 PRIMARY KEY, s int2, i int4, n numeric(10,2), f float8, txt text, j jsonb)";
+    c.batch_execute(&create.replace("{t}", "pd")).await.unwrap();
+    c.batch_execute("SELECT create_distributed_table('pd', 'id', shard_count => 8)")
+        .await
+        .unwrap();
+    plain
+        .batch_execute(&create.replace("{t}", "pl"))
+        .await
+        .unwrap();
+    for g in 1..=20 {
+        // Row by row: each is routed to its shard.
+        let row = format!(
+            "INSERT INTO {{t}} VALUES ({g}, {g}, {g} * 10, {g} / 4.0, {g} * 1.5, 'x{g}', jsonb_build_array({g}, 'a{g}'))"
+        );
+        c.batch_execute(&row.replace("{t}", "pd")).await.unwrap();
+        plain
+            .batch_execute(&row.replace("{t}", "pl"))
+            .await
+            .unwrap();
+    }
+
+    // (statement, promoted?)
+    let cases: &[(&str, bool)] = &[
+        ("SELECT id, s, i, n, f FROM {t} WHERE id = 7", true),
+        ("SELECT id FROM {t} WHERE id = 7 AND s = 100000", true),
+        ("SELECT id FROM {t} WHERE id = 7 AND s = 32768", true),
+        ("SELECT id FROM {t} WHERE id = 7 AND i < 3000000000", true),
+        ("SELECT id, n FROM {t} WHERE id = 7 AND n = 1.75", true),
+        ("SELECT id FROM {t} WHERE id = 7 AND f > 1e1", true),
+        (
+            "SELECT id FROM {t} WHERE id = 7 AND n <= 123456789012345678901234567890",
+            true,
+        ),
+        (
+            "SELECT id, i <> 70, i != 71, pg_typeof(i >= 70) FROM {t} WHERE id = 7",
+            true,
+        ),
+        ("SELECT j -> 0, j ->> 1 FROM {t} WHERE id = 7", true),
+        (
+            "SELECT id FROM {t} WHERE id = 7 AND i < 7 LIMIT 1 OFFSET 0",
+            true,
+        ),
+        (
+            "WITH x AS (SELECT * FROM {t} WHERE id = 7) SELECT id, i FROM x WHERE i > 0",
+            true,
+        ),
+        ("SELECT id, i FROM {t} WHERE id = 7 ORDER BY 2", false),
+        ("SELECT id, n::numeric(10,1) FROM {t} WHERE id = 7", false),
+        ("SELECT id, i - 5 FROM {t} WHERE id = 7 AND i >= -5", false),
+        (
+            "SELECT count(*) FROM {t} WHERE id = 7 AND txt = 'x7'",
+            false,
+        ),
+        ("SELECT id FROM {t} WHERE id = 7 AND i / (i - i) = 1", true),
+        ("UPDATE {t} SET i = i + 1 WHERE id = 7 RETURNING i", false),
+        (
+            "UPDATE {t} SET s = 7, n = 2.5 WHERE id = 8 RETURNING s, n",
+            true,
+        ),
+        ("DELETE FROM {t} WHERE id = 9 RETURNING id, txt", true),
+        ("SELECT id FROM {t} WHERE id = 9", true),
+    ];
+    let promoted = |m: &str| metric_sum(m, "shardgate_session_promoted_statements_total");
+    for (sql, expect_promoted) in cases {
+        let before = promoted(&env.metrics().await);
+        let got = outcome(&c, &sql.replace("{t}", "pd")).await;
+        let after = promoted(&env.metrics().await);
+        let want = outcome(&plain, &sql.replace("{t}", "pl")).await;
+        assert_eq!(got, want, "{sql}");
+        assert_eq!(
+            after - before,
+            if *expect_promoted { 1.0 } else { 0.0 },
+            "promoted: {sql}"
+        );
+    }
+    // Twice more: the statement prepared on a worker is reused, with other values.
+    for id in [3, 4, 3] {
+        let sql = format!("SELECT id, s, i, n, f FROM {{t}} WHERE id = {id}");
+        assert_eq!(
+            outcome(&c, &sql.replace("{t}", "pd")).await,
+            outcome(&plain, &sql.replace("{t}", "pl")).await
+        );
+    }
+
+    // In a transaction: the joining statement goes as text, the next ones prepared;
+    // an error aborts the transaction as on one Postgres.
+    for db in [&c, &plain] {
+        let t = if std::ptr::eq(db, &c) { "pd" } else { "pl" };
+        let q = |s: &str| s.replace("{t}", t);
+        db.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(
+            outcome(db, &q("UPDATE {t} SET i = 500 WHERE id = 10 RETURNING i")).await,
+            Ok(vec![vec![Some("500".into())]])
+        );
+        assert_eq!(
+            outcome(db, &q("SELECT i FROM {t} WHERE id = 10")).await,
+            Ok(vec![vec![Some("500".into())]])
+        );
+        assert_eq!(
+            outcome(
+                db,
+                &q("SELECT id FROM {t} WHERE id = 10 AND i / (i - i) = 1")
+            )
+            .await,
+            Err("22012".into())
+        );
+        assert_eq!(
+            outcome(db, &q("SELECT i FROM {t} WHERE id = 10")).await,
+            Err("25P02".into())
+        );
+        db.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(
+            outcome(db, &q("SELECT i FROM {t} WHERE id = 10")).await,
+            Ok(vec![vec![Some("100".into())]])
+        );
+    }
+
+    // A schema change: the statement prepared before it is not reused (its result
+    // type changed: Postgres would refuse it with "cached plan must not change result
+    // type").
+    let star = "SELECT * FROM {t} WHERE id = 11";
+    assert_eq!(
+        outcome(&c, &star.replace("{t}", "pd")).await,
+        outcome(&plain, &star.replace("{t}", "pl")).await
+    );
+    c.batch_execute("ALTER TABLE pd ADD COLUMN extra int DEFAULT 42")
+        .await
+        .unwrap();
+    plain
+        .batch_execute("ALTER TABLE pl ADD COLUMN extra int DEFAULT 42")
+        .await
+        .unwrap();
+    // The router learns of the change from the catalog (at once for its own DDL).
+    let got = outcome(&c, &star.replace("{t}", "pd")).await;
+    assert_eq!(got, outcome(&plain, &star.replace("{t}", "pl")).await);
+    assert_eq!(got.unwrap()[0].len(), 8, "the new column is there");
+}

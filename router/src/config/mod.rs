@@ -84,6 +84,7 @@ impl Default for RawCatalog {
 struct RawPlanner {
     tiers: Vec<String>,
     plan_cache_size: usize,
+    promote_simple_queries: bool,
 }
 
 impl Default for RawPlanner {
@@ -91,6 +92,7 @@ impl Default for RawPlanner {
         RawPlanner {
             tiers: vec!["planner-fastpath".into(), "planner-router".into()],
             plan_cache_size: 10_000,
+            promote_simple_queries: true,
         }
     }
 }
@@ -270,6 +272,9 @@ pub struct Config {
     pub planner_tiers: Vec<String>,
     /// Plans kept in the plan cache.
     pub plan_cache_size: usize,
+    /// Routed simple queries whose literals are all numeric and in places where a
+    /// typed parameter means the same run as statements prepared on the node.
+    pub promote_simple_queries: bool,
     /// Names this router in the gids of its prepared transactions (each router recovers
     /// its own); `None`: derived from the host name and the bound listen port.
     pub router_id: Option<String>,
@@ -402,6 +407,7 @@ impl Config {
             deadlock_interval: Duration::from_millis(t.deadlock_interval_ms),
             planner_tiers: raw.planner.tiers,
             plan_cache_size: raw.planner.plan_cache_size,
+            promote_simple_queries: raw.planner.promote_simple_queries,
             catalog_database: raw.catalog.database,
             catalog_user,
             plugin_dir: p.dir.map(Into::into),

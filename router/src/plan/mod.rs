@@ -79,6 +79,11 @@ pub struct Planned {
     client_params: u32,
     /// Whether the plan was made from the normalised text (literals as `$k`).
     normalized: bool,
+    /// Every literal of the template stands where a typed parameter means exactly
+    /// what the literal does (see [`promotable_after`]), and the statement has no
+    /// parameters of the client's: a simple query of this plan with numeric literals
+    /// can run as a statement prepared on the node ([`Bound::promoted`]).
+    promote: bool,
 }
 
 impl Planned {
@@ -117,6 +122,70 @@ pub struct Bound {
     /// first. `sql` reads each by its `name`, which the executor defines in a WITH
     /// clause holding the copied rows ([`with_pulled`]).
     pub pulls: Vec<Pull>,
+    /// The same statement with its literals as typed parameters, when that means
+    /// exactly the same (see [`Planned`]`::promote`): the executor may prepare it on
+    /// the node once and bind the values, so the node does not parse and plan the
+    /// text again for every value.
+    pub promoted: Option<Promoted>,
+}
+
+/// A shard statement whose numeric literals became parameters, typed as Postgres
+/// types the literal constants (`int4` if it fits, else `int8`, else `numeric`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promoted {
+    /// The text, with `$1`, `$2`, ... for the literals.
+    pub sql: String,
+    /// A Parse message's parameter types, raw: an i16 count and the type oids.
+    pub param_types: Vec<u8>,
+    /// A Bind message after the statement name, raw: no parameter formats (text),
+    /// the values, no result formats (text).
+    pub bind: Vec<u8>,
+    /// The catalog snapshot it was planned in: a statement prepared before a schema
+    /// change is not reused after it (its result type may have changed).
+    pub generation: u64,
+}
+
+/// Whether a numeric literal right after the token `prev` (the previous non-space
+/// token of the template) may become a parameter of the literal's own type without
+/// changing the statement's meaning: after a comparison or other operator that ends
+/// in `=`, `<` or `>` (the operand of a typed parameter is resolved exactly as that
+/// of a typed constant), and after LIMIT or OFFSET. Anywhere else a literal can be
+/// a position (`ORDER BY 1`, `GROUP BY 2`), a type modifier (`numeric(10, 2)`), or
+/// the operand of a unary minus folded into the constant, so it stays text.
+fn promotable_after(prev: Option<(Tok, &str)>) -> bool {
+    match prev {
+        Some((Tok::Punct, p)) => matches!(p, "=" | "<" | ">"),
+        Some((Tok::Word, w)) => w.eq_ignore_ascii_case("limit") || w.eq_ignore_ascii_case("offset"),
+        _ => false,
+    }
+}
+
+/// The type oid Postgres gives a numeric literal token as a constant, or `None` for
+/// anything else (a string, a sign, a form this lexer does not know).
+fn numeric_literal(tok: &str) -> Option<u32> {
+    let b = tok.as_bytes();
+    if !b.is_empty() && b.iter().all(u8::is_ascii_digit) {
+        return Some(if tok.parse::<i32>().is_ok() {
+            23
+        } else if tok.parse::<i64>().is_ok() {
+            20
+        } else {
+            1700
+        });
+    }
+    // decimal: digits with one '.', optionally an exponent; at least one digit.
+    let (mant, exp) = match tok.find(['e', 'E']) {
+        Some(i) => (&tok[..i], Some(&tok[i + 1..])),
+        None => (tok, None),
+    };
+    let digits = mant.bytes().filter(u8::is_ascii_digit).count();
+    let dots = mant.bytes().filter(|c| *c == b'.').count();
+    let mant_ok = digits > 0 && dots <= 1 && digits + dots == mant.len();
+    let exp_ok = exp.is_none_or(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && e.bytes().all(|c| c.is_ascii_digit())
+    });
+    (mant_ok && exp_ok && (dots == 1 || exp.is_some())).then_some(1700)
 }
 
 /// A shard a read copies from the node holding it (see [`Bound::pulls`]).
@@ -192,6 +261,70 @@ fn pull_host(
 
 /// Whether a template is a query a WITH clause can be put in front of (SELECT, VALUES,
 /// TABLE, WITH, or a parenthesised one).
+/// Statements a promoted plan may be: plain DML and queries (not EXPLAIN, whose
+/// output would show the parameters, nor utility statements).
+fn is_promotable_kind(sql: &str) -> bool {
+    tokens(sql)
+        .into_iter()
+        .find(|(k, _, _)| !matches!(k, Tok::Space))
+        .is_some_and(|(k, s, e)| {
+            k == Tok::Word
+                && [
+                    "select", "insert", "update", "delete", "with", "values", "table",
+                ]
+                .iter()
+                .any(|x| sql[s..e].eq_ignore_ascii_case(x))
+        })
+}
+
+/// A promoted statement being built beside the bound SQL (see [`Promoted`]).
+struct PromotedBuilder {
+    sql: String,
+    types: Vec<u8>,
+    bind: Vec<u8>,
+    count: u16,
+}
+
+impl PromotedBuilder {
+    fn new(capacity: usize, literals: usize) -> Self {
+        let mut types = Vec::with_capacity(2 + 4 * literals);
+        types.extend_from_slice(&[0, 0]);
+        let mut bind = Vec::with_capacity(6 + 16 * literals);
+        bind.extend_from_slice(&[0, 0, 0, 0]);
+        PromotedBuilder {
+            sql: String::with_capacity(capacity),
+            types,
+            bind,
+            count: 0,
+        }
+    }
+
+    /// A literal as the next parameter; `None` if it is not a numeric literal.
+    fn literal(mut self, tok: &str) -> Option<Self> {
+        let oid = numeric_literal(tok)?;
+        self.count = self.count.checked_add(1)?;
+        self.sql.push('$');
+        self.sql.push_str(&self.count.to_string());
+        self.types.extend_from_slice(&oid.to_be_bytes());
+        self.bind
+            .extend_from_slice(&i32::try_from(tok.len()).ok()?.to_be_bytes());
+        self.bind.extend_from_slice(tok.as_bytes());
+        Some(self)
+    }
+
+    fn finish(mut self, generation: u64) -> Promoted {
+        self.types[..2].copy_from_slice(&self.count.to_be_bytes());
+        self.bind[2..4].copy_from_slice(&self.count.to_be_bytes());
+        self.bind.extend_from_slice(&[0, 0]);
+        Promoted {
+            sql: self.sql,
+            param_types: self.types,
+            bind: self.bind,
+            generation,
+        }
+    }
+}
+
 fn is_query(sql: &str) -> bool {
     tokens(sql)
         .into_iter()
@@ -479,8 +612,16 @@ impl Planner {
         let sql = &t.sql_template;
         let mut segments = Vec::new();
         let mut text = String::new();
+        let mut promote = normalized && client_params == 0 && is_promotable_kind(sql);
+        let mut prev: Option<(Tok, &str)> = None;
         for (kind, s, e) in tokens(sql) {
             let tok = &sql[s..e];
+            if kind == Tok::Param && normalized && !promotable_after(prev) {
+                promote = false;
+            }
+            if kind != Tok::Space {
+                prev = Some((kind, tok));
+            }
             match kind {
                 Tok::Placeholder => {
                     let n: usize = tok[2..tok.len() - 1].parse().unwrap_or(usize::MAX);
@@ -509,6 +650,7 @@ impl Planner {
             pullable: norm.read_only && is_query(sql),
             client_params,
             normalized,
+            promote,
         })
     }
 
@@ -702,7 +844,11 @@ impl Planner {
             )));
         }
         let mut sql = String::with_capacity(128);
+        let mut promo = plan
+            .promote
+            .then(|| PromotedBuilder::new(128, literals.len()));
         for s in &plan.segments {
+            let start = sql.len();
             match s {
                 Seg::Text(t) => sql.push_str(t),
                 Seg::Table(n) if pulled.get(*n).is_some_and(Option::is_some) => {
@@ -724,13 +870,20 @@ impl Planner {
                     sql.push_str(name);
                 }
                 Seg::Literal(k) => match literals.get(*k) {
-                    Some(l) => sql.push_str(l),
+                    Some(l) => {
+                        sql.push_str(l);
+                        promo = promo.and_then(|p| p.literal(l));
+                        continue;
+                    }
                     None => {
                         return Err(PlanError::NotSupported(
                             "the plan names a literal the statement does not have".into(),
                         ));
                     }
                 },
+            }
+            if let Some(p) = promo.as_mut() {
+                p.sql.push_str(&sql[start..]);
             }
         }
         let mut pulls: Vec<Pull> = Vec::new();
@@ -739,12 +892,17 @@ impl Planner {
                 pulls.push(p);
             }
         }
+        let promoted = match promo {
+            Some(p) if pulls.is_empty() && also.is_empty() => Some(p.finish(snap.generation)),
+            _ => None,
+        };
         Ok(Bound {
             group,
             sql,
             read_only: plan.read_only,
             also,
             pulls,
+            promoted,
         })
     }
 
@@ -901,7 +1059,72 @@ pub fn quote_ident(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_query, with_pulled};
+    use super::{
+        PromotedBuilder, Tok, is_promotable_kind, is_query, numeric_literal, promotable_after,
+        with_pulled,
+    };
+
+    #[test]
+    fn numeric_literals_get_the_constants_type() {
+        assert_eq!(numeric_literal("42"), Some(23));
+        assert_eq!(numeric_literal("2147483647"), Some(23));
+        assert_eq!(numeric_literal("2147483648"), Some(20));
+        assert_eq!(numeric_literal("9223372036854775808"), Some(1700));
+        assert_eq!(numeric_literal("1.5"), Some(1700));
+        assert_eq!(numeric_literal(".5"), Some(1700));
+        assert_eq!(numeric_literal("5."), Some(1700));
+        assert_eq!(numeric_literal("1e3"), Some(1700));
+        assert_eq!(numeric_literal("1.5E-3"), Some(1700));
+        for not in [
+            "'5'", "E'5'", "1e", "1.2.3", "1e+", "", ".", "0x1F", "-5", "1_000",
+        ] {
+            assert_eq!(numeric_literal(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn literals_are_promoted_only_where_a_parameter_means_the_same() {
+        for p in ["=", "<", ">"] {
+            assert!(promotable_after(Some((Tok::Punct, p))), "{p}");
+        }
+        assert!(promotable_after(Some((Tok::Word, "LIMIT"))));
+        assert!(promotable_after(Some((Tok::Word, "offset"))));
+        for (k, p) in [
+            (Tok::Punct, "-"),
+            (Tok::Punct, "("),
+            (Tok::Punct, ","),
+            (Tok::Word, "BY"),
+            (Tok::Word, "AND"),
+            (Tok::Punct, "+"),
+        ] {
+            assert!(!promotable_after(Some((k, p))), "{p}");
+        }
+        assert!(!promotable_after(None));
+        assert!(is_promotable_kind("  select 1"));
+        assert!(is_promotable_kind("WITH x AS (SELECT 1) SELECT 2"));
+        assert!(!is_promotable_kind("EXPLAIN SELECT 1"));
+        assert!(!is_promotable_kind("(SELECT 1)"));
+    }
+
+    #[test]
+    fn promoted_statements_bind_text_values() {
+        let mut b = PromotedBuilder::new(16, 2);
+        b.sql.push_str("SELECT 1 WHERE a = ");
+        let mut b = b.literal("7").unwrap();
+        b.sql.push_str(" AND b > ");
+        let b = b.literal("2.5").unwrap();
+        let p = b.finish(9);
+        assert_eq!(p.sql, "SELECT 1 WHERE a = $1 AND b > $2");
+        assert_eq!(p.param_types, [0, 2, 0, 0, 0, 23, 0, 0, 6, 164]);
+        assert_eq!(
+            p.bind,
+            [
+                0, 0, 0, 2, 0, 0, 0, 1, b'7', 0, 0, 0, 3, b'2', b'.', b'5', 0, 0
+            ]
+        );
+        assert_eq!(p.generation, 9);
+        assert!(PromotedBuilder::new(16, 1).literal("'x'").is_none());
+    }
 
     fn ctes() -> Vec<(String, String)> {
         vec![("sg_pull_7".into(), "SELECT 1".into())]

@@ -73,6 +73,10 @@ enum Expect {
     },
     /// A reply the router makes itself, sent when every earlier reply has been.
     Synth { tag: u8, undo: Option<Undo> },
+    /// The Describe of the portal of a simple query run as a prepared statement
+    /// (`route::send_promoted`): its RowDescription is forwarded, a NoData is not
+    /// (a simple query that returns no rows has no RowDescription).
+    Described,
     /// Sync: ends with ReadyForQuery.
     Sync,
 }
@@ -1249,6 +1253,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             | btag::PORTAL_SUSPENDED => match self.expect.front() {
                 Some(Expect::Query { .. }) => self.out.extend_from_slice(f.raw),
                 Some(Expect::Internal) => {}
+                Some(Expect::Described) => match f.tag {
+                    btag::ROW_DESCRIPTION => {
+                        self.expect.pop_front();
+                        self.out.extend_from_slice(f.raw);
+                    }
+                    btag::NO_DATA => {
+                        self.expect.pop_front();
+                    }
+                    _ => return self.desync("reply out of turn"),
+                },
                 _ => self.end_msg(f)?,
             },
             _ => {

@@ -90,9 +90,12 @@ impl Routing {
     }
 }
 
+/// Router statements by (text, raw parameter types, epoch). The epoch is 0 for
+/// client statements; promoted simple queries (`plan::Promoted`) use their catalog
+/// snapshot's generation + 1, so that a schema change gives them new statements.
 #[derive(Default)]
 pub struct PreparedRegistry {
-    by_text: Mutex<HashMap<(Bytes, Bytes), Arc<Prepared>>>,
+    by_text: Mutex<HashMap<(Bytes, Bytes, u64), Arc<Prepared>>>,
     next: AtomicU64,
 }
 
@@ -106,14 +109,21 @@ impl PreparedRegistry {
         let key = (
             Bytes::copy_from_slice(query),
             Bytes::copy_from_slice(param_types),
+            0,
         );
         self.by_text.lock().get(&key).cloned()
     }
 
     pub fn intern(&self, query: &[u8], param_types: &[u8]) -> Arc<Prepared> {
+        self.intern_in(query, param_types, 0)
+    }
+
+    /// As `intern`, in `epoch`'s own namespace of texts.
+    pub fn intern_in(&self, query: &[u8], param_types: &[u8], epoch: u64) -> Arc<Prepared> {
         let key = (
             Bytes::copy_from_slice(query),
             Bytes::copy_from_slice(param_types),
+            epoch,
         );
         let mut map = self.by_text.lock();
         if let Some(p) = map.get(&key) {

@@ -99,6 +99,11 @@ pub(super) struct MultiBatch {
     pub merge: super::multi::Merge,
 }
 
+/// Router statements one backend connection holds at most before promoted simple
+/// queries (`send_promoted`) run there as text instead: a bound on the memory they
+/// take on the node, whatever the number of distinct statements.
+const MAX_PREPARED_PER_CONN: usize = 1024;
+
 /// The shape of a batch of one statement, up to its Sync.
 struct OneStatement {
     /// The Parse (name, text, raw types), if the batch has one.
@@ -260,7 +265,63 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Err(e) = self.switch_to_lazy(Some(bound.group)).await {
             return self.refuse_request(e);
         }
-        self.send_simple_here(&bound.sql).await
+        match &bound.promoted {
+            Some(p) => self.send_promoted(&bound.sql, p).await,
+            None => self.send_simple_here(&bound.sql).await,
+        }
+    }
+
+    /// Runs a routed simple query as a statement prepared on the node (its numeric
+    /// literals bound as parameters: `plan::Promoted`), so that the node parses and
+    /// plans it once per connection instead of once per value. The client sees the
+    /// answers of a simple query. Falls back to the text (`sql`) where that is not
+    /// possible: a transaction being joined (its BEGIN travels with the text), a
+    /// statement that changes settings the router does not follow, a connection
+    /// holding [`MAX_PREPARED_PER_CONN`] router statements already, or promotion
+    /// turned off (`promote_simple_queries = false`).
+    async fn send_promoted(
+        &mut self,
+        sql: &str,
+        p: &crate::plan::Promoted,
+    ) -> Result<(), RouterError> {
+        if !self.ctx.config.promote_simple_queries
+            || self.join_begin
+            || super::settings::inspect(sql).untracked
+        {
+            return self.send_simple_here(sql).await;
+        }
+        if let Err(e) = self.ensure_lease().await {
+            return self.refuse_request(e);
+        }
+        let prep = self.ctx.prepared.intern_in(
+            p.sql.as_bytes(),
+            &p.param_types,
+            p.generation.wrapping_add(1).max(1),
+        );
+        let full = {
+            let conn = self.lease.as_mut().expect("lease").conn();
+            !conn.prepared.contains(&prep.id) && conn.prepared.len() >= MAX_PREPARED_PER_CONN
+        };
+        if full {
+            return self.send_simple_here(sql).await;
+        }
+        self.prepare_settings();
+        self.ctx.metrics.statements_simple.inc();
+        self.ctx.metrics.statements_promoted.inc();
+        self.start_timer("simple");
+        self.ensure_prepared(&prep);
+        protocol::encode_bind(&mut self.bout, b"", &prep.name, &p.bind);
+        self.expect.push_back(msg(false));
+        protocol::encode_target(&mut self.bout, tag::DESCRIBE, b'P', b"");
+        self.expect.push_back(Expect::Described);
+        protocol::encode_execute(&mut self.bout, b"", 0);
+        self.expect.push_back(msg(true));
+        protocol::encode_sync(&mut self.bout);
+        self.expect.push_back(Expect::Sync);
+        self.write_backend().await?;
+        self.pump().await?;
+        self.after_request().await;
+        Ok(())
     }
 
     /// Sends a simple query on the session's current node and forwards the answers.
