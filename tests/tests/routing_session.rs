@@ -1353,6 +1353,18 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
         ),
         ("DELETE FROM {t} WHERE id = 9 RETURNING id, txt", true),
         ("SELECT id FROM {t} WHERE id = 9", true),
+        // One literal written twice stays one expression (GROUP BY, DISTINCT).
+        (
+            "SELECT i > 5, count(*) FROM {t} WHERE id = 7 GROUP BY i > 5",
+            true,
+        ),
+        (
+            "SELECT DISTINCT j -> 0 FROM {t} WHERE id = 7 ORDER BY j -> 0",
+            true,
+        ),
+        ("SELECT id FROM {t} WHERE id = 7 AND i > 70 AND s < 8", true),
+        // No rows and no RowDescription: NoData is not forwarded.
+        ("UPDATE {t} SET s = 9 WHERE id = 12", true),
     ];
     let promoted = |m: &str| metric_sum(m, "shardgate_session_promoted_statements_total");
     for (sql, expect_promoted) in cases {

@@ -283,6 +283,10 @@ struct PromotedBuilder {
     types: Vec<u8>,
     bind: Vec<u8>,
     count: u16,
+    /// The parameter number of each literal already written (by literal index): one
+    /// literal written twice is one parameter, so that `GROUP BY i > 5` still equals
+    /// the `i > 5` of the select list, as the two constants do.
+    numbers: Vec<(usize, u16)>,
 }
 
 impl PromotedBuilder {
@@ -296,13 +300,21 @@ impl PromotedBuilder {
             types,
             bind,
             count: 0,
+            numbers: Vec::new(),
         }
     }
 
-    /// A literal as the next parameter; `None` if it is not a numeric literal.
-    fn literal(mut self, tok: &str) -> Option<Self> {
+    /// Literal `k` (the token `tok`) as a parameter: a new one the first time;
+    /// `None` if it is not a numeric literal.
+    fn literal(mut self, k: usize, tok: &str) -> Option<Self> {
         let oid = numeric_literal(tok)?;
+        if let Some((_, n)) = self.numbers.iter().find(|(j, _)| *j == k) {
+            self.sql.push('$');
+            self.sql.push_str(&n.to_string());
+            return Some(self);
+        }
         self.count = self.count.checked_add(1)?;
+        self.numbers.push((k, self.count));
         self.sql.push('$');
         self.sql.push_str(&self.count.to_string());
         self.types.extend_from_slice(&oid.to_be_bytes());
@@ -872,7 +884,7 @@ impl Planner {
                 Seg::Literal(k) => match literals.get(*k) {
                     Some(l) => {
                         sql.push_str(l);
-                        promo = promo.and_then(|p| p.literal(l));
+                        promo = promo.and_then(|p| p.literal(*k, l));
                         continue;
                     }
                     None => {
@@ -1110,11 +1122,13 @@ mod tests {
     fn promoted_statements_bind_text_values() {
         let mut b = PromotedBuilder::new(16, 2);
         b.sql.push_str("SELECT 1 WHERE a = ");
-        let mut b = b.literal("7").unwrap();
+        let mut b = b.literal(0, "7").unwrap();
         b.sql.push_str(" AND b > ");
-        let b = b.literal("2.5").unwrap();
+        let mut b = b.literal(1, "2.5").unwrap();
+        b.sql.push_str(" AND c < ");
+        let b = b.literal(0, "7").unwrap();
         let p = b.finish(9);
-        assert_eq!(p.sql, "SELECT 1 WHERE a = $1 AND b > $2");
+        assert_eq!(p.sql, "SELECT 1 WHERE a = $1 AND b > $2 AND c < $1");
         assert_eq!(p.param_types, [0, 2, 0, 0, 0, 23, 0, 0, 6, 164]);
         assert_eq!(
             p.bind,
@@ -1123,7 +1137,7 @@ mod tests {
             ]
         );
         assert_eq!(p.generation, 9);
-        assert!(PromotedBuilder::new(16, 1).literal("'x'").is_none());
+        assert!(PromotedBuilder::new(16, 1).literal(0, "'x'").is_none());
     }
 
     fn ctes() -> Vec<(String, String)> {

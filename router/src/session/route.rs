@@ -286,6 +286,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> Result<(), RouterError> {
         if !self.ctx.config.promote_simple_queries
             || self.join_begin
+            // Earlier extended messages not synced yet: the backend may be skipping to
+            // a Sync after an error; the text answers as Postgres would.
+            || self.needs_sync
+            || !self.expect.is_empty()
             || super::settings::inspect(sql).untracked
         {
             return self.send_simple_here(sql).await;
