@@ -1441,3 +1441,38 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
     assert_eq!(got, outcome(&plain, &star.replace("{t}", "pl")).await);
     assert_eq!(got.unwrap()[0].len(), 8, "the new column is there");
 }
+
+/// `set_config(..., false)` in a statement on a distributed table, in either protocol,
+/// changes the worker connection's settings where the router cannot follow: the next
+/// client of that connection does not get them, the client itself keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_on_a_shard_stays_with_its_session() {
+    let env = TestEnv::with(EnvOptions {
+        workers: 2,
+        pool_size: 1,
+        pool_mode: "transaction",
+        ..Default::default()
+    })
+    .await;
+    let a = env.client().await;
+    let b = env.client().await;
+    let _ = two_node_table(&a, false).await;
+    let read = "SELECT current_setting('application_name') FROM t WHERE id = $1";
+    let got = |rows: Vec<shardgate_tests::tokio_postgres::Row>| rows[0].get::<_, String>(0);
+    // Extended protocol (a prepared statement, then the unnamed one).
+    a.query(
+        "SELECT set_config('application_name', 'leak_ext', false) FROM t WHERE id = $1",
+        &[&5i64],
+    )
+    .await
+    .unwrap();
+    assert_eq!(got(a.query(read, &[&5i64]).await.unwrap()), "leak_ext");
+    assert_ne!(got(b.query(read, &[&5i64]).await.unwrap()), "leak_ext");
+    // Simple protocol.
+    a.batch_execute(
+        "SELECT set_config('application_name', 'leak_simple', false) FROM t WHERE id = 6",
+    )
+    .await
+    .unwrap();
+    assert_ne!(got(b.query(read, &[&6i64]).await.unwrap()), "leak_simple");
+}

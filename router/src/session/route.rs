@@ -901,6 +901,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         self.ctx.prepared.intern(bound.sql.as_bytes(), &types)
                     }
                 };
+                // `SELECT set_config(...) FROM dist WHERE ...`: a change the router
+                // does not follow stays with this session's connection.
+                let untracked = match &client_stmt {
+                    Some(p) => {
+                        p.settings
+                            .get_or_init(|| super::inspect_text(&p.query))
+                            .untracked
+                    }
+                    None => self
+                        .unnamed
+                        .as_ref()
+                        .is_some_and(|(q, _)| super::inspect_text(q).untracked),
+                };
+                if untracked {
+                    self.mark_untracked();
+                }
                 self.ensure_prepared(&sprep);
                 protocol::encode_bind(&mut self.bout, b.portal, &sprep.name, b.rest);
                 self.expect.push_back(msg(true));
