@@ -1476,3 +1476,57 @@ async fn set_config_on_a_shard_stays_with_its_session() {
     .unwrap();
     assert_ne!(got(b.query(read, &[&6i64]).await.unwrap()), "leak_simple");
 }
+
+/// A backend connection keeps a bounded number of promoted simple queries: preparing
+/// one more closes the least recently used, and a closed one is prepared again when
+/// it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_statements_per_connection_are_bounded() {
+    let env = TestEnv::with(EnvOptions {
+        workers: 2,
+        pool_size: 1,
+        pool_mode: "transaction",
+        ..Default::default()
+    })
+    .await;
+    let c = env.client().await;
+    let _ = two_node_table(&c, false).await;
+    c.batch_execute("UPDATE t SET v = 77 WHERE id = 5")
+        .await
+        .unwrap();
+    // 300 statements (distinct aliases), all on the node of id 5, one connection.
+    for round in 0..2 {
+        for k in 0..300 {
+            let rows = text_rows(
+                &c,
+                &format!("SELECT v AS sg_shape_{k} FROM t WHERE id = 5 AND v > {k}"),
+            )
+            .await;
+            let want: Vec<Vec<Option<String>>> = if k < 77 {
+                vec![vec![Some("77".into())]]
+            } else {
+                vec![]
+            };
+            assert_eq!(rows, want, "round {round}, statement {k}");
+        }
+    }
+    // What the worker connection holds, asked on it (a function made on the workers).
+    for i in 0..2 {
+        env.worker(i)
+            .await
+            .batch_execute(
+                "CREATE FUNCTION sg_shapes_held() RETURNS bigint LANGUAGE sql AS \
+                 $$ SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%sg\\_shape\\_%' $$",
+            )
+            .await
+            .unwrap();
+    }
+    let held = text_rows(&c, "SELECT sg_shapes_held() FROM t WHERE id = 5").await;
+    let held: i64 = held[0][0].as_deref().unwrap().parse().unwrap();
+    assert!(
+        (200..=256).contains(&held),
+        "promoted statements held by the worker connection: {held}"
+    );
+    let m = env.metrics().await;
+    assert!(metric_sum(&m, "shardgate_session_promoted_statements_total") >= 600.0);
+}

@@ -40,6 +40,10 @@ pub struct BackendConn {
     pub reported: Vec<(String, String)>,
     /// Router-assigned ids of the statements prepared on this connection.
     pub prepared: HashSet<u64>,
+    /// The promoted simple queries prepared here (id, name), least recently used
+    /// first: at most `session::route::MAX_PROMOTED_PER_CONN`, the oldest closed when
+    /// a new one is prepared.
+    pub promoted: std::collections::VecDeque<(u64, bytes::Bytes)>,
     /// Fingerprint of the session settings applied here (0: none since RESET ALL).
     pub settings_fp: u64,
     /// Transaction status from the last ReadyForQuery.
@@ -79,6 +83,7 @@ impl BackendConn {
             addr,
             reported: Vec::new(),
             prepared: HashSet::new(),
+            promoted: std::collections::VecDeque::new(),
             settings_fp: 0,
             status: TxnStatus::Idle,
             created: now,

@@ -1221,6 +1221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if ctag == b"DISCARD ALL" || ctag == b"DEALLOCATE ALL" {
                     let conn = self.lease.as_mut().expect("lease").conn();
                     conn.prepared.clear();
+                    conn.promoted.clear();
                     // Reset to defaults, unless the request goes on to change them in
                     // ways the router does not follow (it marked the connection).
                     if ctag == b"DISCARD ALL"

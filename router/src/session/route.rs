@@ -99,10 +99,11 @@ pub(super) struct MultiBatch {
     pub merge: super::multi::Merge,
 }
 
-/// Router statements one backend connection holds at most before promoted simple
-/// queries (`send_promoted`) run there as text instead: a bound on the memory they
-/// take on the node, whatever the number of distinct statements.
-const MAX_PREPARED_PER_CONN: usize = 1024;
+/// Promoted simple queries (`send_promoted`) one backend connection keeps prepared at
+/// most: preparing one more closes the least recently used, so the memory they take
+/// on the node is bounded whatever the number of distinct statements (and those of
+/// earlier catalog versions age out).
+pub(crate) const MAX_PROMOTED_PER_CONN: usize = 256;
 
 /// The shape of a batch of one statement, up to its Sync.
 struct OneStatement {
@@ -276,9 +277,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// plans it once per connection instead of once per value. The client sees the
     /// answers of a simple query. Falls back to the text (`sql`) where that is not
     /// possible: a transaction being joined (its BEGIN travels with the text), a
-    /// statement that changes settings the router does not follow, a connection
-    /// holding [`MAX_PREPARED_PER_CONN`] router statements already, or promotion
-    /// turned off (`promote_simple_queries = false`).
+    /// statement that changes settings the router does not follow, earlier extended
+    /// messages not synced yet, or promotion turned off (`promote_simple_queries =
+    /// false`). A connection keeps [`MAX_PROMOTED_PER_CONN`] of them, least recently
+    /// used out first (closed in the same round trip).
     async fn send_promoted(
         &mut self,
         sql: &str,
@@ -302,14 +304,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             &p.param_types,
             p.generation.wrapping_add(1).max(1),
         );
-        let full = {
+        let evict = {
             let conn = self.lease.as_mut().expect("lease").conn();
-            !conn.prepared.contains(&prep.id) && conn.prepared.len() >= MAX_PREPARED_PER_CONN
+            match conn.promoted.iter().rposition(|(id, _)| *id == prep.id) {
+                Some(i) => {
+                    // Most recently used last.
+                    if let Some(e) = conn.promoted.remove(i) {
+                        conn.promoted.push_back(e);
+                    }
+                    None
+                }
+                None => {
+                    let evict = if conn.promoted.len() >= MAX_PROMOTED_PER_CONN {
+                        conn.promoted.pop_front()
+                    } else {
+                        None
+                    };
+                    if let Some((id, _)) = &evict {
+                        conn.prepared.remove(id);
+                    }
+                    conn.promoted.push_back((prep.id, prep.name.clone()));
+                    evict
+                }
+            }
         };
-        if full {
-            return self.send_simple_here(sql).await;
-        }
         self.prepare_settings();
+        if let Some((_, name)) = evict {
+            protocol::encode_target(&mut self.bout, tag::CLOSE, b'S', &name);
+            self.expect.push_back(msg(false));
+        }
         self.ctx.metrics.statements_simple.inc();
         self.ctx.metrics.statements_promoted.inc();
         self.start_timer("simple");
