@@ -1340,13 +1340,29 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
         ),
         ("SELECT id, i FROM {t} WHERE id = 7 ORDER BY 2", false),
         ("SELECT id, n::numeric(10,1) FROM {t} WHERE id = 7", false),
-        ("SELECT id, i - 5 FROM {t} WHERE id = 7 AND i >= -5", false),
+        (
+            "SELECT id, i - 5, -s, i * 2 % 7 FROM {t} WHERE id = 7 AND i >= -5",
+            true,
+        ),
+        ("SELECT id, -2147483648 < i FROM {t} WHERE id = 7", false),
+        (
+            "SELECT id, i > -2147483648, pg_typeof(-9223372036854775808 + 0) FROM {t} WHERE id = 7",
+            false,
+        ),
+        (
+            "SELECT pg_typeof(i + -2147483647), pg_typeof(n / 2), i / 3 FROM {t} WHERE id = 7",
+            true,
+        ),
         (
             "SELECT count(*) FROM {t} WHERE id = 7 AND txt = 'x7'",
             false,
         ),
         ("SELECT id FROM {t} WHERE id = 7 AND i / (i - i) = 1", true),
-        ("UPDATE {t} SET i = i + 1 WHERE id = 7 RETURNING i", false),
+        ("UPDATE {t} SET i = i + 1 WHERE id = 7 RETURNING i", true),
+        (
+            "UPDATE {t} SET i = i + -3, n = n * 1.5 WHERE id = 7 RETURNING i, n",
+            true,
+        ),
         (
             "UPDATE {t} SET s = 7, n = 2.5 WHERE id = 8 RETURNING s, n",
             true,

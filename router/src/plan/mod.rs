@@ -147,14 +147,19 @@ pub struct Promoted {
 
 /// Whether a numeric literal right after the token `prev` (the previous non-space
 /// token of the template) may become a parameter of the literal's own type without
-/// changing the statement's meaning: after a comparison or other operator that ends
-/// in `=`, `<` or `>` (the operand of a typed parameter is resolved exactly as that
-/// of a typed constant), and after LIMIT or OFFSET. Anywhere else a literal can be
-/// a position (`ORDER BY 1`, `GROUP BY 2`), a type modifier (`numeric(10, 2)`), or
-/// the operand of a unary minus folded into the constant, so it stays text.
+/// changing the statement's meaning: as the operand of an operator (a comparison,
+/// `->`, arithmetic: whatever ends in `=`, `<`, `>`, `+`, `-`, `*`, `/` or `%`), whose
+/// resolution is the same for a typed parameter as for a typed constant, and after
+/// LIMIT or OFFSET. Anywhere else a literal can be a position (`ORDER BY 1`,
+/// `GROUP BY 2`) or a type modifier (`numeric(10, 2)`), so it stays text.
+///
+/// After a unary minus Postgres folds the sign into the constant (`-5` is the int4
+/// constant -5) where the promoted text applies `-` to the parameter: the same value
+/// and type, except for `-2147483648` (an int4 constant; `-` of an int8 parameter)
+/// and `-9223372036854775808`, which [`PromotedBuilder::literal`] leaves as text.
 fn promotable_after(prev: Option<(Tok, &str)>) -> bool {
     match prev {
-        Some((Tok::Punct, p)) => matches!(p, "=" | "<" | ">"),
+        Some((Tok::Punct, p)) => matches!(p, "=" | "<" | ">" | "+" | "-" | "*" | "/" | "%"),
         Some((Tok::Word, w)) => w.eq_ignore_ascii_case("limit") || w.eq_ignore_ascii_case("offset"),
         _ => false,
     }
@@ -307,6 +312,10 @@ impl PromotedBuilder {
     /// Literal `k` (the token `tok`) as a parameter: a new one the first time;
     /// `None` if it is not a numeric literal.
     fn literal(mut self, k: usize, tok: &str) -> Option<Self> {
+        if tok == "2147483648" || tok == "9223372036854775808" {
+            // After a unary minus, the constant would have the smaller type.
+            return None;
+        }
         let oid = numeric_literal(tok)?;
         if let Some((_, n)) = self.numbers.iter().find(|(j, _)| *j == k) {
             self.sql.push('$');
@@ -1096,18 +1105,19 @@ mod tests {
 
     #[test]
     fn literals_are_promoted_only_where_a_parameter_means_the_same() {
-        for p in ["=", "<", ">"] {
+        for p in ["=", "<", ">", "+", "-", "*", "/", "%"] {
             assert!(promotable_after(Some((Tok::Punct, p))), "{p}");
         }
         assert!(promotable_after(Some((Tok::Word, "LIMIT"))));
         assert!(promotable_after(Some((Tok::Word, "offset"))));
         for (k, p) in [
-            (Tok::Punct, "-"),
             (Tok::Punct, "("),
             (Tok::Punct, ","),
+            (Tok::Punct, "["),
+            (Tok::Punct, ":"),
             (Tok::Word, "BY"),
             (Tok::Word, "AND"),
-            (Tok::Punct, "+"),
+            (Tok::Word, "FIRST"),
         ] {
             assert!(!promotable_after(Some((k, p))), "{p}");
         }
@@ -1138,6 +1148,16 @@ mod tests {
         );
         assert_eq!(p.generation, 9);
         assert!(PromotedBuilder::new(16, 1).literal(0, "'x'").is_none());
+        assert!(
+            PromotedBuilder::new(16, 1)
+                .literal(0, "2147483648")
+                .is_none()
+        );
+        assert!(
+            PromotedBuilder::new(16, 1)
+                .literal(0, "2147483649")
+                .is_some()
+        );
     }
 
     fn ctes() -> Vec<(String, String)> {
