@@ -21,6 +21,18 @@ async fn fleet(pool_mode: &'static str) -> TestEnv {
     .await
 }
 
+/// Two workers, transaction pooling, one backend connection per node: consecutive
+/// statements on one node share a connection, whichever client sends them.
+async fn one_connection_per_node() -> TestEnv {
+    TestEnv::with(EnvOptions {
+        workers: 2,
+        pool_size: 1,
+        pool_mode: "transaction",
+        ..Default::default()
+    })
+    .await
+}
+
 async fn v(c: &Client, id: i64) -> i32 {
     c.query_one("SELECT v FROM t WHERE id = $1", &[&id])
         .await
@@ -1463,13 +1475,7 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
 /// client of that connection does not get them, the client itself keeps them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_config_on_a_shard_stays_with_its_session() {
-    let env = TestEnv::with(EnvOptions {
-        workers: 2,
-        pool_size: 1,
-        pool_mode: "transaction",
-        ..Default::default()
-    })
-    .await;
+    let env = one_connection_per_node().await;
     let a = env.client().await;
     let b = env.client().await;
     let _ = two_node_table(&a, false).await;
@@ -1498,13 +1504,7 @@ async fn set_config_on_a_shard_stays_with_its_session() {
 /// it comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoted_statements_per_connection_are_bounded() {
-    let env = TestEnv::with(EnvOptions {
-        workers: 2,
-        pool_size: 1,
-        pool_mode: "transaction",
-        ..Default::default()
-    })
-    .await;
+    let env = one_connection_per_node().await;
     let c = env.client().await;
     let _ = two_node_table(&c, false).await;
     c.batch_execute("UPDATE t SET v = 77 WHERE id = 5")
