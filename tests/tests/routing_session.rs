@@ -1546,3 +1546,54 @@ async fn promoted_statements_per_connection_are_bounded() {
     let m = env.metrics().await;
     assert!(metric_sum(&m, "shardgate_session_promoted_statements_total") >= 600.0);
 }
+
+/// DDL sent straight to a worker (not through the router) changes a promoted
+/// statement's result type under it: Postgres refuses the old statement once ("cached
+/// plan must not change result type"), and the router prepares it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_statement_follows_ddl_sent_straight_to_a_worker() {
+    let env = one_connection_per_node().await;
+    let c = env.client().await;
+    let _ = two_node_table(&c, false).await;
+    let star = "SELECT * FROM t WHERE id = 5";
+    assert_eq!(
+        outcome(&c, star).await,
+        Ok(vec![vec![Some("5".into()), Some("0".into())]])
+    );
+    let sid = text_rows(&c, "SELECT get_shard_id_for_distribution_column('t', 5)").await[0][0]
+        .clone()
+        .unwrap();
+    let mut altered = 0;
+    for i in 0..2 {
+        let w = env.worker(i).await;
+        let here: bool = w
+            .query_one(
+                &format!("SELECT to_regclass('public.t_{sid}') IS NOT NULL"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if here {
+            w.batch_execute(&format!(
+                "ALTER TABLE t_{sid} ADD COLUMN extra int DEFAULT 1"
+            ))
+            .await
+            .unwrap();
+            altered += 1;
+        }
+    }
+    assert_eq!(altered, 1, "the shard of id 5 is on one worker");
+    let want = Ok(vec![vec![
+        Some("5".into()),
+        Some("0".into()),
+        Some("1".into()),
+    ]]);
+    let first = outcome(&c, star).await;
+    assert!(
+        first == want || first == Err("0A000".into()),
+        "the first try after the change: {first:?}"
+    );
+    assert_eq!(outcome(&c, star).await, want, "prepared again");
+    assert_eq!(outcome(&c, star).await, want);
+}

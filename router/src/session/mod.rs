@@ -172,6 +172,8 @@ pub struct Session<S> {
     join_begin: bool,
     /// That BEGIN's CommandComplete is swallowed.
     swallow_begin: bool,
+    /// The promoted simple query in flight (`route::send_promoted`).
+    promoted_inflight: Option<Arc<Prepared>>,
     /// The statement that opened the transaction (replayed on nodes that join it).
     begin_sql: Option<String>,
     /// The routed statements of the extended batch being translated.
@@ -209,6 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             doomed: false,
             join_begin: false,
             swallow_begin: false,
+            promoted_inflight: None,
             begin_sql: None,
             routed: None,
             unnamed: None,
@@ -1140,6 +1143,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.forward_error(f)
                 }
                 _ => {
+                    if let Some(p) = &self.promoted_inflight
+                        && protocol::error_sqlstate(f.body())
+                            == Some(sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes())
+                        && protocol::error_field(f.body(), b'M').is_some_and(|m| {
+                            m.starts_with(b"cached plan must not change result type")
+                        })
+                    {
+                        // Its tables changed under it (DDL the router did not see yet,
+                        // or sent straight to the node): prepared again next time.
+                        let id = p.id;
+                        if let Some(l) = self.lease.as_mut() {
+                            l.conn().prepared.remove(&id);
+                        }
+                    }
                     self.forward_error(f);
                     // The batch's implicit transaction (or the client's) is rolled
                     // back, and the SETs it ran with it (unless a COMMIT came first).

@@ -333,6 +333,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             protocol::encode_target(&mut self.bout, tag::CLOSE, b'S', &name);
             self.expect.push_back(msg(false));
         }
+        if !self.is_prepared(prep.id) {
+            // A statement of this name may be there still, found stale (see
+            // `promoted_inflight`): closing a statement that does not exist is no error.
+            protocol::encode_target(&mut self.bout, tag::CLOSE, b'S', &prep.name);
+            self.expect.push_back(msg(false));
+        }
         self.ctx.metrics.statements_simple.inc();
         self.ctx.metrics.statements_promoted.inc();
         self.start_timer("simple");
@@ -345,8 +351,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.expect.push_back(msg(true));
         protocol::encode_sync(&mut self.bout);
         self.expect.push_back(Expect::Sync);
-        self.write_backend().await?;
-        self.pump().await?;
+        self.promoted_inflight = Some(prep);
+        let sent = self.write_backend().await;
+        let pumped = match sent {
+            Ok(()) => self.pump().await,
+            Err(e) => Err(e),
+        };
+        self.promoted_inflight = None;
+        pumped?;
         self.after_request().await;
         Ok(())
     }
