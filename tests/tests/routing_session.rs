@@ -1358,6 +1358,23 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
         ),
         ("SELECT id, -2147483648 < i FROM {t} WHERE id = 7", false),
         (
+            "SELECT pg_typeof(-02147483648), i FROM {t} WHERE id = 7",
+            false,
+        ),
+        // A signed constant where the grammar wants a constant stays one.
+        ("SELECT id, i FROM {t} WHERE id = 7 ORDER BY -1", false),
+        ("SELECT id, i FROM {t} WHERE id = 7 GROUP BY id, -1", false),
+        ("SELECT id FROM {t} WHERE id = 7 LIMIT +3", true),
+        ("SELECT id FROM {t} WHERE id = 7 OFFSET +0 ROWS", false),
+        (
+            "SELECT id, i - 1, 2 - -i FROM {t} WHERE id = 7 ORDER BY i - 1",
+            false,
+        ),
+        (
+            "SELECT id, i - 1 FROM {t} WHERE id = 7 AND i * -1 < 0",
+            true,
+        ),
+        (
             "SELECT id, i > -2147483648, pg_typeof(-9223372036854775808 + 0) FROM {t} WHERE id = 7",
             false,
         ),
@@ -1510,9 +1527,31 @@ async fn promoted_statements_per_connection_are_bounded() {
     c.batch_execute("UPDATE t SET v = 77 WHERE id = 5")
         .await
         .unwrap();
-    // 300 statements (distinct aliases), all on the node of id 5, one connection.
+    // What the worker connection holds, asked on it (functions made on the workers).
+    for i in 0..2 {
+        env.worker(i)
+            .await
+            .batch_execute(
+                "CREATE FUNCTION sg_shapes_held() RETURNS bigint LANGUAGE sql AS \
+                 $$ SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%sg\\_shape\\_%' $$; \
+                 CREATE FUNCTION sg_when_prepared() RETURNS text LANGUAGE sql AS \
+                 $$ SELECT max(prepare_time)::text FROM pg_prepared_statements WHERE statement LIKE '%AS sg\\_hot FROM%' $$",
+            )
+            .await
+            .unwrap();
+    }
+    let hot = "SELECT v AS sg_hot FROM t WHERE id = 5 AND v > 1";
+    let prepared_at = "SELECT sg_when_prepared() FROM t WHERE id = 5";
+    assert_eq!(text_rows(&c, hot).await, vec![vec![Some("77".to_owned())]]);
+    let first = text_rows(&c, prepared_at).await;
+    assert!(first[0][0].is_some(), "the hot statement is prepared");
+    // 300 statements (distinct aliases), all on the node of id 5, one connection; a
+    // hot one in between, which the least-recently-used order keeps.
     for round in 0..2 {
         for k in 0..300 {
+            if k % 50 == 0 {
+                assert_eq!(text_rows(&c, hot).await, vec![vec![Some("77".to_owned())]]);
+            }
             let rows = text_rows(
                 &c,
                 &format!("SELECT v AS sg_shape_{k} FROM t WHERE id = 5 AND v > {k}"),
@@ -1526,17 +1565,11 @@ async fn promoted_statements_per_connection_are_bounded() {
             assert_eq!(rows, want, "round {round}, statement {k}");
         }
     }
-    // What the worker connection holds, asked on it (a function made on the workers).
-    for i in 0..2 {
-        env.worker(i)
-            .await
-            .batch_execute(
-                "CREATE FUNCTION sg_shapes_held() RETURNS bigint LANGUAGE sql AS \
-                 $$ SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%sg\\_shape\\_%' $$",
-            )
-            .await
-            .unwrap();
-    }
+    assert_eq!(
+        text_rows(&c, prepared_at).await,
+        first,
+        "the hot statement was never closed and prepared again"
+    );
     let held = text_rows(&c, "SELECT sg_shapes_held() FROM t WHERE id = 5").await;
     let held: i64 = held[0][0].as_deref().unwrap().parse().unwrap();
     assert!(

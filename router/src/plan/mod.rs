@@ -157,9 +157,25 @@ pub struct Promoted {
 /// constant -5) where the promoted text applies `-` to the parameter: the same value
 /// and type, except for `-2147483648` (an int4 constant; `-` of an int8 parameter)
 /// and `-9223372036854775808`, which [`PromotedBuilder::literal`] leaves as text.
-fn promotable_after(prev: Option<(Tok, &str)>) -> bool {
+/// But a signed constant is still a constant where the grammar wants one: a position
+/// (`ORDER BY -1`, `GROUP BY a, -1`, `DISTINCT ON (-1)`) or `FETCH FIRST +3 ROWS`,
+/// `OFFSET +2 ROWS`. So after a sign, `before` (the token before the sign) must make
+/// it an operator in an expression: an operand (binary `x - 5`), another operator
+/// (`x + -5`), or a word other than BY, FIRST, NEXT and OFFSET (`SELECT -5`,
+/// `THEN -1`, `v - 1`).
+fn promotable_after(before: Option<(Tok, &str)>, prev: Option<(Tok, &str)>) -> bool {
     match prev {
-        Some((Tok::Punct, p)) => matches!(p, "=" | "<" | ">" | "+" | "-" | "*" | "/" | "%"),
+        Some((Tok::Punct, "+" | "-")) => match before {
+            Some((Tok::Quoted | Tok::Number | Tok::Param, _)) => true,
+            Some((Tok::Punct, p)) => {
+                matches!(p, ")" | "]" | "=" | "<" | ">" | "+" | "-" | "*" | "/" | "%")
+            }
+            Some((Tok::Word, w)) => !["by", "first", "next", "offset"]
+                .iter()
+                .any(|k| w.eq_ignore_ascii_case(k)),
+            _ => false,
+        },
+        Some((Tok::Punct, p)) => matches!(p, "=" | "<" | ">" | "*" | "/" | "%"),
         Some((Tok::Word, w)) => w.eq_ignore_ascii_case("limit") || w.eq_ignore_ascii_case("offset"),
         _ => false,
     }
@@ -312,7 +328,9 @@ impl PromotedBuilder {
     /// Literal `k` (the token `tok`) as a parameter: a new one the first time;
     /// `None` if it is not a numeric literal.
     fn literal(mut self, k: usize, tok: &str) -> Option<Self> {
-        if tok == "2147483648" || tok == "9223372036854775808" {
+        // (`02147483648` is the same number to Postgres.)
+        let digits = tok.trim_start_matches('0');
+        if digits == "2147483648" || digits == "9223372036854775808" {
             // After a unary minus, the constant would have the smaller type.
             return None;
         }
@@ -635,12 +653,14 @@ impl Planner {
         let mut text = String::new();
         let mut promote = normalized && client_params == 0 && is_promotable_kind(sql);
         let mut prev: Option<(Tok, &str)> = None;
+        let mut before: Option<(Tok, &str)> = None;
         for (kind, s, e) in tokens(sql) {
             let tok = &sql[s..e];
-            if kind == Tok::Param && normalized && !promotable_after(prev) {
+            if kind == Tok::Param && normalized && !promotable_after(before, prev) {
                 promote = false;
             }
             if kind != Tok::Space {
+                before = prev;
                 prev = Some((kind, tok));
             }
             match kind {
@@ -1105,11 +1125,32 @@ mod tests {
 
     #[test]
     fn literals_are_promoted_only_where_a_parameter_means_the_same() {
-        for p in ["=", "<", ">", "+", "-", "*", "/", "%"] {
-            assert!(promotable_after(Some((Tok::Punct, p))), "{p}");
+        let w = |x| Some((Tok::Word, x));
+        let p = |x| Some((Tok::Punct, x));
+        for op in ["=", "<", ">", "*", "/", "%"] {
+            assert!(promotable_after(w("x"), p(op)), "{op}");
         }
-        assert!(promotable_after(Some((Tok::Word, "LIMIT"))));
-        assert!(promotable_after(Some((Tok::Word, "offset"))));
+        assert!(promotable_after(None, w("LIMIT")));
+        assert!(promotable_after(None, w("offset")));
+        // After a sign: binary, or unary in an expression.
+        for before in [w("v"), w("SELECT"), w("THEN"), p(")"), p("+"), p("=")] {
+            assert!(promotable_after(before, p("-")), "{before:?}");
+            assert!(promotable_after(before, p("+")), "{before:?}");
+        }
+        // A signed constant where the grammar wants a constant.
+        for before in [
+            w("BY"),
+            w("by"),
+            w("FIRST"),
+            w("NEXT"),
+            w("OFFSET"),
+            p(","),
+            p("("),
+            None,
+        ] {
+            assert!(!promotable_after(before, p("-")), "{before:?}");
+            assert!(!promotable_after(before, p("+")), "{before:?}");
+        }
         for (k, p) in [
             (Tok::Punct, "("),
             (Tok::Punct, ","),
@@ -1119,9 +1160,9 @@ mod tests {
             (Tok::Word, "AND"),
             (Tok::Word, "FIRST"),
         ] {
-            assert!(!promotable_after(Some((k, p))), "{p}");
+            assert!(!promotable_after(w("x"), Some((k, p))), "{p}");
         }
-        assert!(!promotable_after(None));
+        assert!(!promotable_after(None, None));
         assert!(is_promotable_kind("  select 1"));
         assert!(is_promotable_kind("WITH x AS (SELECT 1) SELECT 2"));
         assert!(!is_promotable_kind("EXPLAIN SELECT 1"));
@@ -1148,6 +1189,9 @@ mod tests {
         );
         assert_eq!(p.generation, 9);
         assert!(PromotedBuilder::new(16, 1).literal(0, "'x'").is_none());
+        for boundary in ["2147483648", "002147483648", "09223372036854775808"] {
+            assert!(PromotedBuilder::new(16, 1).literal(0, boundary).is_none());
+        }
         assert!(
             PromotedBuilder::new(16, 1)
                 .literal(0, "2147483648")

@@ -1146,9 +1146,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if let Some(p) = &self.promoted_inflight
                         && protocol::error_sqlstate(f.body())
                             == Some(sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes())
-                        && protocol::error_field(f.body(), b'M').is_some_and(|m| {
-                            m.starts_with(b"cached plan must not change result type")
-                        })
+                        // By the routine that raises it (the message is translated
+                        // when the node's lc_messages is not English).
+                        && (protocol::error_field(f.body(), b'R')
+                            == Some(b"RevalidateCachedQuery".as_slice())
+                            || protocol::error_field(f.body(), b'M').is_some_and(|m| {
+                                m.starts_with(b"cached plan must not change result type")
+                            }))
                     {
                         // Its tables changed under it (DDL the router did not see yet,
                         // or sent straight to the node): prepared again next time.
