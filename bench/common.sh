@@ -61,6 +61,8 @@ ensure_shardgate() {
     fi
 }
 
+# PG_EXTRA_CONF: more postgresql.conf lines (e.g. the distributed nodes' wal_level and
+# max_prepared_transactions, to rule settings out as the cause of a difference).
 start_postgres() {
     PG_PORT="$(free_port)"
     mkdir -p "$PG_DATA"
@@ -76,6 +78,7 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 logging_collector = off
+${PG_EXTRA_CONF:-}
 CONF
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$WORK/pg.log" -w -t 60 start >/dev/null
     PG_STARTED=1

@@ -23,7 +23,9 @@
 # total number of backends).
 # For each round and each mode: `pgbench -n -S -M MODE -c CLIENTS -j THREADS -T DURATION`
 # against both, the order alternating from round to round. Prints raw tps per run, the
-# router's CPU time (user+sys from /proc) per transaction, per-mode medians and the ratio
+# router's CPU time (user+sys from /proc) per transaction, the same for the Postgres
+# servers behind it (every process of each postmaster; for (b) also split by server in
+# the log), per-mode medians and the ratio
 # distributed/passthrough (target >= 0.9), then checks correctness: 0 failed
 # transactions in every run, a row for `aid = 12345` through the distributed router,
 # all SCALE*100000 rows in the shards on the workers, and plan-cache hits in the
@@ -87,8 +89,21 @@ pid_of()  { case "$1" in passthrough) echo "$SG_PID";; distributed) echo "$SGD_P
 log_of()  { case "$1" in passthrough) echo "$WORK/shardgate.log";; distributed) echo "$WORK/shardgate-dist.log";; esac; }
 
 RAW="$WORK/raw.tsv"
-printf 'round\tmode\ttarget\ttps\tfailed\tlat_ms\trouter_cpu_s\trouter_us_per_txn\tload1_before\n' >"$RAW"
+printf 'round\tmode\ttarget\ttps\tfailed\tlat_ms\trouter_cpu_s\trouter_us_per_txn\tpg_us_per_txn\tload1_before\n' >"$RAW"
 TARGETS=(passthrough distributed)
+# The Postgres servers behind each target: their processes' CPU per transaction tells
+# the router's share of a gap from the servers'.
+pg_dirs_of() { case "$1" in passthrough) echo "$PG_DATA";; distributed) echo "${DIST_DIRS[*]}";; esac; }
+pg_cpu_ticks() { # data dirs...: utime+stime of every postmaster and its children
+    local total=0 pm pid
+    for d in "$@"; do
+        pm="$(head -1 "$d/postmaster.pid")"
+        for pid in "$pm" $(pgrep -P "$pm"); do
+            total=$(( total + $(cpu_ticks "$pid" 2>/dev/null || echo 0) ))
+        done
+    done
+    echo "$total"
+}
 
 for ((r = 1; r <= ROUNDS; r++)); do
     for mode in $MODES; do
@@ -98,6 +113,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
             pid="$(pid_of "$t")"
             load1="$(cut -d' ' -f1 /proc/loadavg)"
             c0="$(cpu_ticks "$pid")"
+            # shellcheck disable=SC2046
+            g0="$(pg_cpu_ticks $(pg_dirs_of "$t"))"
+            n0=()
+            for d in "${DIST_DIRS[@]}"; do n0+=("$(pg_cpu_ticks "$d")"); done
             PERF_PID=""
             if [[ "${PERF:-0}" == 1 && "$t" == distributed && "$r" == 1 ]] && command -v perf >/dev/null; then
                 # A profile of the distributed router in the middle of the run.
@@ -131,6 +150,15 @@ for ((r = 1; r <= ROUNDS; r++)); do
                 log "perf: top symbols of the distributed router ($mode) in $WORK/perf-$mode.txt"
             fi
             c1="$(cpu_ticks "$pid")"
+            # shellcheck disable=SC2046
+            g1="$(pg_cpu_ticks $(pg_dirs_of "$t"))"
+            if [[ "$t" == distributed ]]; then
+                split=""
+                for i in "${!DIST_DIRS[@]}"; do
+                    split+=" $(basename "${DIST_DIRS[$i]}") $(awk -v a="${n0[$i]}" -v b="$(pg_cpu_ticks "${DIST_DIRS[$i]}")" -v h="$CLK_TCK" 'BEGIN{printf "%.2f", (b-a)/h}')s"
+                done
+                log "round $r $mode: Postgres CPU by server:$split"
+            fi
             tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out")"
             failed="$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")"
             lat="$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$out")"
@@ -143,8 +171,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
             fi
             cpu_s="$(awk -v a="$c0" -v b="$c1" -v h="$CLK_TCK" 'BEGIN{printf "%.2f", (b-a)/h}')"
             us="$(awk -v c="$cpu_s" -v t="$tps" -v d="$DURATION" 'BEGIN{printf "%.1f", c*1e6/(t*d)}')"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$mode" "$t" "$tps" "${failed:-0}" "$lat" "$cpu_s" "$us" "$load1" >>"$RAW"
-            log "round $r $mode $t: tps=$tps lat=${lat}ms router_cpu=${cpu_s}s (${us} us/txn)"
+            pg_us="$(awk -v a="$g0" -v b="$g1" -v h="$CLK_TCK" -v t="$tps" -v d="$DURATION" 'BEGIN{printf "%.1f", (b-a)/h*1e6/(t*d)}')"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$mode" "$t" "$tps" "${failed:-0}" "$lat" "$cpu_s" "$us" "$pg_us" "$load1" >>"$RAW"
+            log "round $r $mode $t: tps=$tps lat=${lat}ms router_cpu=${cpu_s}s (${us} us/txn) postgres ${pg_us} us/txn"
         done
     done
 done
@@ -164,6 +193,7 @@ PROMOTED="$(metric "$SGD_METRICS_PORT" shardgate_session_promoted_statements_tot
 [[ "${HITS:-0}" -gt 0 ]] || CHECK_FAIL=1
 W1_COMMITS="$(sql_at "$W1_PORT" "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'")"
 W2_COMMITS="$(sql_at "$W2_PORT" "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'")"
+COORD_COMMITS="$(sql_at "$COORD_PORT" "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'")"
 DIST_ERRORS="$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/shardgate-dist.log" | awk '$2 == "ERROR" || $2 == "WARN"' | wc -l)"
 
 echo
@@ -183,20 +213,22 @@ def get(r, m, t, k="tps"):
 def med(m, t, k="tps"):
     return statistics.median(float(x[k]) for x in rows if x["mode"] == m and x["target"] == t)
 print("## medians")
-print(f"{'mode':<10}{'passthrough':>13}{'distributed':>13}{'dist/pass':>11}{'paired median':>15}{'pass us/txn':>13}{'dist us/txn':>13}  target")
+print(f"{'mode':<10}{'passthrough':>13}{'distributed':>13}{'dist/pass':>11}{'paired median':>15}{'pass us/txn':>13}{'dist us/txn':>13}{'pass pg us':>12}{'dist pg us':>12}  target")
 for m in modes:
     p, d = med(m, "passthrough"), med(m, "distributed")
     paired = statistics.median(get(r, m, "distributed") / get(r, m, "passthrough") for r in rounds)
     ok = "met" if min(d / p, paired) >= 0.9 else ("NOT met" if max(d / p, paired) < 0.9 else "borderline")
     print(f"{m:<10}{p:>13.0f}{d:>13.0f}{d / p:>11.3f}{paired:>15.3f}"
-          f"{med(m, 'passthrough', 'router_us_per_txn'):>13.1f}{med(m, 'distributed', 'router_us_per_txn'):>13.1f}  >= 0.9: {ok}")
+          f"{med(m, 'passthrough', 'router_us_per_txn'):>13.1f}{med(m, 'distributed', 'router_us_per_txn'):>13.1f}"
+          f"{med(m, 'passthrough', 'pg_us_per_txn'):>12.1f}{med(m, 'distributed', 'pg_us_per_txn'):>12.1f}  >= 0.9: {ok}")
 print()
 print("## per round distributed/passthrough (tps; router CPU per txn)")
 for m in modes:
     print(f"{m}: tps " + " ".join(f"{get(r, m, 'distributed') / get(r, m, 'passthrough'):.3f}" for r in rounds)
           + "; CPU/txn " + " ".join(f"{get(r, m, 'distributed', 'router_us_per_txn') / get(r, m, 'passthrough', 'router_us_per_txn'):.2f}" for r in rounds))
 print()
-print("(us/txn = the router process's user+sys CPU time per pgbench transaction)")
+print("(us/txn = the router process's user+sys CPU time per pgbench transaction;")
+print(" pg us = the same for every process of the Postgres servers behind the target)")
 PY
 echo
 for f in "$WORK"/perf-*.txt; do
@@ -210,7 +242,7 @@ echo "SELECT abalance FROM pgbench_accounts WHERE aid = 12345 : distributed '${R
 echo "rows in shards on the workers                           : $W1_ROWS + $W2_ROWS = $((W1_ROWS + W2_ROWS)) (expected $((SCALE * 100000))); shards $W1_SHARDS + $W2_SHARDS"
 echo "rows left in the coordinator's pgbench_accounts        : $COORD_ROWS"
 echo "router plan cache: hits $HITS, misses $MISSES, refusals $REFUSALS; simple queries run prepared on workers: $PROMOTED (PROMOTE=${PROMOTE:-true})"
-echo "worker transactions committed (pg_stat_database)        : worker1 $W1_COMMITS, worker2 $W2_COMMITS"
+echo "transactions committed (pg_stat_database)               : worker1 $W1_COMMITS, worker2 $W2_COMMITS, coordinator $COORD_COMMITS"
 echo "failed transactions in every pgbench run                : 0 (a run with failures stops the script)"
 echo "ERROR/WARN lines in the distributed router's log        : $DIST_ERRORS"
 if [[ "$CHECK_FAIL" != 0 ]]; then
