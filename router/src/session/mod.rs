@@ -174,6 +174,10 @@ pub struct Session<S> {
     swallow_begin: bool,
     /// The promoted simple query in flight (`route::send_promoted`).
     promoted_inflight: Option<Arc<Prepared>>,
+    /// The promoted statement in flight was refused as stale before it ran, outside a
+    /// transaction, and nothing of it reached the client: `route::send_promoted` runs
+    /// the text instead.
+    promoted_stale: bool,
     /// The statement that opened the transaction (replayed on nodes that join it).
     begin_sql: Option<String>,
     /// The routed statements of the extended batch being translated.
@@ -212,6 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             join_begin: false,
             swallow_begin: false,
             promoted_inflight: None,
+            promoted_stale: false,
             begin_sql: None,
             routed: None,
             unnamed: None,
@@ -1143,6 +1148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.forward_error(f)
                 }
                 _ => {
+                    let mut stale = false;
                     if let Some(p) = &self.promoted_inflight
                         && protocol::error_sqlstate(f.body())
                             == Some(sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes())
@@ -1160,8 +1166,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         if let Some(l) = self.lease.as_mut() {
                             l.conn().prepared.remove(&id);
                         }
+                        // Raised at Bind, before the statement ran: outside a
+                        // transaction nothing is lost, and the text is sent instead
+                        // (a simple query on plain Postgres never gets this error).
+                        // Inside one, the node's transaction is aborted: the client
+                        // gets the error, as with a prepared statement of its own.
+                        stale = self.status == TxnStatus::Idle;
                     }
-                    self.forward_error(f);
+                    if !stale {
+                        self.forward_error(f);
+                    }
                     // The batch's implicit transaction (or the client's) is rolled
                     // back, and the SETs it ran with it (unless a COMMIT came first).
                     self.drop_ext_tracked();
@@ -1180,6 +1194,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             Some(Expect::Synth { undo, .. }) => self.undo(undo),
                             _ => {}
                         }
+                    }
+                    if stale && let Some(e) = self.expect.front_mut() {
+                        // Its ReadyForQuery is not the client's either.
+                        *e = Expect::Internal;
+                        self.promoted_stale = true;
                     }
                 }
             },

@@ -339,8 +339,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             protocol::encode_target(&mut self.bout, tag::CLOSE, b'S', &prep.name);
             self.expect.push_back(msg(false));
         }
-        self.ctx.metrics.statements_simple.inc();
-        self.ctx.metrics.statements_promoted.inc();
         self.start_timer("simple");
         self.ensure_prepared(&prep);
         protocol::encode_bind(&mut self.bout, b"", &prep.name, &p.bind);
@@ -358,7 +356,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(e) => Err(e),
         };
         self.promoted_inflight = None;
+        let stale = std::mem::take(&mut self.promoted_stale);
         pumped?;
+        if stale {
+            // Refused as stale before it ran (DDL this router has not seen): prepared
+            // again next time; this time the text.
+            return self.send_simple_here(sql).await;
+        }
+        self.ctx.metrics.statements_simple.inc();
+        self.ctx.metrics.statements_promoted.inc();
         self.after_request().await;
         Ok(())
     }
