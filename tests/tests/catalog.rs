@@ -235,6 +235,26 @@ async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_t
         .await
         .unwrap_err();
     assert_eq!(code(&e), "0A000", "{e:?}");
+    let msg = |e: &Error| {
+        e.as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        msg(&e).contains("not pinned to one distribution value"),
+        "{e:?}"
+    );
+    // Syntax Postgres takes and the tiers' parser does not is refused as such, not
+    // as a statement that is not pinned.
+    let e = c
+        .batch_execute("SELECT id FROM companies WHERE id = 42 FETCH FIRST +1 ROWS ONLY")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    assert!(
+        msg(&e).contains("parser does not accept its syntax"),
+        "{e:?}"
+    );
     let rows = c
         .query("SELECT id FROM companies WHERE id = $1", &[&42i64])
         .await

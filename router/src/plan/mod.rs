@@ -605,8 +605,14 @@ impl Planner {
                 self.tiers
             ));
         }
+        // Every tier's parser refused it: saying it is not pinned would mislead.
+        let why = if reasons.iter().all(|r| r.contains(": does not parse")) {
+            "the planner tiers' SQL parser does not accept its syntax (Postgres may: the same statement written another way may run)"
+        } else {
+            "it is not pinned to one distribution value (multi-shard statements need the pushdown tier, not available yet)"
+        };
         Ok(Entry::Refused(format!(
-            "shardgate cannot plan this statement on distributed tables: it is not pinned to one distribution value (multi-shard statements need the pushdown tier, not available yet) [{}]",
+            "shardgate cannot plan this statement on distributed tables: {why} [{}]",
             reasons.join("; ")
         )))
     }
