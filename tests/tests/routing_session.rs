@@ -1516,6 +1516,97 @@ async fn set_config_on_a_shard_stays_with_its_session() {
     assert_ne!(got(b.query(read, &[&6i64]).await.unwrap()), "leak_simple");
 }
 
+/// `SELECT set_config('name', value, false)` alone (the form applications use where
+/// SET cannot take a parameter, e.g. a tenant id for row level security) follows the
+/// session as a SET does: to every node it reads from, and back onto its connection
+/// after another client used it; never to the other client. A list setting keeps its
+/// elements (`SET search_path TO 'a, b'` would be one schema).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_follows_its_session_to_every_node() {
+    let env = one_connection_per_node().await;
+    let a = env.client().await;
+    let b = env.client().await;
+    let (x, y) = two_node_table(&a, false).await;
+    let coord = "SELECT current_setting('app.tenant', true)";
+    let shard =
+        |id: i64| format!("SELECT current_setting('app.tenant', true) FROM t WHERE id = {id}");
+    let one = |rows: Vec<Vec<Option<String>>>| rows[0][0].clone();
+    let tenant = |v: &str| Some(v.to_owned());
+
+    // Simple protocol; the client gets set_config's own answer.
+    assert_eq!(
+        one(text_rows(&a, "SELECT set_config('app.tenant', '42', false)").await),
+        tenant("42")
+    );
+    assert_ne!(
+        one(text_rows(&b, coord).await),
+        tenant("42"),
+        "b got a's setting"
+    );
+    assert_ne!(one(text_rows(&b, &shard(x)).await), tenant("42"));
+    assert_ne!(one(text_rows(&b, &shard(y)).await), tenant("42"));
+    // Both workers (x and y are on different nodes) and the coordinator, after b
+    // used every connection.
+    assert_eq!(one(text_rows(&a, coord).await), tenant("42"));
+    assert_eq!(one(text_rows(&a, &shard(x)).await), tenant("42"));
+    assert_eq!(one(text_rows(&a, &shard(y)).await), tenant("42"));
+
+    // Extended protocol with the value as a parameter (tokio-postgres binds it in
+    // binary), unnamed and prepared.
+    a.query("SELECT set_config('app.tenant', $1, false)", &[&"7"])
+        .await
+        .unwrap();
+    assert_ne!(one(text_rows(&b, &shard(x)).await), tenant("7"));
+    assert_eq!(one(text_rows(&a, &shard(x)).await), tenant("7"));
+    let st = a
+        .prepare("SELECT pg_catalog.set_config('app.tenant', $1, false)")
+        .await
+        .unwrap();
+    a.query(&st, &[&"8"]).await.unwrap();
+    assert_ne!(one(text_rows(&b, &shard(y)).await), tenant("8"));
+    assert_eq!(one(text_rows(&a, &shard(y)).await), tenant("8"));
+    assert_eq!(one(text_rows(&a, coord).await), tenant("8"));
+
+    // In a transaction: kept if it commits, not if it rolls back.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.query(&st, &[&"9"]).await.unwrap();
+    a.batch_execute("ROLLBACK").await.unwrap();
+    text_rows(&b, coord).await;
+    assert_eq!(
+        one(text_rows(&a, &shard(x)).await),
+        tenant("8"),
+        "rolled back"
+    );
+    a.batch_execute("BEGIN").await.unwrap();
+    text_rows(&a, "SELECT set_config('app.tenant', '10', false)").await;
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_ne!(one(text_rows(&b, &shard(x)).await), tenant("10"));
+    assert_eq!(
+        one(text_rows(&a, &shard(x)).await),
+        tenant("10"),
+        "committed"
+    );
+
+    // A list setting keeps its elements.
+    text_rows(
+        &a,
+        "SELECT set_config('search_path', 'sg_none, public', false)",
+    )
+    .await;
+    assert_ne!(
+        one(text_rows(&b, "SHOW search_path").await),
+        tenant("sg_none, public")
+    );
+    assert_eq!(
+        one(text_rows(&a, "SHOW search_path").await),
+        tenant("sg_none, public")
+    );
+    // RESET ends it.
+    a.batch_execute("RESET app.tenant").await.unwrap();
+    text_rows(&b, coord).await;
+    assert_ne!(one(text_rows(&a, &shard(x)).await), tenant("10"), "reset");
+}
+
 /// A backend connection keeps a bounded number of promoted simple queries: preparing
 /// one more closes the least recently used, and a closed one is prepared again when
 /// it comes back.

@@ -89,6 +89,40 @@ struct Undo {
     previous: Option<Arc<Prepared>>,
 }
 
+/// `SELECT set_config('name', $n, false)` bound with a value (the form applications
+/// use where SET cannot take a parameter): tracked as a SET of that value rather than
+/// marking the connection (`inspected` is the statement's; `types` its Parse's raw
+/// parameter types).
+fn bound_set_config(
+    inspected: &settings::Inspected,
+    query: &[u8],
+    types: &[u8],
+    rest: &[u8],
+) -> Option<settings::Inspected> {
+    if !inspected.untracked {
+        return None;
+    }
+    let call = settings::set_config_call(std::str::from_utf8(query).ok()?)?;
+    let settings::ConfigValue::Param(i) = call.value else {
+        return None;
+    };
+    let params = route::bind_params(rest, &route::param_oids(types)).ok()?;
+    let v = match params.get(i)? {
+        crate::plan::ParamValue::Text(v) => v,
+        // The binary form of a string type is its text (unspecified: Postgres takes it
+        // as text, set_config's argument type).
+        crate::plan::ParamValue::Binary(v, 0 | 25 | 1043 | 19) => v,
+        _ => return None,
+    };
+    Some(settings::Inspected {
+        tracked: Some(SessionStmt::SetConfig {
+            stmt: settings::set_config_sql(&call.name, std::str::from_utf8(v).ok()?),
+            name: call.name,
+        }),
+        untracked: false,
+    })
+}
+
 fn msg(forward: bool) -> Expect {
     Expect::Msg {
         forward,
@@ -664,7 +698,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Some(prep) if !b.statement.is_empty() => {
                         self.ensure_prepared(&prep);
                         let i = prep.settings.get_or_init(|| inspect_text(&prep.query));
-                        self.bind_settings(b.portal, i);
+                        match bound_set_config(i, &prep.query, &prep.param_types, b.rest) {
+                            Some(t) => self.bind_settings(b.portal, &t),
+                            None => self.bind_settings(b.portal, i),
+                        }
                         protocol::encode_bind(&mut self.bout, b.portal, &prep.name, b.rest);
                         self.expect.push_back(msg(true));
                     }
@@ -674,9 +711,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // Unnamed, or unknown: the backend answers (26000 for unknown).
                     _ => {
                         if b.statement.is_empty()
-                            && let Some((q, _)) = &self.unnamed
+                            && let Some((q, types)) = &self.unnamed
                         {
                             let i = inspect_text(q);
+                            let i = bound_set_config(&i, q, types, b.rest).unwrap_or(i);
                             self.bind_settings(b.portal, &i);
                         }
                         self.bout.extend_from_slice(&f.raw);
@@ -875,6 +913,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if matches!(
             t,
             SessionStmt::Set { .. }
+                | SessionStmt::SetConfig { .. }
                 | SessionStmt::Reset { .. }
                 | SessionStmt::ResetAll
                 | SessionStmt::DiscardAll

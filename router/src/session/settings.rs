@@ -43,6 +43,13 @@ pub enum SessionStmt {
         name: String,
         stmt: String,
     },
+    /// `SELECT set_config('name', 'value', false)` alone: a SET by another name
+    /// (answered `SELECT 1`), replayed as `stmt` (a `set_config` call too: for a list
+    /// setting such as `search_path`, `SET name TO 'a, b'` would mean one element).
+    SetConfig {
+        name: String,
+        stmt: String,
+    },
     Reset {
         name: String,
     },
@@ -64,6 +71,7 @@ impl SessionStmt {
     pub fn tag(&self) -> &'static [u8] {
         match self {
             SessionStmt::Set { .. } => b"SET",
+            SessionStmt::SetConfig { .. } => b"SELECT 1",
             SessionStmt::Reset { .. } | SessionStmt::ResetAll => b"RESET",
             SessionStmt::DiscardAll => b"DISCARD ALL",
             SessionStmt::Deallocate { .. } => b"DEALLOCATE",
@@ -205,7 +213,7 @@ impl Settings {
     /// that committed).
     pub fn record(&mut self, stmt: &SessionStmt) {
         match stmt {
-            SessionStmt::Set { name, stmt } => {
+            SessionStmt::Set { name, stmt } | SessionStmt::SetConfig { name, stmt } => {
                 self.sets.insert(name.clone(), stmt.clone());
             }
             SessionStmt::Reset { name } => {
@@ -309,6 +317,20 @@ pub fn inspect(sql: &str) -> Inspected {
     }
     let b = sql.as_bytes();
     let mut untracked = calls_set_config(b);
+    if untracked
+        && let Some(SetConfigCall {
+            name,
+            value: ConfigValue::Text(v),
+        }) = set_config_call(sql)
+    {
+        return Inspected {
+            tracked: Some(SessionStmt::SetConfig {
+                stmt: set_config_sql(&name, &v),
+                name,
+            }),
+            untracked: false,
+        };
+    }
     if memchr::memchr(b';', b).is_none() {
         // One statement: what follows its leading comments (sqlcommenter-style
         // comments, and SETs behind them, are tracked as any other).
@@ -377,6 +399,86 @@ pub fn inspect(sql: &str) -> Inspected {
         tracked: (!all.is_empty() && !control).then_some(SessionStmt::Many(all)),
         untracked,
     }
+}
+
+/// The value of a [`SetConfigCall`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigValue {
+    /// A string literal, unescaped.
+    Text(String),
+    /// `$n`: the 0-based index of the parameter.
+    Param(usize),
+}
+
+/// A statement that is only `SELECT [pg_catalog.]set_config('name', value, false)`:
+/// what applications send where `SET` cannot take a parameter (a tenant id for row
+/// level security, a `search_path`). `name` is lowercased (setting names are not case
+/// sensitive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetConfigCall {
+    pub name: String,
+    pub value: ConfigValue,
+}
+
+/// Recognizes a [`SetConfigCall`]; `None` for anything else (another column, a
+/// transaction-local call, an `E'...'` string, a name the router does not replay:
+/// `session_authorization`, `client_encoding`).
+pub fn set_config_call(sql: &str) -> Option<SetConfigCall> {
+    use crate::plan::normalize::{Tok, tokens};
+    let toks: Vec<(Tok, &str)> = tokens(sql)
+        .into_iter()
+        .filter(|(k, ..)| *k != Tok::Space)
+        .map(|(k, s, e)| (k, &sql[s..e]))
+        .collect();
+    let word = |t: Option<&(Tok, &str)>, w: &str| matches!(t, Some((Tok::Word, s)) if s.eq_ignore_ascii_case(w));
+    let punct = |t: Option<&(Tok, &str)>, p: &str| matches!(t, Some((Tok::Punct, s)) if *s == p);
+    let string = |t: Option<&(Tok, &str)>| match t {
+        Some((Tok::Str, s)) if s.starts_with('\'') && s.len() >= 2 && s.ends_with('\'') => {
+            Some(s[1..s.len() - 1].replace("''", "'"))
+        }
+        _ => None,
+    };
+    let mut i = 0;
+    if !word(toks.first(), "select") {
+        return None;
+    }
+    i += 1;
+    if word(toks.get(i), "pg_catalog") && punct(toks.get(i + 1), ".") {
+        i += 2;
+    }
+    if !word(toks.get(i), "set_config") || !punct(toks.get(i + 1), "(") {
+        return None;
+    }
+    let name = string(toks.get(i + 2))?.to_ascii_lowercase();
+    if !punct(toks.get(i + 3), ",") {
+        return None;
+    }
+    let value = match toks.get(i + 4) {
+        Some((Tok::Param, s)) => ConfigValue::Param(s[1..].parse::<usize>().ok()?.checked_sub(1)?),
+        t => ConfigValue::Text(string(t)?),
+    };
+    if !punct(toks.get(i + 5), ",")
+        || !word(toks.get(i + 6), "false")
+        || !punct(toks.get(i + 7), ")")
+    {
+        return None;
+    }
+    let rest = &toks[i + 8..];
+    if !(rest.is_empty() || matches!(rest, [(Tok::Semi, _)])) {
+        return None;
+    }
+    if !valid_name(&name) || name == "session_authorization" || name == "client_encoding" {
+        return None;
+    }
+    Some(SetConfigCall { name, value })
+}
+
+/// The statement that replays a [`SetConfigCall`] of value `v`.
+pub fn set_config_sql(name: &str, v: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config('{name}', {}, false)",
+        dollar_quote(v)
+    )
 }
 
 /// Whether the text calls `set_config` (found by its underscore, which `memchr` finds
@@ -576,7 +678,13 @@ mod tests {
         }
         // What the router cannot follow is marked, never recorded.
         for sql in [
-            "SELECT set_config('search_path', 'x', false)",
+            "SELECT set_config('search_path', 'x', true)",
+            "SELECT set_config('a.b', 'x', false), 1",
+            "SELECT set_config('a.b', E'x', false)",
+            "SELECT set_config('a.b', 'x' || 'y', false)",
+            "SELECT set_config('client_encoding', 'LATIN1', false)",
+            "SELECT set_config('session_authorization', 'bob', false)",
+            "SELECT * FROM set_config('a.b', 'x', false)",
             "select PG_CATALOG.SET_CONFIG('a.b', '1', false); select 1",
             "SET search_path = x -- trailing",
             "/* a */ SET /* b */ search_path = x",
@@ -595,6 +703,52 @@ mod tests {
             assert!(i.untracked, "{sql}");
             assert!(i.tracked.is_none(), "{sql}");
         }
+    }
+
+    #[test]
+    fn set_config_alone_is_a_set() {
+        let text = |n: &str, v: &str| {
+            Some(SetConfigCall {
+                name: n.into(),
+                value: ConfigValue::Text(v.into()),
+            })
+        };
+        assert_eq!(
+            set_config_call("SELECT set_config('search_path', 'a, b', false)"),
+            text("search_path", "a, b")
+        );
+        assert_eq!(
+            set_config_call(
+                " select PG_CATALOG . Set_Config ( 'App.Tenant' , 'it''s' , FALSE ) ; "
+            ),
+            text("app.tenant", "it's")
+        );
+        assert_eq!(
+            set_config_call("SELECT /* c */ set_config('a.b', $2, false)"),
+            Some(SetConfigCall {
+                name: "a.b".into(),
+                value: ConfigValue::Param(1)
+            })
+        );
+        for sql in [
+            "SELECT set_config('a.b', $0, false)",
+            "SELECT set_config('a.b', 'x', false) x",
+            "SELECT set_config('a b', 'x', false)",
+            "SELECT set_config($1, 'x', false)",
+            "SELECT set_config('a.b', 'x')",
+        ] {
+            assert_eq!(set_config_call(sql), None, "{sql}");
+        }
+        let i = inspect("SELECT pg_catalog.set_config('search_path', 'a, b', false);");
+        assert!(!i.untracked);
+        assert_eq!(
+            i.tracked,
+            Some(SessionStmt::SetConfig {
+                name: "search_path".into(),
+                stmt: "SELECT pg_catalog.set_config('search_path', $sg$a, b$sg$, false)".into()
+            })
+        );
+        assert_eq!(i.tracked.unwrap().tag(), b"SELECT 1");
     }
 
     #[test]
