@@ -1516,6 +1516,56 @@ async fn set_config_on_a_shard_stays_with_its_session() {
     assert_ne!(got(b.query(read, &[&6i64]).await.unwrap()), "leak_simple");
 }
 
+/// A statement that does not parse, sent right after BEGIN to a node joining the
+/// transaction, aborts the transaction as on Postgres: what follows fails with 25P02
+/// until ROLLBACK, and nothing of it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syntax_error_on_a_joining_node_aborts_the_transaction() {
+    let env = one_connection_per_node().await;
+    let c = env.client().await;
+    let (x, y) = two_node_table(&c, false).await;
+    for bad in [
+        format!("SELECT id, 10 ! FROM t WHERE id = {x}"),
+        format!("SELECT id, 'a' 'b' FROM t WHERE id = {x}"),
+    ] {
+        c.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(outcome(&c, &bad).await, Err("42601".into()), "{bad}");
+        for next in [
+            format!("UPDATE t SET v = 888 WHERE id = {x}"),
+            format!("UPDATE t SET v = 889 WHERE id = {y}"),
+            "SELECT 1".to_owned(),
+        ] {
+            assert_eq!(
+                outcome(&c, &next).await,
+                Err("25P02".into()),
+                "{bad}; {next}"
+            );
+        }
+        c.batch_execute("ROLLBACK").await.unwrap();
+        for id in [x, y] {
+            assert_eq!(
+                outcome(&c, &format!("SELECT v FROM t WHERE id = {id}")).await,
+                Ok(vec![vec![Some("0".into())]]),
+                "{bad}: nothing committed"
+            );
+        }
+    }
+    // The joining BEGIN still travels with the statement: a transaction that reads a
+    // node and then writes it commits as one.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&format!("UPDATE t SET v = 5 WHERE id = {x}"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!("UPDATE t SET v = 6 WHERE id = {x}"))
+        .await
+        .unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        outcome(&c, &format!("SELECT v FROM t WHERE id = {x}")).await,
+        Ok(vec![vec![Some("0".into())]])
+    );
+}
+
 /// `SELECT set_config('name', value, false)` alone (the form applications use where
 /// SET cannot take a parameter, e.g. a tenant id for row level security) follows the
 /// session as a SET does: to every node it reads from, and back onto its connection

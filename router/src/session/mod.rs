@@ -202,10 +202,9 @@ pub struct Session<S> {
     /// Part of the open transaction was rolled back (a deadlock victim's other nodes):
     /// it can no longer commit.
     doomed: bool,
-    /// The next routed simple query carries its node's BEGIN (`BEGIN;<statement>`).
+    /// The next routed simple query carries its node's BEGIN (a Query of its own, in
+    /// the same write).
     join_begin: bool,
-    /// That BEGIN's CommandComplete is swallowed.
-    swallow_begin: bool,
     /// The promoted simple query in flight (`route::send_promoted`).
     promoted_inflight: Option<Arc<Prepared>>,
     /// The promoted statement in flight was refused as stale before it ran, outside a
@@ -248,7 +247,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             dist: None,
             doomed: false,
             join_begin: false,
-            swallow_begin: false,
             promoted_inflight: None,
             promoted_stale: false,
             begin_sql: None,
@@ -1243,9 +1241,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
             btag::READY_FOR_QUERY => {
                 let status = TxnStatus::from_byte(*f.body().first().unwrap_or(&0))?;
-                if !internal {
-                    self.swallow_begin = false;
-                }
                 let conn = self.lease.as_mut().expect("lease").conn();
                 conn.status = status;
                 match self.expect.pop_front() {
@@ -1285,10 +1280,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             btag::COMMAND_COMPLETE => {
                 let ctag = &f.body()[..f.body().len().saturating_sub(1)];
-                if self.swallow_begin && ctag == b"BEGIN" {
-                    self.swallow_begin = false;
-                    return Ok(());
-                }
                 // Whether the transaction committed: from the tags that end one (not
                 // from the last tag: `COMMIT; SELECT 1` committed). Cleared between
                 // requests (`after_request`).

@@ -339,6 +339,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             protocol::encode_target(&mut self.bout, tag::CLOSE, b'S', &prep.name);
             self.expect.push_back(msg(false));
         }
+        // Counted before the answers go out (a client may read the metrics next).
+        self.ctx.metrics.statements_simple.inc();
+        self.ctx.metrics.statements_promoted.inc();
         self.start_timer("simple");
         self.ensure_prepared(&prep);
         protocol::encode_bind(&mut self.bout, b"", &prep.name, &p.bind);
@@ -360,17 +363,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         pumped?;
         if stale {
             // Refused as stale before it ran (DDL this router has not seen): prepared
-            // again next time; this time the text.
-            return self.send_simple_here(sql).await;
+            // again next time; this time the text (counted once, above).
+            return self.send_text_here(sql).await;
         }
-        self.ctx.metrics.statements_simple.inc();
-        self.ctx.metrics.statements_promoted.inc();
         self.after_request().await;
         Ok(())
     }
 
     /// Sends a simple query on the session's current node and forwards the answers.
     pub(super) async fn send_simple_here(&mut self, sql: &str) -> Result<(), RouterError> {
+        self.ctx.metrics.statements_simple.inc();
+        self.send_text_here(sql).await
+    }
+
+    /// `send_simple_here` without counting the statement.
+    async fn send_text_here(&mut self, sql: &str) -> Result<(), RouterError> {
         if let Err(e) = self.ensure_lease().await {
             return self.refuse_request(e);
         }
@@ -379,15 +386,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // `SELECT set_config(...) FROM dist WHERE ...` on a shard's connection.
             self.mark_untracked();
         }
-        self.ctx.metrics.statements_simple.inc();
         self.start_timer("simple");
         if std::mem::take(&mut self.join_begin) {
-            // The joining node's BEGIN; its CommandComplete is not the client's.
-            protocol::encode_simple_query(&mut self.bout, &format!("BEGIN;{sql}"));
-            self.swallow_begin = true;
-        } else {
-            protocol::encode_simple_query(&mut self.bout, sql);
+            // The joining node's BEGIN, not the client's: a Query of its own, so that a
+            // statement that does not parse cannot take it along (in one string,
+            // `BEGIN;<statement>` fails whole, and the node would run what follows
+            // outside any transaction).
+            protocol::encode_simple_query(&mut self.bout, "BEGIN");
+            self.expect.push_back(Expect::Internal);
         }
+        protocol::encode_simple_query(&mut self.bout, sql);
         self.expect.push_back(Expect::Query {
             tracked: None,
             ok: false,
@@ -494,9 +502,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// A node joining an open transaction (new, or held idle with session pooling)
-    /// gets its BEGIN first. `lazy`: a plain BEGIN goes out as the prefix of the simple
-    /// query the caller sends next (`BEGIN;<statement>`: if BEGIN fails, the statement
-    /// does not run), with no round trip of its own.
+    /// gets its BEGIN first. `lazy`: a plain BEGIN goes out in the same write as the
+    /// simple query the caller sends next (a Query of its own, before it), with no
+    /// round trip of its own.
     async fn join(&mut self, lazy: bool) -> Result<(), RouterError> {
         let joins = self.status != TxnStatus::Idle
             && self
