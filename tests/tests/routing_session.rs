@@ -1353,9 +1353,30 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
         ("SELECT id, i FROM {t} WHERE id = 7 ORDER BY 2", false),
         ("SELECT id, n::numeric(10,1) FROM {t} WHERE id = 7", false),
         (
-            "SELECT id, i - 5, -s, i * 2 % 7 FROM {t} WHERE id = 7 AND i >= -5",
+            "SELECT id, i - 5, -s, i * 2 FROM {t} WHERE id = 7 AND i >= -5",
             true,
         ),
+        // A literal whose left neighbour across an operator is a literal stays text
+        // (here `(i * 2) % 7`: conservative).
+        ("SELECT id, i * 2 % 7 FROM {t} WHERE id = 7", false),
+        // Constants Postgres folds when it plans the text: errors every time.
+        (
+            "SELECT id FROM {t} WHERE id = 7 AND i = 2147483647 + 1",
+            false,
+        ),
+        ("SELECT id FROM {t} WHERE id = 7 AND n = 1 / 0.0", false),
+        (
+            "SELECT id FROM {t} WHERE id = 7 AND s = 100000::int2",
+            false,
+        ),
+        // Prefix operators on prefix operators (re-serialised with parentheses).
+        // (`-(-1)`: a sign after a parenthesis stays text).
+        ("SELECT - -1, - -i, @ -s FROM {t} WHERE id = 7", false),
+        (
+            "WITH d AS (SELECT id FROM {t} WHERE id = 7) SELECT - -1 FROM d",
+            false,
+        ),
+        ("SELECT id, - -i, |/ -f FROM {t} WHERE id = 7", true),
         ("SELECT id, -2147483648 < i FROM {t} WHERE id = 7", false),
         (
             "SELECT pg_typeof(-02147483648), i FROM {t} WHERE id = 7",
@@ -1392,9 +1413,10 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
             "UPDATE {t} SET i = i + -3, n = n * 1.5 WHERE id = 7 RETURNING i, n",
             true,
         ),
+        // Assigned to a column: coerced when Postgres plans the text.
         (
             "UPDATE {t} SET s = 7, n = 2.5 WHERE id = 8 RETURNING s, n",
-            true,
+            false,
         ),
         ("DELETE FROM {t} WHERE id = 9 RETURNING id, txt", true),
         ("SELECT id FROM {t} WHERE id = 9", true),
@@ -1409,7 +1431,7 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
         ),
         ("SELECT id FROM {t} WHERE id = 7 AND i > 70 AND s < 8", true),
         // No rows and no RowDescription: NoData is not forwarded.
-        ("UPDATE {t} SET s = 9 WHERE id = 12", true),
+        ("UPDATE {t} SET i = i + 9 WHERE id = 12", true),
     ];
     let promoted = |m: &str| metric_sum(m, "shardgate_session_promoted_statements_total");
     for (sql, expect_promoted) in cases {
@@ -1423,6 +1445,40 @@ async fn simple_queries_run_prepared_on_workers_mean_what_the_text_means() {
             if *expect_promoted { 1.0 } else { 0.0 },
             "promoted: {sql}"
         );
+    }
+    // A statement run often enough for Postgres to plan it generically, then with a
+    // value whose constant folding fails when the text is planned: the error comes
+    // every time, as on Postgres, though no row qualifies.
+    for (warm, bad) in [
+        (
+            "UPDATE {t} SET s = 5 WHERE id = 99999",
+            "UPDATE {t} SET s = 100000 WHERE id = 99999",
+        ),
+        (
+            "SELECT id FROM {t} WHERE id = 99999 AND i = 2147483647 + 0",
+            "SELECT id FROM {t} WHERE id = 99999 AND i = 2147483647 + 1",
+        ),
+        (
+            "SELECT id FROM {t} WHERE id = 99999 AND n = 1 / 1.0",
+            "SELECT id FROM {t} WHERE id = 99999 AND n = 1 / 0.0",
+        ),
+        (
+            "SELECT id FROM {t} WHERE id = 99999 AND f > 1e308 * 1",
+            "SELECT id FROM {t} WHERE id = 99999 AND f > 1e308 * 10",
+        ),
+        (
+            "SELECT id FROM {t} WHERE id = 99999 AND s = 5::int2",
+            "SELECT id FROM {t} WHERE id = 99999 AND s = 100000::int2",
+        ),
+    ] {
+        for _ in 0..8 {
+            outcome(&c, &warm.replace("{t}", "pd")).await.unwrap();
+        }
+        for _ in 0..2 {
+            let want = outcome(&plain, &bad.replace("{t}", "pl")).await;
+            assert!(want.is_err(), "{bad}");
+            assert_eq!(outcome(&c, &bad.replace("{t}", "pd")).await, want, "{bad}");
+        }
     }
     // Twice more: the statement prepared on a worker is reused, with other values.
     for id in [3, 4, 3] {

@@ -181,6 +181,71 @@ fn promotable_after(before: Option<(Tok, &str)>, prev: Option<(Tok, &str)>) -> b
     }
 }
 
+/// Whether every literal (`$n` of the normalised template) stands where a typed
+/// parameter means exactly what the literal does, fed the template's tokens in order.
+struct PromoteCheck<'a> {
+    ok: bool,
+    /// The last non-space tokens, latest first.
+    hist: [Option<(Tok, &'a str)>; 4],
+}
+
+impl<'a> PromoteCheck<'a> {
+    fn new(ok: bool) -> Self {
+        PromoteCheck {
+            ok,
+            hist: [None; 4],
+        }
+    }
+
+    fn token(&mut self, kind: Tok, tok: &'a str) {
+        let h = self.hist;
+        if kind == Tok::Param && (!promotable_after(h[1], h[0]) || folds_with_constants(h)) {
+            self.ok = false;
+        }
+        if kind != Tok::Space {
+            // A literal cast (`5::int2`) is folded when Postgres plans the text.
+            if matches!(h[0], Some((Tok::Param, _))) && tok == ":" {
+                self.ok = false;
+            }
+            self.hist = [Some((kind, tok)), h[0], h[1], h[2]];
+        }
+    }
+}
+
+/// Whether a literal at this place (`hist`: the tokens before it, latest first) is
+/// folded with other constants, or coerced to a column's type, when Postgres plans the
+/// text: `2147483647 + 1`, `1 / 0.0`, `5 - -1`, `SET int2col = 100000`. A parameter
+/// there is evaluated only when a row needs it, so once Postgres runs a generic plan
+/// the error the text raises at every execution (22003, 22012) would go unseen when
+/// no row qualifies. Such a literal keeps the statement as text.
+fn folds_with_constants(hist: [Option<(Tok, &str)>; 4]) -> bool {
+    let [p1, p2, p3, p4] = hist;
+    // A sign after an operator (or first) is unary: what applies is the operator before.
+    let unary = matches!(p1, Some((Tok::Punct, "+" | "-")))
+        && match p2 {
+            None => true,
+            Some((Tok::Punct, p)) => !matches!(p, ")" | "]"),
+            _ => false,
+        };
+    let (op, left, before_left) = if unary { (p2, p3, p4) } else { (p1, p2, p3) };
+    match op {
+        Some((Tok::Punct, "+" | "-" | "*" | "/" | "%")) => matches!(
+            left,
+            Some((Tok::Param | Tok::Number, _)) | Some((Tok::Punct, ")" | "]"))
+        ),
+        // An assignment (`SET col = 5`, `, col = 5`): coerced to the column's type.
+        Some((Tok::Punct, "=")) => {
+            matches!(left, Some((Tok::Word | Tok::Quoted, _)))
+                && match before_left {
+                    Some((Tok::Word, w)) => w.eq_ignore_ascii_case("set"),
+                    Some((Tok::Punct, ",")) => true,
+                    _ => false,
+                }
+        }
+        _ => false,
+    }
+}
+
 /// The type oid Postgres gives a numeric literal token as a constant, or `None` for
 /// anything else (a string, a sign, a form this lexer does not know).
 fn numeric_literal(tok: &str) -> Option<u32> {
@@ -657,18 +722,19 @@ impl Planner {
         let sql = &t.sql_template;
         let mut segments = Vec::new();
         let mut text = String::new();
-        let mut promote = normalized && client_params == 0 && is_promotable_kind(sql);
-        let mut prev: Option<(Tok, &str)> = None;
-        let mut before: Option<(Tok, &str)> = None;
+        let mut promote =
+            PromoteCheck::new(normalized && client_params == 0 && is_promotable_kind(sql));
         for (kind, s, e) in tokens(sql) {
             let tok = &sql[s..e];
-            if kind == Tok::Param && normalized && !promotable_after(before, prev) {
-                promote = false;
+            if kind == Tok::Space && (tok.contains("--") || tok.contains("/*")) {
+                // Sessions send the template as it is: a comment would swallow the
+                // rest of a line (a re-serialised `- -1` is `--1`).
+                return Err(PlanError::NotSupported(format!(
+                    "{tier} wrote a comment into the statement it planned ({:?}); a plan template must not hold comments",
+                    tok.trim()
+                )));
             }
-            if kind != Tok::Space {
-                before = prev;
-                prev = Some((kind, tok));
-            }
+            promote.token(kind, tok);
             match kind {
                 Tok::Placeholder => {
                     let n: usize = tok[2..tok.len() - 1].parse().unwrap_or(usize::MAX);
@@ -697,7 +763,7 @@ impl Planner {
             pullable: norm.read_only && is_query(sql),
             client_params,
             normalized,
-            promote,
+            promote: promote.ok,
         })
     }
 
@@ -1107,8 +1173,8 @@ pub fn quote_ident(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{
-        PromotedBuilder, Tok, is_promotable_kind, is_query, numeric_literal, promotable_after,
-        with_pulled,
+        PromoteCheck, PromotedBuilder, Tok, is_promotable_kind, is_query, numeric_literal,
+        promotable_after, tokens, with_pulled,
     };
 
     #[test]
@@ -1169,6 +1235,41 @@ mod tests {
             assert!(!promotable_after(w("x"), Some((k, p))), "{p}");
         }
         assert!(!promotable_after(None, None));
+        // Whole templates ($n: the normalised literals).
+        let promotes = |sql: &str| {
+            let mut c = PromoteCheck::new(true);
+            for (k, s, e) in tokens(sql) {
+                c.token(k, &sql[s..e]);
+            }
+            c.ok
+        };
+        for sql in [
+            "SELECT v FROM t WHERE id = $1 AND x > -$2",
+            "UPDATE t SET abalance = abalance + -$1 WHERE aid = $2",
+            "UPDATE t SET v = v * $1, w = w - $2 WHERE id = $3",
+            "SELECT x * $1 FROM t WHERE id = $2 AND y = $3 * z",
+            "SELECT a FROM t WHERE id = $1 LIMIT $2 OFFSET $3",
+        ] {
+            assert!(promotes(sql), "{sql}");
+        }
+        // Folded with another constant, cast, or assigned to a column when Postgres
+        // plans the text: a plan-time error a generic plan would not raise.
+        for sql in [
+            "SELECT id FROM t WHERE id = $1 AND big = $2 + $3",
+            "SELECT id FROM t WHERE id = $1 AND amount = $2 / $3",
+            "SELECT id FROM t WHERE id = $1 AND f > $2 * $3",
+            "SELECT id FROM t WHERE id = $1 AND x = $2 - -$3",
+            "SELECT id FROM t WHERE id = $1 AND x = ($2) * $3",
+            "SELECT id FROM t WHERE id = $1 AND small = $2::int2",
+            "SELECT id FROM t WHERE id = $1 AND small = $2 :: int2",
+            "UPDATE t SET small = $1 WHERE id = $2",
+            "UPDATE t SET small = -$1 WHERE id = $2",
+            "UPDATE t SET v = v + $1, small = $2 WHERE id = $3",
+            "UPDATE t SET \"Small\" = $1 WHERE id = $2",
+            "INSERT INTO t (id) SELECT $1 ON CONFLICT (id) DO UPDATE SET v = $2",
+        ] {
+            assert!(!promotes(sql), "{sql}");
+        }
         assert!(is_promotable_kind("  select 1"));
         assert!(is_promotable_kind("WITH x AS (SELECT 1) SELECT 2"));
         assert!(!is_promotable_kind("EXPLAIN SELECT 1"));
