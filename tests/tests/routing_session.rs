@@ -1572,6 +1572,40 @@ async fn set_config_on_a_shard_stays_with_its_session() {
     assert_ne!(got(b.query(read, &[&6i64]).await.unwrap()), "leak_simple");
 }
 
+/// After a column is added through the router, a client that prepares `SELECT *` gets
+/// the new column (its statement is prepared afresh on the workers, though the workers
+/// still hold the one prepared before), while a statement prepared before the change
+/// fails as on Postgres ("cached plan must not change result type").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_after_ddl_sees_the_new_columns() {
+    let env = one_connection_per_node().await;
+    let a = env.client().await;
+    let (x, _) = two_node_table(&a, false).await;
+    let star = "SELECT * FROM t WHERE id = $1";
+    let old = a.prepare(star).await.unwrap();
+    assert_eq!(a.query(&old, &[&x]).await.unwrap()[0].len(), 2);
+    a.batch_execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 7")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let b = env.client().await;
+        let st = b.prepare(star).await.unwrap();
+        assert_eq!(st.columns().len(), 3);
+        let rows = b.query(&st, &[&x]).await.unwrap();
+        assert_eq!(rows[0].len(), 3);
+        assert_eq!(rows[0].get::<_, i32>(2), 7);
+        // The unnamed statement too.
+        let rows = b.query(star, &[&x]).await.unwrap();
+        assert_eq!(rows[0].len(), 3);
+    }
+    let e = a.query(&old, &[&x]).await.unwrap_err();
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("0A000"),
+        "{e:?}"
+    );
+}
+
 /// A statement that does not parse, sent right after BEGIN to a node joining the
 /// transaction, aborts the transaction as on Postgres: what follows fails with 25P02
 /// until ROLLBACK, and nothing of it is committed.

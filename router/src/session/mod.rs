@@ -560,7 +560,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     {
                         return false;
                     }
-                    match self.ctx.prepared.lookup(p.query, p.param_types) {
+                    match self
+                        .ctx
+                        .prepared
+                        .lookup(p.query, p.param_types, self.client_epoch())
+                    {
                         Some(prep) if prep.validated.load(std::sync::atomic::Ordering::Relaxed) => {
                             plan.push((Bytes::copy_from_slice(p.name), Some(prep)))
                         }
@@ -629,7 +633,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     );
                     self.raise_on_backend(sqlstate::DUPLICATE_PREPARED_STATEMENT.code(), &msg);
                 } else {
-                    let prep = self.ctx.prepared.intern(p.query, p.param_types);
+                    let prep =
+                        self.ctx
+                            .prepared
+                            .intern_in(p.query, p.param_types, self.client_epoch());
                     let name = Bytes::copy_from_slice(p.name);
                     self.stmts.insert(name.clone(), prep.clone());
                     let undo = Some(Undo {
@@ -928,6 +935,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.ext_tracked.clear();
             self.mark_untracked();
         }
+    }
+
+    /// The epoch a client statement prepared now belongs to (`prepared::client_epoch`).
+    fn client_epoch(&self) -> u64 {
+        prepared::client_epoch(self.ctx.catalog.peek().generation)
     }
 
     async fn ensure_lease(&mut self) -> Result<(), RouterError> {

@@ -215,7 +215,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if name.is_empty() {
                 self.unnamed = Some((query, types));
             } else {
-                let prep = self.ctx.prepared.intern(&query, &types);
+                let prep = self
+                    .ctx
+                    .prepared
+                    .intern_in(&query, &types, self.client_epoch());
                 self.stmts.insert(name, prep);
             }
         }

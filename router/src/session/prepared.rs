@@ -18,6 +18,8 @@ pub struct Prepared {
     pub query: Bytes,
     /// Parameter count and type OIDs, raw from the client's Parse.
     pub param_types: Bytes,
+    /// The namespace of texts it was made in (see [`PreparedRegistry::intern_in`]).
+    pub epoch: u64,
     /// Some backend accepted this Parse once (the text is valid SQL for its types).
     pub validated: AtomicBool,
     /// The parameter types a backend described (ParameterDescription): how binary
@@ -68,12 +70,15 @@ impl Routing {
     }
 
     /// The router statement for the shard SQL `sql` (with the statement's parameter
-    /// types), from `registry` the first time.
+    /// types), from `registry` the first time, in `epoch` (the client statement's:
+    /// a statement the client prepared after a schema change gets shard statements
+    /// of its own, prepared afresh on the workers).
     pub fn shard_statement(
         &self,
         sql: &str,
         param_types: &[u8],
         registry: &PreparedRegistry,
+        epoch: u64,
     ) -> Arc<Prepared> {
         let mut shards = self.shards.lock();
         if let Some(p) = shards
@@ -82,7 +87,7 @@ impl Routing {
         {
             return p.clone();
         }
-        let p = registry.intern(sql.as_bytes(), param_types);
+        let p = registry.intern_in(sql.as_bytes(), param_types, epoch);
         if shards.len() < MAX_SHARD_STATEMENTS {
             shards.push(p.clone());
         }
@@ -90,13 +95,22 @@ impl Routing {
     }
 }
 
-/// Router statements by (text, raw parameter types, epoch). The epoch is 0 for
-/// client statements; promoted simple queries (`plan::Promoted`) use their catalog
-/// snapshot's generation + 1, so that a schema change gives them new statements.
+/// Router statements by (text, raw parameter types, epoch). Client statements (and
+/// the shard statements of routed ones) use [`client_epoch`] of the catalog snapshot
+/// they were prepared under, promoted simple queries (`plan::Promoted`) its generation
+/// + 1: a schema change gives statements prepared after it new names, which the
+/// backends parse afresh (a backend holding the old one would answer "cached plan must
+/// not change result type").
 #[derive(Default)]
 pub struct PreparedRegistry {
     by_text: Mutex<HashMap<(Bytes, Bytes, u64), Arc<Prepared>>>,
     next: AtomicU64,
+}
+
+/// The epoch of client statements prepared under catalog snapshot `generation` (apart
+/// from the promoted statements' `generation + 1`).
+pub fn client_epoch(generation: u64) -> u64 {
+    generation.wrapping_add(1) | 1 << 63
 }
 
 /// Beyond this many distinct statements the registry stops sharing new ones (each gets
@@ -104,12 +118,12 @@ pub struct PreparedRegistry {
 const MAX_SHARED: usize = 100_000;
 
 impl PreparedRegistry {
-    /// The router statement for this text, if there is one.
-    pub fn lookup(&self, query: &[u8], param_types: &[u8]) -> Option<Arc<Prepared>> {
+    /// The router statement for this text in `epoch`, if there is one.
+    pub fn lookup(&self, query: &[u8], param_types: &[u8], epoch: u64) -> Option<Arc<Prepared>> {
         let key = (
             Bytes::copy_from_slice(query),
             Bytes::copy_from_slice(param_types),
-            0,
+            epoch,
         );
         self.by_text.lock().get(&key).cloned()
     }
@@ -135,6 +149,7 @@ impl PreparedRegistry {
             name: Bytes::from(format!("sg_{id}")),
             query: key.0.clone(),
             param_types: key.1.clone(),
+            epoch,
             validated: AtomicBool::new(false),
             described: std::sync::OnceLock::new(),
             routing: Routing::default(),

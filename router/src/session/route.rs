@@ -890,7 +890,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 // Not parsed on the worker (it has no table of that name): the shard
                 // statement is, at Bind.
-                let prep = self.ctx.prepared.intern(p.query, p.param_types);
+                let prep = self
+                    .ctx
+                    .prepared
+                    .intern_in(p.query, p.param_types, self.client_epoch());
                 if p.name.is_empty() {
                     self.expect.push_back(Expect::Synth {
                         tag: crate::protocol::btag::PARSE_COMPLETE,
@@ -937,17 +940,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
                 let sprep = match &client_stmt {
                     // A named statement remembers its shard statements.
-                    Some(p) => {
-                        p.routing
-                            .shard_statement(&bound.sql, &p.param_types, &self.ctx.prepared)
-                    }
+                    Some(p) => p.routing.shard_statement(
+                        &bound.sql,
+                        &p.param_types,
+                        &self.ctx.prepared,
+                        p.epoch,
+                    ),
                     None => {
                         let types = self
                             .unnamed
                             .as_ref()
                             .map(|(_, t)| t.clone())
                             .unwrap_or_default();
-                        self.ctx.prepared.intern(bound.sql.as_bytes(), &types)
+                        self.ctx.prepared.intern_in(
+                            bound.sql.as_bytes(),
+                            &types,
+                            self.client_epoch(),
+                        )
                     }
                 };
                 // `SELECT set_config(...) FROM dist WHERE ...`: a change the router
