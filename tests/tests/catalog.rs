@@ -255,6 +255,14 @@ async fn distributing_a_table_moves_its_rows_into_shards_where_postgres_hashes_t
         msg(&e).contains("parser does not accept its syntax"),
         "{e:?}"
     );
+    // A column named with its schema: refused by every tier (the shard's name differs),
+    // never sent to a worker that would not find `public.companies`.
+    let e = c
+        .batch_execute("SELECT id FROM companies WHERE public.companies.id = 42")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    assert!(msg(&e).contains("schema.table.column"), "{e:?}");
     let rows = c
         .query("SELECT id FROM companies WHERE id = $1", &[&42i64])
         .await

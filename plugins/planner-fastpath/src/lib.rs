@@ -124,6 +124,15 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
         return not_mine(format!("{} statements, not one", statements.len()));
     }
     let mut stmt = statements.pop().expect("one statement");
+    // `schema.table.column`: the template names the table by an alias (its shard has
+    // another name), which such a column reference would not find.
+    let three_part = ast::visit_expressions(&stmt, |e| match e {
+        Expr::CompoundIdentifier(p) if p.len() > 2 => ControlFlow::Break(()),
+        _ => ControlFlow::Continue(()),
+    });
+    if three_part.is_break() {
+        return not_mine("a column named with its schema (schema.table.column)");
+    }
 
     // Exactly one table reference in the whole statement (subqueries, CTEs, joins,
     // USING/FROM lists and table functions all count).
