@@ -163,6 +163,32 @@ pub fn error_field(body: &[u8], code: u8) -> Option<&[u8]> {
     }
 }
 
+/// An ErrorResponse / NoticeResponse frame (tag and length included) with the fields
+/// of `code` left out; `None` if the body is malformed or has no such field.
+pub fn error_without_field(tag: u8, body: &[u8], code: u8) -> Option<Vec<u8>> {
+    error_field(body, code)?;
+    let mut kept = Vec::with_capacity(body.len());
+    let mut r = Reader::new(body);
+    loop {
+        let c = r.u8().ok()?;
+        if c == 0 {
+            break;
+        }
+        let v = r.cstr().ok()?;
+        if c != code {
+            kept.push(c);
+            kept.extend_from_slice(v);
+            kept.push(0);
+        }
+    }
+    kept.push(0);
+    let mut out = Vec::with_capacity(kept.len() + 5);
+    out.push(tag);
+    out.extend_from_slice(&((kept.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&kept);
+    Some(out)
+}
+
 /// ParameterStatus body -> (name, value).
 pub fn decode_parameter_status(body: &[u8]) -> Result<(String, String), ProtocolError> {
     let mut r = Reader::new(body);
@@ -173,6 +199,20 @@ pub fn decode_parameter_status(body: &[u8]) -> Result<(String, String), Protocol
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_error_field_is_left_out() {
+        let body = b"SERROR\0C42601\0Msyntax error\0P12\0\0";
+        let f = super::error_without_field(b'E', body, b'P').unwrap();
+        assert_eq!(&f[5..], b"SERROR\0C42601\0Msyntax error\0\0");
+        assert_eq!(
+            i32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize,
+            f.len() - 1
+        );
+        assert_eq!(f[0], b'E');
+        assert!(super::error_without_field(b'E', body, b'W').is_none());
+        assert!(super::error_without_field(b'E', b"SERROR", b'P').is_none());
+    }
     use super::*;
     use crate::protocol::decode_frame;
 

@@ -1437,6 +1437,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(code) = protocol::error_sqlstate(f.body()) {
             self.ctx.metrics.error(code);
         }
+        // On a worker the statement is the shard SQL, not the client's text: a cursor
+        // position (`LINE 1: ... ^`) would point at the wrong character.
+        if self.node.is_some()
+            && let Some(frame) = protocol::error_without_field(f.tag, f.body(), b'P')
+        {
+            self.out.extend_from_slice(&frame);
+            return;
+        }
         self.out.extend_from_slice(f.raw);
     }
 
