@@ -1572,6 +1572,101 @@ async fn set_config_on_a_shard_stays_with_its_session() {
     assert_ne!(got(b.query(read, &[&6i64]).await.unwrap()), "leak_simple");
 }
 
+/// Colocated tables each pinned by a parameter of its own (`t.id = $1 AND u.id = $2`,
+/// as ORMs write them) run on one shard when the values are on one shard, with the
+/// rows Postgres gives; values on different shards are refused (0A000), never run on
+/// one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colocated_tables_pinned_by_separate_parameters_run_on_their_shard() {
+    let env = one_connection_per_node().await;
+    let c = env.client().await;
+    let (x, y) = two_node_table(&c, false).await;
+    c.batch_execute("CREATE TABLE u (id int8 PRIMARY KEY, w int NOT NULL)")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT create_distributed_table('u', 'id', colocate_with => 't')")
+        .await
+        .unwrap();
+    for id in 1..=40i64 {
+        c.execute("INSERT INTO u VALUES ($1, $2)", &[&id, &(id as i32 * 100)])
+            .await
+            .unwrap();
+    }
+    // Another id on x's shard.
+    let shard = |id: i64| {
+        let c = &c;
+        async move {
+            text_rows(
+                c,
+                &format!("SELECT get_shard_id_for_distribution_column('t', {id})"),
+            )
+            .await[0][0]
+                .clone()
+        }
+    };
+    let sx = shard(x).await;
+    let mut z = None;
+    for id in 1..=40i64 {
+        if id != x && shard(id).await == sx {
+            z = Some(id);
+            break;
+        }
+    }
+    let z = z.expect("8 shards over 40 ids: another id on x's shard");
+    let joined = "SELECT t.id, u.w FROM t JOIN u ON u.id = t.id WHERE t.id = $1 AND u.id = $2";
+    let cross = "SELECT t.id, u.w FROM t, u WHERE t.id = $1 AND u.id = $2";
+    let rows = |r: Vec<shardgate_tests::tokio_postgres::Row>| {
+        r.iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        rows(c.query(joined, &[&x, &x]).await.unwrap()),
+        [(x, x as i32 * 100)]
+    );
+    assert_eq!(
+        rows(c.query(cross, &[&x, &x]).await.unwrap()),
+        [(x, x as i32 * 100)]
+    );
+    // Different values on one shard: the rows of both are there.
+    assert_eq!(
+        rows(c.query(cross, &[&x, &z]).await.unwrap()),
+        [(x, z as i32 * 100)]
+    );
+    assert!(c.query(joined, &[&x, &z]).await.unwrap().is_empty());
+    // On different shards: refused.
+    for sql in [joined, cross] {
+        let e = c.query(sql, &[&x, &y]).await.unwrap_err();
+        assert_eq!(
+            e.as_db_error().map(|d| d.code().code()),
+            Some("0A000"),
+            "{sql}: {e:?}"
+        );
+    }
+    // The simple protocol too (each literal its own parameter once normalised).
+    assert_eq!(
+        outcome(
+            &c,
+            &format!("SELECT t.id, u.w FROM t, u WHERE t.id = {x} AND u.id = {z}")
+        )
+        .await,
+        Ok(vec![vec![Some(x.to_string()), Some((z * 100).to_string())]])
+    );
+    assert_eq!(
+        outcome(
+            &c,
+            &format!("SELECT t.id, u.w FROM t, u WHERE t.id = {x} AND u.id = {y}")
+        )
+        .await,
+        Err("0A000".into())
+    );
+    // The session goes on.
+    assert_eq!(
+        rows(c.query(joined, &[&y, &y]).await.unwrap()),
+        [(y, y as i32 * 100)]
+    );
+}
+
 /// After a column is added through the router, a client that prepares `SELECT *` gets
 /// the new column (its statement is prepared afresh on the workers, though the workers
 /// still hold the one prepared before), while a statement prepared before the change

@@ -28,6 +28,10 @@ pub(crate) struct Found {
     /// Tables of different groups may be pinned to different values; the router runs
     /// the statement only on a node that holds every chosen shard.
     pub keys: Vec<(i32, Option<Key>)>,
+    /// The other values occurrences of a group are pinned to (`a.tenant = $1 AND
+    /// e.tenant = $2`, with `$1` in `keys`): the router runs the statement only if they
+    /// choose the same shard (when the values differ, rows of both are on that shard).
+    pub extra: Vec<(i32, Key)>,
 }
 
 /// Analyses a statement whose relation names carry tags (`rels[i]` is the original of
@@ -1438,6 +1442,7 @@ impl<'a> Analysis<'a> {
         // Per colocation group, the value its occurrences are pinned to (`None`: a
         // group of one-shard tables, which needs none).
         let mut keys: Vec<(i32, Option<Key>)> = Vec::new();
+        let mut extra: Vec<(i32, Key)> = Vec::new();
         let mut any_reference = false;
         for o in &self.occs {
             let t = &self.tables[o.table];
@@ -1445,6 +1450,22 @@ impl<'a> Analysis<'a> {
                 any_reference = true;
                 continue;
             };
+            if t.shard_count != 1 {
+                // Every value the occurrence is pinned to besides the one it took.
+                let node = &self.nodes[n];
+                let others = node.facts.iter().chain(
+                    node.inputs
+                        .iter()
+                        .filter_map(|(s, _)| self.nodes[*s].value.as_ref()),
+                );
+                for x in others {
+                    if node.value.as_ref() != Some(x)
+                        && !extra.iter().any(|(g, k)| *g == t.colocation_id && k == x)
+                    {
+                        extra.push((t.colocation_id, x.clone()));
+                    }
+                }
+            }
             let v = match &self.nodes[n].value {
                 // A table of one shard: every occurrence is on that shard.
                 _ if t.shard_count == 1 => None,
@@ -1459,11 +1480,16 @@ impl<'a> Analysis<'a> {
             match keys.iter().find(|(g, _)| *g == t.colocation_id) {
                 None => keys.push((t.colocation_id, v)),
                 Some((_, k)) if v.is_some() && *k != v => {
-                    return not_mine("tables of one colocation group pinned to different values");
+                    let v = v.expect("checked");
+                    if !extra.iter().any(|(g, x)| *g == t.colocation_id && *x == v) {
+                        extra.push((t.colocation_id, v));
+                    }
                 }
                 _ => {}
             }
         }
+        // The group's own key is not an extra one.
+        extra.retain(|(g, x)| !keys.iter().any(|(h, k)| h == g && k.as_ref() == Some(x)));
         if keys.is_empty() && !any_reference {
             return not_mine("no table");
         }
@@ -1476,7 +1502,7 @@ impl<'a> Analysis<'a> {
         if let Some(message) = self.refusal {
             return Err(Stop::Refuse(message));
         }
-        Ok(Found { roles, keys })
+        Ok(Found { roles, keys, extra })
     }
 
     fn solve(&mut self) -> Result<(), Stop> {
@@ -1519,15 +1545,24 @@ impl<'a> Analysis<'a> {
                     }
                 }
             }
-            // An occurrence that holds one value only if it holds another is refused.
-            for n in self.nodes.iter().filter(|n| !n.and) {
+            // An occurrence pinned to several values holds rows only where they are
+            // equal. Its own conditions, or an equality with an occurrence of its own
+            // colocation group (a value of the same type): `finish` passes the others
+            // on as extra keys, and the router runs the statement only when they all
+            // choose its shard. Through anything else, refused.
+            let mut group_of: Vec<Option<i32>> = vec![None; self.nodes.len()];
+            for o in &self.occs {
+                if let Some(n) = o.node {
+                    group_of[n] = Some(self.tables[o.table].colocation_id);
+                }
+            }
+            for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| !n.and) {
                 if let Some(v) = &n.value {
-                    let other = n.facts.iter().chain(
-                        n.inputs
-                            .iter()
-                            .filter_map(|(s, _)| self.nodes[*s].value.as_ref()),
-                    );
-                    if other.into_iter().any(|x| x != v) {
+                    let foreign = n.inputs.iter().any(|(s, _)| {
+                        self.nodes[*s].value.as_ref().is_some_and(|x| x != v)
+                            && (group_of[*s].is_none() || group_of[*s] != group_of[i])
+                    });
+                    if foreign {
                         return not_mine("an occurrence pinned to different values");
                     }
                 }

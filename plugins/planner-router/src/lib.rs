@@ -359,7 +359,7 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
     if text.contains(slot.as_str()) {
         return not_mine("a table reference could not be isolated in the re-serialised text");
     }
-    let targets = target_tables
+    let mut targets: Vec<Target> = target_tables
         .iter()
         .map(|t| Target {
             table: *t as u32,
@@ -374,6 +374,19 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
             },
         })
         .collect();
+    // Extra keys of a group: a target repeating one of its tables (not in the
+    // template), which the router checks chooses the same shard.
+    for (g, k) in &found.extra {
+        if let Some(t) = target_tables
+            .iter()
+            .find(|t| tables[**t].kind == TableKind::Distributed && tables[**t].colocation_id == *g)
+        {
+            targets.push(Target {
+                table: *t as u32,
+                key: k.shard_key(),
+            });
+        }
+    }
     Ok(PlanTemplate {
         targets,
         sql_template: text,

@@ -140,7 +140,7 @@ pub struct Promoted {
     /// A Bind message after the statement name, raw: no parameter formats (text),
     /// the values, no result formats (text).
     pub bind: Vec<u8>,
-    /// The catalog snapshot it was planned in: a statement prepared before a schema
+    /// The catalog version it was planned under: a statement prepared before a schema
     /// change is not reused after it (its result type may have changed).
     pub generation: u64,
 }
@@ -187,6 +187,11 @@ struct PromoteCheck<'a> {
     ok: bool,
     /// The last non-space tokens, latest first.
     hist: [Option<(Tok, &'a str)>; 4],
+    /// Parenthesis depth.
+    depth: usize,
+    /// The depth of the SET list being read (`UPDATE ... SET`, `DO UPDATE SET`), whose
+    /// `=` assigns (until WHERE, FROM or RETURNING at that depth).
+    set_list: Option<usize>,
 }
 
 impl<'a> PromoteCheck<'a> {
@@ -194,13 +199,31 @@ impl<'a> PromoteCheck<'a> {
         PromoteCheck {
             ok,
             hist: [None; 4],
+            depth: 0,
+            set_list: None,
         }
     }
 
     fn token(&mut self, kind: Tok, tok: &'a str) {
         let h = self.hist;
-        if kind == Tok::Param && (!promotable_after(h[1], h[0]) || folds_with_constants(h)) {
+        let assigns = self.set_list == Some(self.depth);
+        if kind == Tok::Param && (!promotable_after(h[1], h[0]) || folds_with_constants(h, assigns))
+        {
             self.ok = false;
+        }
+        match (kind, tok) {
+            (Tok::Punct, "(") => self.depth += 1,
+            (Tok::Punct, ")") => self.depth = self.depth.saturating_sub(1),
+            (Tok::Word, w) if w.eq_ignore_ascii_case("set") => self.set_list = Some(self.depth),
+            (Tok::Word, w)
+                if assigns
+                    && ["where", "from", "returning"]
+                        .iter()
+                        .any(|k| w.eq_ignore_ascii_case(k)) =>
+            {
+                self.set_list = None
+            }
+            _ => {}
         }
         if kind != Tok::Space {
             // A literal cast (`5::int2`) is folded when Postgres plans the text.
@@ -212,14 +235,15 @@ impl<'a> PromoteCheck<'a> {
     }
 }
 
-/// Whether a literal at this place (`hist`: the tokens before it, latest first) is
-/// folded with other constants, or coerced to a column's type, when Postgres plans the
-/// text: `2147483647 + 1`, `1 / 0.0`, `5 - -1`, `SET int2col = 100000`. A parameter
-/// there is evaluated only when a row needs it, so once Postgres runs a generic plan
-/// the error the text raises at every execution (22003, 22012) would go unseen when
-/// no row qualifies. Such a literal keeps the statement as text.
-fn folds_with_constants(hist: [Option<(Tok, &str)>; 4]) -> bool {
-    let [p1, p2, p3, p4] = hist;
+/// Whether a literal at this place (`hist`: the tokens before it, latest first;
+/// `assigns`: in a SET list, where `=` assigns) is folded with other constants, or
+/// coerced to a column's type, when Postgres plans the text: `2147483647 + 1`,
+/// `1 / 0.0`, `5 - -1`, `date '...' + 1`, `SET int2col = 100000`. A parameter there
+/// is evaluated only when a row needs it, so once Postgres runs a generic plan the
+/// error the text raises at every execution (22003, 22012) would go unseen when no row
+/// qualifies. Such a literal keeps the statement as text.
+fn folds_with_constants(hist: [Option<(Tok, &str)>; 4], assigns: bool) -> bool {
+    let [p1, p2, p3, _] = hist;
     // A sign after an operator (or first) is unary: what applies is the operator before.
     let unary = matches!(p1, Some((Tok::Punct, "+" | "-")))
         && match p2 {
@@ -227,21 +251,16 @@ fn folds_with_constants(hist: [Option<(Tok, &str)>; 4]) -> bool {
             Some((Tok::Punct, p)) => !matches!(p, ")" | "]"),
             _ => false,
         };
-    let (op, left, before_left) = if unary { (p2, p3, p4) } else { (p1, p2, p3) };
+    let (op, left) = if unary { (p2, p3) } else { (p1, p2) };
     match op {
         Some((Tok::Punct, "+" | "-" | "*" | "/" | "%")) => matches!(
             left,
-            Some((Tok::Param | Tok::Number, _)) | Some((Tok::Punct, ")" | "]"))
+            Some((Tok::Param | Tok::Number | Tok::Str | Tok::OtherStr, _))
+                | Some((Tok::Punct, ")" | "]"))
         ),
-        // An assignment (`SET col = 5`, `, col = 5`): coerced to the column's type.
-        Some((Tok::Punct, "=")) => {
-            matches!(left, Some((Tok::Word | Tok::Quoted, _)))
-                && match before_left {
-                    Some((Tok::Word, w)) => w.eq_ignore_ascii_case("set"),
-                    Some((Tok::Punct, ",")) => true,
-                    _ => false,
-                }
-        }
+        // An assignment (`SET col = 5`, `SET comp.f = 5`, `SET arr[1] = 5`): coerced
+        // to the column's type.
+        Some((Tok::Punct, "=")) => assigns,
         _ => false,
     }
 }
@@ -1006,7 +1025,11 @@ impl Planner {
             }
         }
         let promoted = match promo {
-            Some(p) if pulls.is_empty() && also.is_empty() => Some(p.finish(snap.generation)),
+            // Keyed by the catalog version (bumped by every catalog change, DDL through
+            // the router included), not the snapshot's generation (every reload).
+            Some(p) if pulls.is_empty() && also.is_empty() => {
+                Some(p.finish(snap.version.max(0) as u64))
+            }
             _ => None,
         };
         Ok(Bound {
@@ -1249,12 +1272,18 @@ mod tests {
             "UPDATE t SET v = v * $1, w = w - $2 WHERE id = $3",
             "SELECT x * $1 FROM t WHERE id = $2 AND y = $3 * z",
             "SELECT a FROM t WHERE id = $1 LIMIT $2 OFFSET $3",
+            "UPDATE t SET a = (SELECT b FROM u WHERE c = $1) WHERE t.id = $2",
+            "UPDATE t SET v = v + $1 FROM u WHERE u.x = $2 AND t.id = $3",
         ] {
             assert!(promotes(sql), "{sql}");
         }
         // Folded with another constant, cast, or assigned to a column when Postgres
         // plans the text: a plan-time error a generic plan would not raise.
         for sql in [
+            "SELECT id FROM t WHERE id = $1 AND d = date '5874897-12-31' + $2",
+            "UPDATE t SET comp.f = $1 WHERE id = $2",
+            "UPDATE t SET arr[1] = $1 WHERE id = $2",
+            "UPDATE t SET a = (SELECT b FROM u WHERE c = 5), d = $1 WHERE id = $2",
             "SELECT id FROM t WHERE id = $1 AND big = $2 + $3",
             "SELECT id FROM t WHERE id = $1 AND amount = $2 / $3",
             "SELECT id FROM t WHERE id = $1 AND f > $2 * $3",

@@ -90,8 +90,8 @@ struct Undo {
 }
 
 /// `SELECT set_config('name', $n, false)` bound with a value (the form applications
-/// use where SET cannot take a parameter): tracked as a SET of that value rather than
-/// marking the connection (`inspected` is the statement's; `types` its Parse's raw
+/// use where SET cannot take a parameter): tracked as a SET of that value, so that it
+/// follows the session (`inspected` is the statement's; `types` its Parse's raw
 /// parameter types).
 fn bound_set_config(
     inspected: &settings::Inspected,
@@ -119,7 +119,10 @@ fn bound_set_config(
             stmt: settings::set_config_sql(&call.name, std::str::from_utf8(v).ok()?),
             name: call.name,
         }),
-        untracked: false,
+        // Marked too: an Execute with a row limit answers PortalSuspended, not the
+        // `SELECT 1` that records it, and the setting must not reach another client.
+        // Recorded, it still follows the session to its other connections.
+        untracked: true,
     })
 }
 
@@ -939,7 +942,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// The epoch a client statement prepared now belongs to (`prepared::client_epoch`).
     fn client_epoch(&self) -> u64 {
-        prepared::client_epoch(self.ctx.catalog.peek().generation)
+        prepared::client_epoch(self.ctx.catalog.peek().version)
     }
 
     async fn ensure_lease(&mut self) -> Result<(), RouterError> {

@@ -96,9 +96,9 @@ impl Routing {
 }
 
 /// Router statements by (text, raw parameter types, epoch). Client statements (and
-/// the shard statements of routed ones) use [`client_epoch`] of the catalog snapshot
-/// they were prepared under, promoted simple queries (`plan::Promoted`) its generation
-/// + 1: a schema change gives statements prepared after it new names, which the
+/// the shard statements of routed ones) use [`client_epoch`] of the catalog version
+/// they were prepared under, promoted simple queries (`plan::Promoted`) that version
+/// + 1: a catalog change gives statements prepared after it new names, which the
 /// backends parse afresh (a backend holding the old one would answer "cached plan must
 /// not change result type").
 #[derive(Default)]
@@ -107,10 +107,12 @@ pub struct PreparedRegistry {
     next: AtomicU64,
 }
 
-/// The epoch of client statements prepared under catalog snapshot `generation` (apart
-/// from the promoted statements' `generation + 1`).
-pub fn client_epoch(generation: u64) -> u64 {
-    generation.wrapping_add(1) | 1 << 63
+/// The epoch of client statements prepared under catalog `version`
+/// (`catalog_state.version`, bumped by every catalog change, DDL through the router
+/// included; not the snapshot's generation, which every reload changes): apart from
+/// the promoted statements' `version + 1`.
+pub fn client_epoch(version: i64) -> u64 {
+    (version.max(0) as u64).wrapping_add(1) | 1 << 63
 }
 
 /// Beyond this many distinct statements the registry stops sharing new ones (each gets
