@@ -577,30 +577,12 @@ fn template(sql: &str, stmt: &mut ast::Statement) -> Result<String, Stop> {
         }
         _ => return not_mine("not a SELECT, INSERT, UPDATE or DELETE"),
     }
-    parenthesize_prefix_operands(stmt);
+    planner_sql::parenthesize_prefix_operands(stmt);
     let text = stmt.to_string();
     if text.matches(placeholder.as_str()).count() != 1 {
         return not_mine("the table reference could not be isolated in the re-serialised text");
     }
     Ok(text.replace(placeholder.as_str(), "{t0}"))
-}
-
-/// sqlparser prints a prefix operator right against its operand: `- -1` comes out as
-/// `--1` (a comment to Postgres: the rest of the line is lost), `@ -x` as `@-x` (another
-/// operator). An operand that starts with an operator character is put in parentheses
-/// (`-(-1)`, `@(-x)`), which means the same.
-fn parenthesize_prefix_operands(stmt: &mut ast::Statement) {
-    let _ = ast::visit_expressions_mut(stmt, |e| {
-        if let Expr::UnaryOp { expr, .. } = e
-            && expr
-                .to_string()
-                .starts_with(|c: char| "+-*/<>=~!@#%^&|`?".contains(c))
-        {
-            let inner = std::mem::replace(&mut **expr, Expr::Value(Value::Null.into()));
-            **expr = Expr::Nested(Box::new(inner));
-        }
-        ControlFlow::<()>::Continue(())
-    });
 }
 
 fn set_alias(

@@ -344,7 +344,7 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
         slot_of: &slot_of,
     };
     let _ = stmt.visit(&mut rewrite);
-    parenthesize_prefix_operands(&mut stmt);
+    planner_sql::parenthesize_prefix_operands(&mut stmt);
     let mut text = stmt.to_string();
     if text.contains(tag.as_str()) {
         return not_mine("a table reference could not be isolated in the re-serialised text");
@@ -392,24 +392,6 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
         sql_template: text,
         merge: MergeKind::SingleShard,
     })
-}
-
-/// sqlparser prints a prefix operator right against its operand: `- -1` comes out as
-/// `--1` (a comment to Postgres: the rest of the line is lost), `@ -x` as `@-x` (another
-/// operator). An operand that starts with an operator character is put in parentheses
-/// (`-(-1)`, `@(-x)`), which means the same.
-fn parenthesize_prefix_operands(stmt: &mut ast::Statement) {
-    let _ = ast::visit_expressions_mut(stmt, |e| {
-        if let Expr::UnaryOp { expr, .. } = e
-            && expr
-                .to_string()
-                .starts_with(|c: char| "+-*/<>=~!@#%^&|`?".contains(c))
-        {
-            let inner = std::mem::replace(&mut **expr, Expr::Value(Value::Null.into()));
-            **expr = Expr::Nested(Box::new(inner));
-        }
-        ControlFlow::<()>::Continue(())
-    });
 }
 
 /// Puts the names back: `<slot>N_` for catalog tables (given their own name as alias

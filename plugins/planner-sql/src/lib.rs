@@ -1,0 +1,42 @@
+//! What the planner tiers do to a parsed statement before printing it as a plan
+//! template, where sqlparser's printing would change what the statement means.
+
+use sqlparser::ast::{self, Expr, Value};
+use std::ops::ControlFlow;
+
+/// sqlparser prints a prefix operator right against its operand: `- -1` comes out as
+/// `--1` (a comment to Postgres: the rest of the line is lost), `@ -x` as `@-x` (another
+/// operator). An operand that starts with an operator character is put in parentheses
+/// (`-(-1)`, `@(-x)`), which means the same.
+pub fn parenthesize_prefix_operands(stmt: &mut ast::Statement) {
+    let _ = ast::visit_expressions_mut(stmt, |e| {
+        if let Expr::UnaryOp { expr, .. } = e
+            && expr
+                .to_string()
+                .starts_with(|c: char| "+-*/<>=~!@#%^&|`?".contains(c))
+        {
+            let inner = std::mem::replace(&mut **expr, Expr::Value(Value::Null.into()));
+            **expr = Expr::Nested(Box::new(inner));
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::parser::Parser;
+
+    fn printed(sql: &str) -> String {
+        let mut s = Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap().remove(0);
+        super::parenthesize_prefix_operands(&mut s);
+        s.to_string()
+    }
+
+    #[test]
+    fn prefix_operands_keep_their_meaning() {
+        assert_eq!(printed("SELECT - -1"), "SELECT -(-1)");
+        assert_eq!(printed("SELECT - - -x"), "SELECT -(-(-x))");
+        assert_eq!(printed("SELECT -x, 1 - -2"), "SELECT -x, 1 - -2");
+    }
+}
