@@ -28,7 +28,9 @@ mod tests {
     use sqlparser::parser::Parser;
 
     fn printed(sql: &str) -> String {
-        let mut s = Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap().remove(0);
+        let mut s = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+            .unwrap()
+            .remove(0);
         super::parenthesize_prefix_operands(&mut s);
         s.to_string()
     }
