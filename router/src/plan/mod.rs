@@ -142,7 +142,7 @@ pub struct Promoted {
     pub bind: Vec<u8>,
     /// The catalog version it was planned under: a statement prepared before a schema
     /// change is not reused after it (its result type may have changed).
-    pub generation: u64,
+    pub version: u64,
 }
 
 /// Whether a numeric literal right after the token `prev` (the previous non-space
@@ -186,7 +186,7 @@ fn promotable_after(before: Option<(Tok, &str)>, prev: Option<(Tok, &str)>) -> b
 struct PromoteCheck<'a> {
     ok: bool,
     /// The last non-space tokens, latest first.
-    hist: [Option<(Tok, &'a str)>; 4],
+    hist: [Option<(Tok, &'a str)>; 3],
     /// Parenthesis depth.
     depth: usize,
     /// The depth of the SET list being read (`UPDATE ... SET`, `DO UPDATE SET`), whose
@@ -198,7 +198,7 @@ impl<'a> PromoteCheck<'a> {
     fn new(ok: bool) -> Self {
         PromoteCheck {
             ok,
-            hist: [None; 4],
+            hist: [None; 3],
             depth: 0,
             set_list: None,
         }
@@ -230,7 +230,7 @@ impl<'a> PromoteCheck<'a> {
             if matches!(h[0], Some((Tok::Param, _))) && tok == ":" {
                 self.ok = false;
             }
-            self.hist = [Some((kind, tok)), h[0], h[1], h[2]];
+            self.hist = [Some((kind, tok)), h[0], h[1]];
         }
     }
 }
@@ -242,8 +242,8 @@ impl<'a> PromoteCheck<'a> {
 /// is evaluated only when a row needs it, so once Postgres runs a generic plan the
 /// error the text raises at every execution (22003, 22012) would go unseen when no row
 /// qualifies. Such a literal keeps the statement as text.
-fn folds_with_constants(hist: [Option<(Tok, &str)>; 4], assigns: bool) -> bool {
-    let [p1, p2, p3, _] = hist;
+fn folds_with_constants(hist: [Option<(Tok, &str)>; 3], assigns: bool) -> bool {
+    let [p1, p2, p3] = hist;
     // A sign after an operator (or first) is unary: what applies is the operator before.
     let unary = matches!(p1, Some((Tok::Punct, "+" | "-")))
         && match p2 {
@@ -435,7 +435,7 @@ impl PromotedBuilder {
         Some(self)
     }
 
-    fn finish(mut self, generation: u64) -> Promoted {
+    fn finish(mut self, version: u64) -> Promoted {
         self.types[..2].copy_from_slice(&self.count.to_be_bytes());
         self.bind[2..4].copy_from_slice(&self.count.to_be_bytes());
         self.bind.extend_from_slice(&[0, 0]);
@@ -443,7 +443,7 @@ impl PromotedBuilder {
             sql: self.sql,
             param_types: self.types,
             bind: self.bind,
-            generation,
+            version,
         }
     }
 }
@@ -1323,7 +1323,7 @@ mod tests {
                 0, 0, 0, 2, 0, 0, 0, 1, b'7', 0, 0, 0, 3, b'2', b'.', b'5', 0, 0
             ]
         );
-        assert_eq!(p.generation, 9);
+        assert_eq!(p.version, 9);
         assert!(PromotedBuilder::new(16, 1).literal(0, "'x'").is_none());
         for boundary in ["2147483648", "002147483648", "09223372036854775808"] {
             assert!(PromotedBuilder::new(16, 1).literal(0, boundary).is_none());

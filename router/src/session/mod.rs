@@ -126,6 +126,17 @@ fn bound_set_config(
     })
 }
 
+/// Whether an ErrorResponse is Postgres refusing a prepared statement whose tables
+/// changed under it ("cached plan must not change result type"): found by the routine
+/// that raises it too, since the message is translated when the node's lc_messages is
+/// not English.
+fn changed_result_type(body: &[u8]) -> bool {
+    protocol::error_sqlstate(body) == Some(sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes())
+        && (protocol::error_field(body, b'R') == Some(b"RevalidateCachedQuery".as_slice())
+            || protocol::error_field(body, b'M')
+                .is_some_and(|m| m.starts_with(b"cached plan must not change result type")))
+}
+
 fn msg(forward: bool) -> Expect {
     Expect::Msg {
         forward,
@@ -1202,15 +1213,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 _ => {
                     let mut stale = false;
                     if let Some(p) = &self.promoted_inflight
-                        && protocol::error_sqlstate(f.body())
-                            == Some(sqlstate::FEATURE_NOT_SUPPORTED.code().as_bytes())
-                        // By the routine that raises it (the message is translated
-                        // when the node's lc_messages is not English).
-                        && (protocol::error_field(f.body(), b'R')
-                            == Some(b"RevalidateCachedQuery".as_slice())
-                            || protocol::error_field(f.body(), b'M').is_some_and(|m| {
-                                m.starts_with(b"cached plan must not change result type")
-                            }))
+                        && changed_result_type(f.body())
                     {
                         // Its tables changed under it (DDL the router did not see yet,
                         // or sent straight to the node): prepared again next time.

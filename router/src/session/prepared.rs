@@ -115,6 +115,11 @@ pub fn client_epoch(version: i64) -> u64 {
     (version.max(0) as u64).wrapping_add(1) | 1 << 63
 }
 
+/// The epoch of promoted simple queries planned under catalog `version`.
+pub fn promoted_epoch(version: u64) -> u64 {
+    version.wrapping_add(1).max(1)
+}
+
 /// Beyond this many distinct statements the registry stops sharing new ones (each gets
 /// a fresh id) so that memory stays bounded by what sessions hold.
 const MAX_SHARED: usize = 100_000;
@@ -130,11 +135,8 @@ impl PreparedRegistry {
         self.by_text.lock().get(&key).cloned()
     }
 
-    pub fn intern(&self, query: &[u8], param_types: &[u8]) -> Arc<Prepared> {
-        self.intern_in(query, param_types, 0)
-    }
-
-    /// As `intern`, in `epoch`'s own namespace of texts.
+    /// The router statement for this text in `epoch`'s own namespace of texts, made
+    /// the first time.
     pub fn intern_in(&self, query: &[u8], param_types: &[u8], epoch: u64) -> Arc<Prepared> {
         let key = (
             Bytes::copy_from_slice(query),
@@ -224,9 +226,9 @@ mod tests {
     #[test]
     fn same_text_same_statement() {
         let r = super::PreparedRegistry::default();
-        let a = r.intern(b"select $1", &[0, 0]);
-        let b = r.intern(b"select $1", &[0, 0]);
-        let c = r.intern(b"select $1", &[0, 1, 0, 0, 0, 23]);
+        let a = r.intern_in(b"select $1", &[0, 0], 0);
+        let b = r.intern_in(b"select $1", &[0, 0], 0);
+        let c = r.intern_in(b"select $1", &[0, 1, 0, 0, 0, 23], 0);
         assert_eq!(a.id, b.id);
         assert_ne!(a.id, c.id);
         assert_eq!(&a.name[..], format!("sg_{}", a.id).as_bytes());

@@ -302,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let prep = self.ctx.prepared.intern_in(
             p.sql.as_bytes(),
             &p.param_types,
-            p.generation.wrapping_add(1).max(1),
+            super::prepared::promoted_epoch(p.version),
         );
         let evict = {
             let conn = self.lease.as_mut().expect("lease").conn();
