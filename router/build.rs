@@ -13,6 +13,7 @@ const PLUGINS: &[&str] = &[
     "placement-default",
     "planner-fastpath",
     "planner-router",
+    "planner-pushdown",
     "test-misbehave",
     "test-hash-variant",
 ];

@@ -1021,6 +1021,139 @@ async fn statements_spanning_tenants_never_return_partial_rows() {
     eprintln!("spanning tenants: {refused} refused with 0A000, {answered} answered exactly");
 }
 
+/// Reads of every shard that are the rows of each shard put together (the pushdown
+/// tier's `concat` plans) give exactly plain Postgres's rows, in both protocols, inside
+/// a transaction too; multi-shard reads whose shards' rows would need combining are
+/// refused with 0A000, never answered per shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_by_row_reads_of_every_shard_match_plain_postgres() {
+    let f = Fixture::new().await;
+    let r = f.router().await;
+    let reads = [
+        "SELECT * FROM ads",
+        "SELECT company_id, id, clicks * 2 + 1, upper(title) FROM ads WHERE clicks > $1",
+        "SELECT CASE WHEN status = 'active' THEN name END, (budget > $1::int) IS TRUE FROM campaigns",
+        "SELECT a.id, coalesce(a.clicks, -1) FROM ads a WHERE a.campaign_id % 100 = 1 OR a.clicks < $1",
+        "SELECT id, name FROM companies WHERE id IN (1, 2, 3) OR country = 'x' AND $1::int > 0",
+    ];
+    let mut diffs = Diffs::default();
+    for sql in reads {
+        let lit = sql.replace("$1", "5");
+        diffs.compare(
+            &format!("simple: {lit}"),
+            simple(&r, &lit).await,
+            simple(&f.plain, &lit).await,
+            false,
+        );
+        let (got, want) = if sql.contains("$1") {
+            (
+                extended(&r, sql, &[&5i32]).await,
+                extended(&f.plain, sql, &[&5i32]).await,
+            )
+        } else {
+            (
+                extended(&r, sql, &[]).await,
+                extended(&f.plain, sql, &[]).await,
+            )
+        };
+        diffs.compare(&format!("extended: {sql}"), got, want, false);
+    }
+    diffs.assert_empty(reads.len() * 2);
+    // The tag counts the rows of every shard.
+    let all = r.simple_query("SELECT id FROM ads").await.expect("read");
+    let want = f
+        .plain
+        .query_one("SELECT count(*) FROM ads", &[])
+        .await
+        .expect("count")
+        .get::<_, i64>(0);
+    let tag = all.iter().find_map(|m| match m {
+        shardgate_tests::tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert_eq!(
+        tag,
+        Some(want as u64),
+        "SELECT tag of a read of every shard"
+    );
+
+    // Inside a transaction: the transaction's own writes, on whichever node, are read.
+    let (a, b) = tenants_on_two_nodes(&f).await;
+    let read = "SELECT company_id, id FROM campaigns WHERE id % 100 = 77";
+    for c in [&r, &f.plain] {
+        c.batch_execute("BEGIN").await.expect("begin");
+        c.batch_execute(&format!(
+            "INSERT INTO campaigns (id, company_id, name) VALUES ({a} * 100 + 77, {a}, 'x')"
+        ))
+        .await
+        .expect("insert");
+    }
+    diffs.compare(
+        "in a transaction",
+        simple(&r, read).await,
+        simple(&f.plain, read).await,
+        false,
+    );
+    for c in [&r, &f.plain] {
+        c.batch_execute(&format!(
+            "INSERT INTO campaigns (id, company_id, name) VALUES ({b} * 100 + 77, {b}, 'y')"
+        ))
+        .await
+        .expect("insert on the other node");
+    }
+    diffs.compare(
+        "in a transaction that wrote on two nodes",
+        extended(&r, read, &[]).await,
+        extended(&f.plain, read, &[]).await,
+        false,
+    );
+    for c in [&r, &f.plain] {
+        c.batch_execute("ROLLBACK").await.expect("rollback");
+    }
+    diffs.compare(
+        "after ROLLBACK",
+        simple(&r, read).await,
+        simple(&f.plain, read).await,
+        false,
+    );
+    diffs.assert_empty(reads.len() * 2 + 3);
+    assert!(
+        simple(&r, read).await.expect("read").rows.is_empty(),
+        "the rolled-back rows are gone"
+    );
+
+    // Reads whose shards' rows would have to be combined: refused, never per shard.
+    r.batch_execute(
+        "CREATE FUNCTION sg_add(int, int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 + coalesce($2, 0)'; \
+         CREATE AGGREGATE sg_total(int) (sfunc = sg_add, stype = int, initcond = '0')",
+    )
+    .await
+    .expect("a user-defined aggregate");
+    for sql in [
+        "SELECT count(*) FROM ads",
+        "SELECT sg_total(clicks) FROM ads",
+        "SELECT pg_catalog.sum(clicks) FROM ads",
+        "SELECT id FROM ads ORDER BY id",
+        "SELECT id FROM ads LIMIT 3",
+        "SELECT DISTINCT company_id FROM ads",
+        "SELECT company_id FROM ads GROUP BY company_id",
+        "SELECT id, rank() OVER (ORDER BY clicks) FROM ads",
+        "SELECT id FROM ads WHERE clicks > (SELECT avg(clicks) FROM ads)",
+        "SELECT (SELECT max(a.clicks)) FROM ads a",
+        "SELECT id FROM ads FOR UPDATE",
+    ] {
+        for (proto, got) in [
+            ("simple", simple(&r, sql).await),
+            ("extended", extended(&r, sql, &[]).await),
+        ] {
+            match got {
+                Err(e) if code(&e).as_deref() == Some("0A000") => {}
+                other => panic!("{proto}: {sql}: expected 0A000, got {other:?}"),
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_writing_on_two_nodes_commits_on_both_or_neither() {
     let f = Fixture::new().await;

@@ -104,13 +104,7 @@ impl Ctx<'_> {
     }
 }
 
-/// An identifier as Postgres compares it: unquoted ones fold to lower case.
-fn fold(id: &Ident) -> String {
-    match id.quote_style {
-        None => id.value.to_lowercase(),
-        Some(_) => id.value.clone(),
-    }
-}
+use planner_sql::fold;
 
 fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
     if sql.contains("{t") {
@@ -233,31 +227,13 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
 /// The catalog table a name refers to: `t` (when exactly one catalog table has that
 /// name: the catalog view carries no search_path) or `schema.t`.
 fn resolve<'a>(name: &ObjectName, tables: &'a [Table]) -> Result<(u32, &'a Table), Stop> {
-    let parts: Vec<&Ident> = name.0.iter().filter_map(ObjectNamePart::as_ident).collect();
-    if parts.len() != name.0.len() {
-        return not_mine(format!("unusual table name {name}"));
-    }
-    let found: Vec<(usize, &Table)> = match parts.as_slice() {
-        [t] => {
-            let t = fold(t);
-            tables
-                .iter()
-                .enumerate()
-                .filter(|(_, x)| x.name == t)
-                .collect()
-        }
-        [s, t] => {
-            let (s, t) = (fold(s), fold(t));
-            tables
-                .iter()
-                .enumerate()
-                .filter(|(_, x)| x.name == t && x.schema == s)
-                .collect()
-        }
-        _ => return not_mine(format!("table name {name} has a database part")),
-    };
+    let found = planner_sql::matching_tables(
+        name,
+        tables.iter().map(|t| (t.schema.as_str(), t.name.as_str())),
+    )
+    .map_err(Stop::NotMine)?;
     match found.as_slice() {
-        [(i, t)] => Ok((*i as u32, t)),
+        [i] => Ok((*i as u32, &tables[*i])),
         [] => not_mine(format!("{name} is not in the catalog view")),
         _ => not_mine(format!("{name} names tables of several schemas")),
     }

@@ -154,13 +154,7 @@ impl Key {
     }
 }
 
-/// An identifier as Postgres compares it: unquoted ones fold to lower case.
-fn fold(id: &Ident) -> String {
-    match id.quote_style {
-        None => id.value.to_lowercase(),
-        Some(_) => id.value.clone(),
-    }
-}
+use planner_sql::fold;
 
 /// A key written in the SQL: a `$n` parameter or a literal (possibly cast,
 /// parenthesised or negated). `Ok(None)`: NULL. `Err(())`: anything else.
@@ -221,30 +215,14 @@ fn key_of(e: &Expr) -> Result<Option<Key>, ()> {
 /// that name, or the one of schema `public` when several have. `Ok(None)`: no such
 /// table.
 fn resolve(name: &ObjectName, tables: &[Table]) -> Result<Option<usize>, Stop> {
-    let parts: Vec<&Ident> = name.0.iter().filter_map(ObjectNamePart::as_ident).collect();
-    if parts.len() != name.0.len() {
-        return not_mine(format!("unusual table name {name}"));
+    let mut found = planner_sql::matching_tables(
+        name,
+        tables.iter().map(|t| (t.schema.as_str(), t.name.as_str())),
+    )
+    .map_err(Stop::NotMine)?;
+    if found.len() > 1 && name.0.len() == 1 {
+        found.retain(|i| tables[*i].schema == "public");
     }
-    let found: Vec<usize> = match parts.as_slice() {
-        [t] => {
-            let t = fold(t);
-            let all: Vec<usize> = (0..tables.len()).filter(|i| tables[*i].name == t).collect();
-            if all.len() > 1 {
-                all.into_iter()
-                    .filter(|i| tables[*i].schema == "public")
-                    .collect()
-            } else {
-                all
-            }
-        }
-        [s, t] => {
-            let (s, t) = (fold(s), fold(t));
-            (0..tables.len())
-                .filter(|i| tables[*i].name == t && tables[*i].schema == s)
-                .collect()
-        }
-        _ => return not_mine(format!("table name {name} has a database part")),
-    };
     match found.as_slice() {
         [i] => Ok(Some(*i)),
         [] => Ok(None),

@@ -1,8 +1,12 @@
-//! What the planner tiers do to a parsed statement before printing it as a plan
-//! template, where sqlparser's printing would change what the statement means.
+//! What the planner tiers share: how they read names as Postgres does (`names`), and
+//! what they do to a parsed statement before printing it as a plan template, where
+//! sqlparser's printing would change what the statement means.
 
 use sqlparser::ast::{self, Expr, Value};
 use std::ops::ControlFlow;
+
+mod names;
+pub use names::{fold, matching_tables};
 
 /// sqlparser prints a prefix operator right against its operand: `- -1` comes out as
 /// `--1` (a comment to Postgres: the rest of the line is lost), `@ -x` as `@-x` (another

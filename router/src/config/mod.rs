@@ -90,7 +90,11 @@ struct RawPlanner {
 impl Default for RawPlanner {
     fn default() -> Self {
         RawPlanner {
-            tiers: vec!["planner-fastpath".into(), "planner-router".into()],
+            tiers: vec![
+                "planner-fastpath".into(),
+                "planner-router".into(),
+                "planner-pushdown".into(),
+            ],
             plan_cache_size: 10_000,
             promote_simple_queries: true,
         }

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub cancel_requests: IntCounter,
     /// Shards copied to another node for a read joining tables that are not colocated.
     pub pulled_shards: IntCounter,
+    /// Shards read by statements that read every shard (the pushdown tier's concat).
+    pub fanout_shards: IntCounter,
     /// Routed simple queries run as statements prepared on the node (literals bound).
     pub statements_promoted: IntCounter,
     /// Label-resolved handles for the per-request hot path.
@@ -118,6 +120,10 @@ impl Metrics {
             "shardgate_session_pulled_shards_total",
             "Shards copied to the node running a read that joins tables which are not colocated (their shards on different nodes)",
         ));
+        let fanout_shards = must(IntCounter::new(
+            "shardgate_session_fanout_shards_total",
+            "Shard reads of statements that read every shard of a table (their rows put together for the client)",
+        ));
         let statements_promoted = must(IntCounter::new(
             "shardgate_session_promoted_statements_total",
             "Routed simple queries run as statements prepared on the node, their numeric literals bound as parameters",
@@ -125,6 +131,7 @@ impl Metrics {
         for c in [
             Box::new(pulled_shards.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(statements_promoted.clone()),
+            Box::new(fanout_shards.clone()),
             Box::new(client_connections.clone()),
             Box::new(client_connections_total.clone()),
             Box::new(client_auth_failures.clone()),
@@ -157,6 +164,7 @@ impl Metrics {
             errors,
             cancel_requests,
             pulled_shards,
+            fanout_shards,
             statements_promoted,
         }
     }

@@ -84,6 +84,8 @@ pub struct Planned {
     /// parameters of the client's: a simple query of this plan with numeric literals
     /// can run as a statement prepared on the node ([`Bound::promoted`]).
     promote: bool,
+    /// A `concat` plan: a read of every shard of its one table ([`Bound::fanout`]).
+    fanout: bool,
 }
 
 impl Planned {
@@ -127,6 +129,10 @@ pub struct Bound {
     /// the node once and bind the values, so the node does not parse and plan the
     /// text again for every value.
     pub promoted: Option<Promoted>,
+    /// A read of every shard whose rows the client gets together (a `concat` plan):
+    /// each shard's node (group) and SQL, in shard order. `group` and `sql` are then
+    /// the first shard's.
+    pub fanout: Vec<(i32, String)>,
 }
 
 /// A shard statement whose numeric literals became parameters, typed as Postgres
@@ -693,7 +699,7 @@ impl Planner {
         let why = if reasons.iter().all(|r| r.contains(": does not parse")) {
             "the planner tiers' SQL parser does not accept its syntax (Postgres may: the same statement written another way may run)"
         } else {
-            "it is not pinned to one distribution value (multi-shard statements need the pushdown tier, not available yet)"
+            "it is not pinned to one distribution value, and of multi-shard statements only a row-by-row read of one distributed table (no aggregate, GROUP BY, DISTINCT, ORDER BY, LIMIT, subquery or join) is run yet"
         };
         Ok(Entry::Refused(format!(
             "shardgate cannot plan this statement on distributed tables: {why} [{}]",
@@ -709,12 +715,29 @@ impl Planner {
         norm: &Normalized,
         normalized: bool,
     ) -> Result<Planned, PlanError> {
-        if t.merge != MergeKind::SingleShard {
-            return Err(PlanError::NotSupported(format!(
-                "{tier} planned a multi-shard statement ({:?}); merging results of several shards is not available yet",
-                t.merge
-            )));
-        }
+        let fanout = match &t.merge {
+            MergeKind::SingleShard => false,
+            // Rows of every shard of one distributed table, as they come: a read.
+            MergeKind::Concat
+                if norm.read_only
+                    && is_query(&t.sql_template)
+                    && matches!(t.targets.as_slice(), [x]
+                        if x.key == ShardKey::AllShards
+                            && view.metas[x.table as usize].method == Method::Hash) =>
+            {
+                true
+            }
+            MergeKind::Concat => {
+                return Err(PlanError::NotSupported(format!(
+                    "{tier} planned a concatenation that is not a read of every shard of one distributed table; only such a one is run"
+                )));
+            }
+            other => {
+                return Err(PlanError::NotSupported(format!(
+                    "{tier} planned a multi-shard statement ({other:?}); merging results of several shards that way is not available yet"
+                )));
+            }
+        };
         let targets = t
             .targets
             .iter()
@@ -782,7 +805,8 @@ impl Planner {
             pullable: norm.read_only && is_query(sql),
             client_params,
             normalized,
-            promote: promote.ok,
+            promote: promote.ok && !fanout,
+            fanout,
         })
     }
 
@@ -798,6 +822,9 @@ impl Planner {
         plugins: &PluginSet,
         prefer: Option<i32>,
     ) -> Result<Bound, PlanError> {
+        if plan.fanout {
+            return self.bind_fanout(plan, literals, snap, prefer);
+        }
         // Each distributed target's shard index: colocated targets share one; a table
         // of one shard needs no key.
         let mut shard_of: Vec<u32> = vec![0; plan.targets.len()];
@@ -916,7 +943,7 @@ impl Planner {
                         })
                         .collect();
                     return Err(PlanError::NotPlannable(format!(
-                        "no node holds every shard the statement needs ({}): its tables are not colocated; only a plain read (no write, lock or EXPLAIN) is run across nodes, by copying small shards, and anything else needs the pushdown tier, not available yet",
+                        "no node holds every shard the statement needs ({}): its tables are not colocated; only a plain read (no write, lock or EXPLAIN) is run across nodes, by copying small shards, and anything else is not run across nodes yet",
                         shards.join(", ")
                     )));
                 }
@@ -1039,6 +1066,64 @@ impl Planner {
             also,
             pulls,
             promoted,
+            fanout: Vec::new(),
+        })
+    }
+
+    /// Binds a `concat` plan: the statement on every shard of its table, each on a node
+    /// holding the shard (`prefer` when it does).
+    fn bind_fanout(
+        &self,
+        plan: &Planned,
+        literals: &[String],
+        snap: &Snapshot,
+        prefer: Option<i32>,
+    ) -> Result<Bound, PlanError> {
+        let (table, _) = &plan.targets[0];
+        let mut fanout = Vec::with_capacity(table.shards.len());
+        for (i, shard) in table.shards.iter().enumerate() {
+            let active = |g: &i32| snap.node_by_group(*g).is_some();
+            let group = prefer
+                .filter(|g| shard.placements.contains(g) && active(g))
+                .or_else(|| shard.placements.iter().copied().find(active))
+                .ok_or_else(|| {
+                    PlanError::NoPlacement(format!(
+                        "shard {} of {} has no placement on an active node",
+                        shard.id, table.name
+                    ))
+                })?;
+            let name = table.qualified_shard(i).ok_or_else(|| {
+                PlanError::NoPlacement(format!(
+                    "table {} has no shard {i} in the catalog",
+                    table.name
+                ))
+            })?;
+            let mut sql = String::with_capacity(128);
+            for s in &plan.segments {
+                match s {
+                    Seg::Text(t) => sql.push_str(t),
+                    Seg::Table(_) => sql.push_str(name),
+                    Seg::Literal(k) => sql.push_str(literals.get(*k).ok_or_else(|| {
+                        PlanError::NotSupported(
+                            "the plan names a literal the statement does not have".into(),
+                        )
+                    })?),
+                }
+            }
+            fanout.push((group, sql));
+        }
+        let (group, sql) = fanout
+            .first()
+            .cloned()
+            .ok_or_else(|| PlanError::NoPlacement(format!("table {} has no shard", table.name)))?;
+        Ok(Bound {
+            group,
+            sql,
+            read_only: true,
+            also: Vec::new(),
+            pulls: Vec::new(),
+            promoted: None,
+            fanout,
         })
     }
 

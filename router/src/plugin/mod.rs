@@ -56,6 +56,9 @@ pub mod builtin {
     /// `planner-router`, the router planner tier (one statement, its distributed tables
     /// colocated and all pinned to one distribution value; or reference tables only).
     pub const PLANNER_ROUTER: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLANNER_ROUTER"));
+    /// `planner-pushdown`, the logical pushdown tier (for now: a row-by-row read of
+    /// every shard of one distributed table, rows concatenated).
+    pub const PLANNER_PUSHDOWN: &[u8] = include_bytes!(env!("SHARDGATE_PLUGIN_PLANNER_PUSHDOWN"));
     /// A plugin that misbehaves on request, for the host's tests (not embedded).
     pub const TEST_MISBEHAVE_PATH: &str = env!("SHARDGATE_PLUGIN_TEST_MISBEHAVE");
     /// A distribution plugin that calls itself `hash-citus` but hashes text
@@ -69,6 +72,7 @@ pub mod builtin {
         ("placement-default", PLACEMENT_DEFAULT),
         ("planner-fastpath", PLANNER_FASTPATH),
         ("planner-router", PLANNER_ROUTER),
+        ("planner-pushdown", PLANNER_PUSHDOWN),
     ];
 }
 

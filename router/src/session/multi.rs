@@ -27,6 +27,8 @@ pub(super) enum Merge {
     Last,
     /// All rows of every step, one RowDescription, one summed INSERT tag.
     Insert,
+    /// All rows of every step, one RowDescription, one summed SELECT tag.
+    Concat,
 }
 
 /// One statement of a multi-node run: the node (group) and the SQL.
@@ -45,6 +47,7 @@ pub(super) struct Step {
 
 /// How a step runs in the extended protocol: the unnamed statement and portal, the
 /// messages in the order the client sent its own.
+#[derive(Clone)]
 pub(super) struct ExtStep {
     /// The Parse's raw parameter types (count, then oids).
     pub types: Bytes,
@@ -89,6 +92,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.run_steps(steps, Merge::Last, None).await.map(|_| ())
     }
 
+    /// The steps of a read of every shard (`Bound::fanout`). A simple query reads all
+    /// shards of one node in one message (one statement per shard); in the extended
+    /// protocol each shard is a step of its own with the client's parameters (`ext`).
+    pub(super) fn fanout_steps(bound: crate::plan::Bound, ext: Option<ExtStep>) -> Vec<Step> {
+        let mut steps: Vec<Step> = Vec::new();
+        for (group, sql) in bound.fanout {
+            match (&ext, steps.iter_mut().find(|s| s.group == group)) {
+                (None, Some(s)) => {
+                    s.sql.push_str(";\n");
+                    s.sql.push_str(&sql);
+                }
+                _ => steps.push(Step {
+                    group,
+                    sql,
+                    ext: ext.clone(),
+                    pulls: Vec::new(),
+                    writes: false,
+                }),
+            }
+        }
+        steps
+    }
+
     /// A multi-row INSERT the tiers did not take (its rows span shards): split into
     /// single-row INSERTs when each of them can be planned. `Ok(None)`: not such an
     /// INSERT (the caller reports the original refusal).
@@ -108,7 +134,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut steps: Vec<Step> = Vec::new();
         for row in rows {
             let b = self.bind_statement(&row, &[], &[])?;
-            if !b.also.is_empty() {
+            if !b.also.is_empty() || !b.fanout.is_empty() {
                 return Ok(None);
             }
             match steps.last_mut() {
@@ -182,7 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let row_rest = bind.subset(&used);
             let params = super::route::bind_params(&row_rest, &row_oids).map_err(|_| bad())?;
             let b = self.bind_statement(&text, &row_oids, &params)?;
-            if !b.also.is_empty() {
+            if !b.also.is_empty() || !b.fanout.is_empty() {
                 return Ok(None);
             }
             steps.push(Step {
@@ -346,7 +372,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             pass_on(a, parsed, false, &mut self.out);
                         }
                     }
-                    Merge::Insert => merge_inserts(&answers, parsed, &mut self.out),
+                    Merge::Insert => merge_rows(&answers, parsed, "INSERT 0", &mut self.out),
+                    Merge::Concat => merge_rows(&answers, parsed, "SELECT", &mut self.out),
                 }
                 protocol::encode_ready_for_query(&mut self.out, self.status);
             }
@@ -578,10 +605,10 @@ fn pass_on(answer: &[u8], parsed: bool, head_only: bool, out: &mut BytesMut) {
     }
 }
 
-/// Appends the merged answer of several INSERTs: the first step's ParseComplete (when
-/// the client sent a Parse), BindComplete and description, every DataRow and notice,
-/// and one `INSERT 0 <total>`.
-fn merge_inserts(answers: &[BytesMut], parsed: bool, out: &mut BytesMut) {
+/// Appends the merged answer of several INSERTs or reads: the first step's
+/// ParseComplete (when the client sent a Parse), BindComplete and description, every
+/// DataRow and notice, and one `<verb> <total>` (`INSERT 0 7`, `SELECT 7`).
+fn merge_rows(answers: &[BytesMut], parsed: bool, verb: &str, out: &mut BytesMut) {
     let mut total: u64 = 0;
     let mut seen: Vec<u8> = Vec::new();
     for a in answers {
@@ -611,7 +638,7 @@ fn merge_inserts(answers: &[BytesMut], parsed: bool, out: &mut BytesMut) {
             }
         }
     }
-    protocol::encode_command_complete(out, &format!("INSERT 0 {total}"));
+    protocol::encode_command_complete(out, &format!("{verb} {total}"));
 }
 
 /// Raw Parse parameter types: count, then oids.

@@ -167,7 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let too_large = || {
                 PullFailure::Refused(PlanError::NotSupported(format!(
-                    "the statement joins tables that are not colocated and whose shards are on different nodes; shard {} of {} would be copied to the node running it, and it holds more than {} rows or {} MiB (running such statements on large shards needs the pushdown tier, not available yet)",
+                    "the statement joins tables that are not colocated and whose shards are on different nodes; shard {} of {} would be copied to the node running it, and it holds more than {} rows or {} MiB (running such statements on large shards is not supported yet)",
                     p.shard,
                     p.table,
                     PULL_MAX_ROWS,

@@ -257,6 +257,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !bound.also.is_empty() {
             return self.run_on_every_placement(bound).await;
         }
+        if !bound.fanout.is_empty() {
+            self.ctx
+                .metrics
+                .fanout_shards
+                .inc_by(bound.fanout.len() as u64);
+            let steps = Self::fanout_steps(bound, None);
+            return self
+                .run_steps(steps, super::multi::Merge::Concat, None)
+                .await
+                .map(|_| ());
+        }
         if !bound.pulls.is_empty() {
             return self.run_pulled(bound).await;
         }
@@ -757,6 +768,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             one.parse,
                             steps,
                             super::multi::Merge::Last,
+                        )));
+                    }
+                    if !bound.fanout.is_empty() {
+                        // A read of every shard: one step per shard.
+                        let Some(one) = self.one_statement_batch(sync) else {
+                            return Err(PlanError::NotSupported(
+                                "this statement reads every shard of its table: send it in a batch of its own ([Parse] Bind [Describe] Execute Sync, all rows) or as a simple query".into(),
+                            ));
+                        };
+                        self.ctx
+                            .metrics
+                            .fanout_shards
+                            .inc_by(bound.fanout.len() as u64);
+                        let ext = super::multi::ExtStep {
+                            types: super::multi::encode_types(&types),
+                            rest: Bytes::copy_from_slice(b.rest),
+                            describe: one.describe,
+                        };
+                        return Ok(Some(RoutedBatch::multi(
+                            one.parse,
+                            Self::fanout_steps(bound, Some(ext)),
+                            super::multi::Merge::Concat,
                         )));
                     }
                     if !bound.pulls.is_empty() {
