@@ -1419,3 +1419,83 @@ async fn copy_messages_outside_copy_are_ignored() {
     assert_eq!(rows(&msgs), vec![vec![Some("7,8".to_string())]], "{msgs:?}");
     assert_eq!(count(&env, "SELECT count(*) FROM t").await, 2);
 }
+
+/// A routed batch's Describe of a portal with text results, once its node has described
+/// the shard statement, is answered by the router with the node's RowDescription: the
+/// same message every time. When the shard's table changes under the statement (DDL
+/// straight on the worker), the Bind fails as Postgres fails it, and no description
+/// goes out before the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_portal_descriptions_are_the_nodes_and_a_changed_table_fails_cleanly() {
+    let env = TestEnv::with(EnvOptions {
+        workers: 1,
+        ..Default::default()
+    })
+    .await;
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE dsc (id int, v text)")
+        .await
+        .expect("create");
+    c.batch_execute("SELECT create_distributed_table('dsc', 'id', shard_count => 1)")
+        .await
+        .expect("distribute");
+    c.batch_execute("INSERT INTO dsc VALUES (1, 'one')")
+        .await
+        .expect("insert");
+    let mut r = raw::Raw::login(env.port(), &env.db).await;
+    r.send(&raw::cat(&[
+        raw::parse("s", "SELECT v, id FROM dsc WHERE id = $1", &[]),
+        raw::sync(),
+    ]))
+    .await;
+    let parsed: Vec<u8> = r.until_ready().await.iter().map(|m| m.tag).collect();
+    assert_eq!(parsed, b"1Z", "Parse");
+    let round = || {
+        raw::cat(&[
+            raw::bind("", "s", &[Some("1")]),
+            raw::describe(b'P', ""),
+            raw::execute("", 0),
+            raw::sync(),
+        ])
+    };
+    let mut first: Option<bytes::Bytes> = None;
+    for i in 0..4 {
+        r.send(&round()).await;
+        let msgs = r.until_ready().await;
+        let tags: Vec<u8> = msgs.iter().map(|m| m.tag).collect();
+        assert_eq!(tags, b"2TDCZ", "round {i}: {msgs:?}");
+        assert_eq!(msgs[2].row(), vec![Some("one".into()), Some("1".into())]);
+        let desc = msgs[1].body.clone();
+        // Two columns, named as the statement names them.
+        assert_eq!(&desc[..2], &[0, 2]);
+        assert!(desc.starts_with(b"\0\x02v\0"), "{desc:?}");
+        match &first {
+            None => first = Some(desc),
+            Some(f) => assert_eq!(*f, desc, "round {i}: the same description"),
+        }
+    }
+    // The shard's column changes type straight on the worker: the statement's result
+    // type changed, which Postgres refuses at Bind (0A000).
+    let w = env.worker(0).await;
+    let shard: String = w
+        .query_one(
+            "SELECT relname::text FROM pg_class WHERE relname LIKE 'dsc\\_%' AND relkind = 'r'",
+            &[],
+        )
+        .await
+        .expect("the shard")
+        .get(0);
+    w.batch_execute(&format!(
+        "ALTER TABLE {shard} ALTER COLUMN v TYPE varchar(10)"
+    ))
+    .await
+    .expect("alter the shard");
+    r.send(&round()).await;
+    let msgs = r.until_ready().await;
+    let tags: Vec<u8> = msgs.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"EZ", "{msgs:?}");
+    assert_eq!(msgs[0].sqlstate(), "0A000", "{msgs:?}");
+    // The session goes on.
+    let rows = r.simple("SELECT v FROM dsc WHERE id = 1").await;
+    assert!(rows.iter().any(|m| m.tag == b'D'), "{rows:?}");
+}

@@ -73,6 +73,9 @@ enum Expect {
     },
     /// A reply the router makes itself, sent when every earlier reply has been.
     Synth { tag: u8, undo: Option<Undo> },
+    /// A whole message the router answers with itself (a RowDescription it keeps),
+    /// sent when every earlier reply has been.
+    SynthFrame(Bytes),
     /// The Describe of the portal of a simple query run as a prepared statement
     /// (`route::send_promoted`): its RowDescription is forwarded, a NoData is not
     /// (a simple query that returns no rows has no RowDescription).
@@ -1168,10 +1171,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn emit_synths(&mut self) {
-        while let Some(Expect::Synth { tag, .. }) = self.expect.front() {
-            let t = *tag;
-            self.expect.pop_front();
-            self.out.extend_from_slice(&[t, 0, 0, 0, 4]);
+        loop {
+            match self.expect.front() {
+                Some(Expect::Synth { tag, .. }) => {
+                    let t = *tag;
+                    self.expect.pop_front();
+                    self.out.extend_from_slice(&[t, 0, 0, 0, 4]);
+                }
+                Some(Expect::SynthFrame(frame)) => {
+                    self.out.extend_from_slice(frame);
+                    self.expect.pop_front();
+                }
+                _ => break,
+            }
         }
     }
 
@@ -1352,6 +1364,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     _ => return self.desync("reply out of turn"),
                 },
+                Some(Expect::Msg {
+                    describes: Some(p), ..
+                }) if f.tag == btag::ROW_DESCRIPTION => {
+                    if p.row_description.get().is_none() {
+                        let node = self.node;
+                        let _ = p.row_description.set((node, Bytes::copy_from_slice(f.raw)));
+                    }
+                    self.end_msg(f)?
+                }
                 _ => self.end_msg(f)?,
             },
             _ => {

@@ -87,6 +87,10 @@ pub(super) struct RoutedBatch {
     pub described: Vec<(Bytes, Arc<super::Prepared>)>,
     /// A batch of one statement that runs on several nodes (`binds` is empty).
     pub multi: Option<MultiBatch>,
+    /// The portal the last Bind made, its shard statement, and whether its results
+    /// are all text (then a Describe of it is answered from the statement's
+    /// RowDescription when the node described it before).
+    pub portal: Option<(Bytes, Arc<super::Prepared>, bool)>,
 }
 
 /// A batch of one statement (`[Parse] Bind [Describe] Execute Sync`) that runs on
@@ -122,6 +126,7 @@ impl RoutedBatch {
         RoutedBatch {
             binds: VecDeque::new(),
             described: Vec::new(),
+            portal: None,
             multi: Some(MultiBatch {
                 parse,
                 steps,
@@ -842,6 +847,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             binds,
             described: Vec::new(),
             multi: None,
+            portal: None,
         }))
     }
 
@@ -1012,6 +1018,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 protocol::encode_bind(&mut self.bout, b.portal, &sprep.name, b.rest);
                 self.expect.push_back(msg(true));
                 if let Some(r) = self.routed.as_mut() {
+                    let text = BindParts::parse(b.rest).is_some_and(|p| {
+                        p.results
+                            .get(2..)
+                            .is_some_and(|c| c.iter().all(|x| *x == 0))
+                    });
+                    r.portal = Some((Bytes::copy_from_slice(b.portal), sprep.clone(), text));
                     let name = Bytes::copy_from_slice(b.statement);
                     r.described.retain(|(n, _)| *n != name);
                     r.described.push((name, sprep));
@@ -1021,6 +1033,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             tag::DESCRIBE => {
                 let (kind, name) = protocol::decode_target(f.body())?;
+                if kind == b'P' {
+                    let Some((_, sprep, true)) = self
+                        .routed
+                        .as_ref()
+                        .and_then(|r| r.portal.as_ref())
+                        .filter(|(p, _, _)| p[..] == *name)
+                    else {
+                        return Ok(false);
+                    };
+                    let sprep = sprep.clone();
+                    match sprep.row_description.get() {
+                        // Described on this node before: the same answer, without a
+                        // round of the node's own work.
+                        Some((node, frame)) if *node == self.node => {
+                            self.expect.push_back(Expect::SynthFrame(frame.clone()));
+                        }
+                        _ => {
+                            protocol::encode_target(&mut self.bout, tag::DESCRIBE, b'P', name);
+                            self.expect.push_back(Expect::Msg {
+                                forward: true,
+                                prepares: None,
+                                undo: None,
+                                describes: Some(sprep),
+                                tracks: None,
+                            });
+                        }
+                    }
+                    self.needs_sync = true;
+                    return Ok(true);
+                }
                 if kind != b'S' {
                     return Ok(false);
                 }
