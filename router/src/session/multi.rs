@@ -790,7 +790,7 @@ mod tests {
         let mut b = BytesMut::new();
         protocol::encode_command_complete(&mut b, "INSERT 0 1");
         let mut out = BytesMut::new();
-        merge_inserts(&[a, b], true, &mut out);
+        merge_rows(&[a, b], true, "INSERT 0", &mut out);
         let mut want = BytesMut::new();
         protocol::encode_command_complete(&mut want, "INSERT 0 3");
         assert_eq!(out, want);
