@@ -2007,3 +2007,93 @@ fn want_before(
             .collect()
     })
 }
+
+/// Settings made inside a transaction (SET LOCAL, and SETs, which run on the
+/// coordinator) reach every node the transaction uses: a node joining later gets them
+/// with its BEGIN, a node already in the transaction before its next statement, in
+/// order with the savepoints, so a ROLLBACK TO undoes them on every node. After the
+/// transaction, SET LOCAL is gone everywhere and a committed SET stays with the session
+/// only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_made_in_a_transaction_reach_every_node_it_touches() {
+    let env = one_connection_per_node().await;
+    let a = env.client().await;
+    let b = env.client().await;
+    let (x, y) = two_node_table(&a, false).await;
+    let on = |id: i64| format!("SELECT current_setting('app.t', true) FROM t WHERE id = {id}");
+    let coord = "SELECT current_setting('app.t', true)";
+    let everywhere = |want: &'static str| {
+        let (a, on) = (&a, &on);
+        async move {
+            for (what, sql) in [("x", on(x)), ("y", on(y)), ("coordinator", coord.into())] {
+                let got = text_rows(a, &sql).await[0][0].clone();
+                assert_eq!(got.as_deref(), Some(want), "app.t on {what}");
+            }
+        }
+    };
+
+    a.batch_execute("BEGIN").await.unwrap();
+    // Before any worker joined: each gets it with its BEGIN.
+    a.batch_execute("SET LOCAL app.t = 'one'").await.unwrap();
+    everywhere("one").await;
+    // Both workers are in the transaction now: each catches up before its next read.
+    a.batch_execute("SET LOCAL app.t = 'two'").await.unwrap();
+    everywhere("two").await;
+    // In the extended protocol too.
+    a.execute("SET LOCAL app.t = 'ext'", &[]).await.unwrap();
+    everywhere("ext").await;
+    a.batch_execute("SET LOCAL app.t = 'two'").await.unwrap();
+    // A savepoint: what is set after it is undone by ROLLBACK TO on every node, also
+    // on a node that only learns of it with the savepoint command.
+    a.batch_execute("SAVEPOINT s").await.unwrap();
+    a.batch_execute("SET LOCAL app.t = 'three'").await.unwrap();
+    assert_eq!(text_rows(&a, &on(x)).await[0][0].as_deref(), Some("three"));
+    a.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+    everywhere("two").await;
+    // A session-level SET in the transaction, and a time zone the workers format with.
+    a.batch_execute("SET app.s = 'kept'; SET LOCAL TIME ZONE 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let tz = |id: i64| {
+        format!(
+            "SELECT current_setting('TimeZone'), current_setting('app.s', true) FROM t WHERE id = {id}"
+        )
+    };
+    for id in [x, y] {
+        assert_eq!(
+            text_rows(&a, &tz(id)).await[0],
+            vec![Some("Asia/Tokyo".into()), Some("kept".into())],
+            "on the node of {id}"
+        );
+    }
+    a.batch_execute("COMMIT").await.unwrap();
+
+    // Committed: SET LOCAL is gone, the SET stays with a.
+    for id in [x, y] {
+        let row = text_rows(&a, &tz(id)).await[0].clone();
+        assert_ne!(
+            row[0].as_deref(),
+            Some("Asia/Tokyo"),
+            "SET LOCAL outlived its transaction"
+        );
+        assert_eq!(row[1].as_deref(), Some("kept"));
+        assert_ne!(text_rows(&a, &on(id)).await[0][0].as_deref(), Some("two"));
+    }
+    // b (on the same connections: one per node) has none of it.
+    for id in [x, y] {
+        let row = text_rows(&b, &tz(id)).await[0].clone();
+        assert_ne!(row[0].as_deref(), Some("Asia/Tokyo"));
+        assert_ne!(row[1].as_deref(), Some("kept"), "b got a's SET");
+        assert_ne!(text_rows(&b, &on(id)).await[0][0].as_deref(), Some("two"));
+    }
+
+    // Rolled back: a SET made in the transaction is undone everywhere.
+    a.batch_execute("BEGIN").await.unwrap();
+    let _ = text_rows(&a, &on(x)).await;
+    a.batch_execute("SET app.s = 'gone'").await.unwrap();
+    assert_eq!(text_rows(&a, &tz(x)).await[0][1].as_deref(), Some("gone"));
+    a.batch_execute("ROLLBACK").await.unwrap();
+    for id in [x, y] {
+        assert_eq!(text_rows(&a, &tz(id)).await[0][1].as_deref(), Some("kept"));
+    }
+}

@@ -286,6 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.keep_leases(leases);
         self.status = TxnStatus::Idle;
         self.txn_settings.clear();
+        self.txn_applied.clear();
         self.dist = None;
         self.maybe_release();
         Err(RouterError::Commit(e))
@@ -295,7 +296,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// current one; the others go back to their pools (or stay, with session pooling).
     fn keep_leases(&mut self, leases: Vec<(Option<i32>, Lease)>) {
         self.node = None;
-        let dirty = !self.txn_settings.is_empty();
+        let dirty = self.txn_settings.iter().any(|t| !t.is_local());
         for (n, mut l) in leases {
             if dirty {
                 // SETs of the transaction (see `end_parked`).

@@ -163,8 +163,13 @@ pub struct Session<S> {
     lease: Option<Lease>,
     cancel: Arc<CancelSlot>,
     settings: Settings,
-    /// Tracked statements run inside the open transaction; kept if it commits.
+    /// Tracked statements run inside the open transaction (SET LOCAL included); the
+    /// session-level ones are kept if it commits.
     txn_settings: Vec<SessionStmt>,
+    /// How many of `txn_settings` each node of the open transaction has run (a node
+    /// missing here has run none): the others are run on it before it is used again
+    /// (`route::join`) and before a savepoint command reaches it.
+    txn_applied: Vec<(Option<i32>, usize)>,
     /// Extended protocol: the tracked statements bound to portals (by portal name),
     /// and the tracked statements of the current batch that completed.
     bound_tracked: Vec<(Bytes, SessionStmt)>,
@@ -285,6 +290,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             cancel: guard.slot.clone(),
             settings,
             txn_settings: Vec::new(),
+            txn_applied: Vec::new(),
             bound_tracked: Vec::new(),
             ext_tracked: Vec::new(),
             stmts: HashMap::new(),
@@ -936,6 +942,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             t,
             SessionStmt::Set { .. }
                 | SessionStmt::SetConfig { .. }
+                | SessionStmt::SetLocal { .. }
                 | SessionStmt::Reset { .. }
                 | SessionStmt::ResetAll
                 | SessionStmt::DiscardAll
@@ -1484,6 +1491,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return;
         }
         if status == TxnStatus::Idle && self.status == TxnStatus::Idle {
+            if t.is_local() {
+                // Outside a transaction block SET LOCAL does nothing (Postgres warns).
+                return;
+            }
             let was = self.settings.untracked_fingerprint();
             self.settings.record(&t);
             if let Some(l) = self.lease.as_mut() {
@@ -1503,13 +1514,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         } else {
             self.txn_settings.push(t);
+            // The node it ran on has every one.
+            let n = self.txn_settings.len();
+            self.note_applied(self.node, n);
         }
+    }
+
+    /// Notes that `node` has run the first `n` of the transaction's settings.
+    fn note_applied(&mut self, node: Option<i32>, n: usize) {
+        match self.txn_applied.iter_mut().find(|(x, _)| *x == node) {
+            Some((_, a)) => *a = n,
+            None => self.txn_applied.push((node, n)),
+        }
+    }
+
+    /// How many of the transaction's settings `node` has run.
+    fn applied_on(&self, node: Option<i32>) -> usize {
+        self.txn_applied
+            .iter()
+            .find(|(x, _)| *x == node)
+            .map_or(0, |(_, a)| *a)
     }
 
     fn on_ready(&mut self, status: TxnStatus, f: FrameRef<'_>) {
         if status == TxnStatus::Idle && self.status != TxnStatus::Idle {
             // The transaction ended: its session-level SETs stay only if it committed.
-            let pending = std::mem::take(&mut self.txn_settings);
+            let mut pending = std::mem::take(&mut self.txn_settings);
+            pending.retain(|t| !t.is_local());
+            self.txn_applied.clear();
             if self.saw_commit {
                 let was = self.settings.untracked_fingerprint();
                 for t in &pending {

@@ -144,6 +144,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let body = frame.body();
         let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).ok()?;
+        if names_no_table(sql) {
+            return None;
+        }
         let snap = self.ctx.catalog.peek();
         crate::admin::touches_distributed(&snap, sql).map(|_| sql.to_owned())
     }
@@ -156,6 +159,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Ok(sql) = std::str::from_utf8(query) else {
             return false;
         };
+        if names_no_table(sql) {
+            return false;
+        }
         let snap = self.ctx.catalog.peek();
         crate::admin::touches_distributed(&snap, sql).is_some()
     }
@@ -168,8 +174,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let snap = self.ctx.catalog.peek();
         p.routing.routed(snap.generation, || {
-            std::str::from_utf8(&p.query)
-                .is_ok_and(|sql| crate::admin::touches_distributed(&snap, sql).is_some())
+            std::str::from_utf8(&p.query).is_ok_and(|sql| {
+                !names_no_table(sql) && crate::admin::touches_distributed(&snap, sql).is_some()
+            })
         })
     }
 
@@ -518,44 +525,101 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// A node joining an open transaction (new, or held idle with session pooling)
-    /// gets its BEGIN first. `lazy`: a plain BEGIN goes out in the same write as the
-    /// simple query the caller sends next (a Query of its own, before it), with no
-    /// round trip of its own.
+    /// gets its BEGIN first, then the transaction's settings (SET LOCAL and SETs run in
+    /// it so far) and savepoints, in the order they were made, so that a ROLLBACK TO
+    /// undoes the same settings everywhere. `lazy`: a plain BEGIN (nothing else to
+    /// replay) goes out in the same write as the simple query the caller sends next (a
+    /// Query of its own, before it), with no round trip of its own. A node already in
+    /// the transaction first runs the settings made since it last ran (on another
+    /// node: a SET runs on the coordinator).
     async fn join(&mut self, lazy: bool) -> Result<(), RouterError> {
-        let joins = self.status != TxnStatus::Idle
-            && self
-                .lease
-                .as_mut()
-                .is_none_or(|l| l.conn().status == TxnStatus::Idle);
-        if joins {
-            self.ensure_lease().await?;
-            let fp = self.settings.fingerprint();
-            let apply = self.settings.apply_sql();
-            let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
-            let conn = self.lease.as_mut().expect("lease just acquired").conn();
-            if !self.settings.applied(conn.settings_fp) {
-                conn.run_internal(&apply).await?;
-                conn.settings_fp = fp;
-            }
-            if lazy && plain_begin(&begin) && self.savepoints.is_empty() {
-                self.join_begin = true;
-            } else {
-                if let Err(e) = conn.run_internal(&begin).await {
-                    // The node refused the client's own BEGIN: plain BEGIN then.
-                    tracing::warn!(error = %e, "BEGIN on a node joining the transaction failed; using plain BEGIN");
-                    let _ = conn.run_internal("ROLLBACK").await;
-                    conn.run_internal("BEGIN").await?;
-                }
-                // The transaction's open savepoints, so that a ROLLBACK TO reaches
-                // what this node does from now on.
-                for (name, _) in &self.savepoints {
-                    conn.run_internal(&super::savepoint::SavepointOp::Set(name.clone()).sql())
-                        .await?;
-                }
-            }
-            self.note_distributed();
+        if self.status == TxnStatus::Idle {
+            return Ok(());
         }
+        let joins = self
+            .lease
+            .as_mut()
+            .is_none_or(|l| l.conn().status == TxnStatus::Idle);
+        if !joins {
+            return self.catch_up_current().await;
+        }
+        self.ensure_lease().await?;
+        let fp = self.settings.fingerprint();
+        let apply = self.settings.apply_sql();
+        let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
+        let conn = self.lease.as_mut().expect("lease just acquired").conn();
+        if !self.settings.applied(conn.settings_fp) {
+            conn.run_internal(&apply).await?;
+            conn.settings_fp = fp;
+        }
+        if lazy && plain_begin(&begin) && self.savepoints.is_empty() && self.txn_settings.is_empty()
+        {
+            self.join_begin = true;
+        } else {
+            if let Err(e) = conn.run_internal(&begin).await {
+                // The node refused the client's own BEGIN: plain BEGIN then.
+                tracing::warn!(error = %e, "BEGIN on a node joining the transaction failed; using plain BEGIN");
+                let _ = conn.run_internal("ROLLBACK").await;
+                conn.run_internal("BEGIN").await?;
+            }
+            let mut replay = String::new();
+            let mut next = 0;
+            for (name, upto) in &self.savepoints {
+                for t in &self.txn_settings[next..*upto] {
+                    push_statement(&mut replay, t.replay_sql());
+                }
+                next = *upto;
+                push_statement(
+                    &mut replay,
+                    Some(super::savepoint::SavepointOp::Set(name.clone()).sql()),
+                );
+            }
+            for t in &self.txn_settings[next..] {
+                push_statement(&mut replay, t.replay_sql());
+            }
+            if !replay.is_empty()
+                && let Err(e) = conn.run_internal(&replay).await
+            {
+                return Err(self.settings_failed(e));
+            }
+        }
+        let n = self.txn_settings.len();
+        self.note_applied(self.node, n);
+        self.note_distributed();
         Ok(())
+    }
+
+    /// The current node, in the open transaction, runs the transaction's settings it
+    /// has not run yet.
+    async fn catch_up_current(&mut self) -> Result<(), RouterError> {
+        let from = self.applied_on(self.node);
+        if from >= self.txn_settings.len() || self.status == TxnStatus::Failed {
+            return Ok(());
+        }
+        let mut replay = String::new();
+        for t in &self.txn_settings[from..] {
+            push_statement(&mut replay, t.replay_sql());
+        }
+        if !replay.is_empty() {
+            let conn = self.lease.as_mut().expect("the current lease").conn();
+            if let Err(e) = conn.run_internal(&replay).await {
+                return Err(self.settings_failed(e));
+            }
+        }
+        let n = self.txn_settings.len();
+        self.note_applied(self.node, n);
+        Ok(())
+    }
+
+    /// A node refused the transaction's settings: its part of the transaction is
+    /// aborted, so the transaction can only roll back.
+    pub(super) fn settings_failed(&mut self, e: crate::backend::BackendError) -> RouterError {
+        self.doomed = true;
+        PlanError::NotSupported(format!(
+            "the settings made earlier in this transaction (SET LOCAL, SET) could not be applied on {} ({e}); the transaction can only be rolled back",
+            node_label(self.node)
+        ))
+        .into()
     }
 
     /// A transaction holding backends on two nodes or more is made known to the
@@ -627,7 +691,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             TxnEnd::Rollback => "ROLLBACK",
         };
         let keep = self.mode == PoolMode::Session;
-        let dirty = !self.txn_settings.is_empty();
+        let dirty = self.txn_settings.iter().any(|t| !t.is_local());
         for (node, mut lease) in std::mem::take(&mut self.parked) {
             if dirty {
                 // The transaction ran SETs (on the coordinator): whichever connection
@@ -1490,6 +1554,29 @@ fn plain_begin(sql: &str) -> bool {
                 || (is(0, "start") && is(1, "transaction"))
         }
         _ => false,
+    }
+}
+
+/// Whether `sql` is one SET, RESET or SHOW statement: it names settings, never tables
+/// (`SET app.orders = 1` is not about a table `orders`).
+fn names_no_table(sql: &str) -> bool {
+    let s = sql.trim_start();
+    let word = &s[..s
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(s.len())];
+    ["set", "reset", "show"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k))
+        && !s.trim_end().trim_end_matches(';').contains(';')
+}
+
+/// Appends a statement (if any) to a string of several.
+pub(super) fn push_statement(sql: &mut String, stmt: Option<String>) {
+    if let Some(stmt) = stmt {
+        if !sql.is_empty() {
+            sql.push_str("; ");
+        }
+        sql.push_str(&stmt);
     }
 }
 

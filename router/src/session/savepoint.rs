@@ -165,17 +165,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let sql = op.sql();
         let mut failed = None;
-        for (_, lease) in self.parked.iter_mut() {
-            let conn = lease.conn();
-            if conn.status == TxnStatus::Idle {
+        for i in 0..self.parked.len() {
+            let node = self.parked[i].0;
+            if self.parked[i].1.conn().status == TxnStatus::Idle {
                 // A lease kept between transactions (session pooling): not a part of
                 // this one (it gets the savepoints when it joins).
                 continue;
             }
-            if let Err(e) = conn.run_internal(&sql).await {
+            // The settings made since it last ran go before the savepoint command, as
+            // on the node that ran them.
+            let mut all = String::new();
+            let from = self.applied_on(node).min(self.txn_settings.len());
+            for t in &self.txn_settings[from..] {
+                super::route::push_statement(&mut all, t.replay_sql());
+            }
+            super::route::push_statement(&mut all, Some(sql.clone()));
+            if let Err(e) = self.parked[i].1.conn().run_internal(&all).await {
                 failed = Some(e);
                 break;
             }
+            let n = self.txn_settings.len();
+            self.note_applied(node, n);
         }
         if let Some(e) = failed {
             // The nodes no longer agree on the savepoint: the transaction cannot commit.
@@ -195,8 +205,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             SavepointOp::RollbackTo(n) => {
                 if let Some(i) = self.savepoints.iter().rposition(|(s, _)| s == n) {
                     self.savepoints.truncate(i + 1);
-                    // The SETs run since the savepoint are undone with it.
-                    self.txn_settings.truncate(self.savepoints[i].1);
+                    // The SETs run since the savepoint are undone with it, on every
+                    // node that ran them.
+                    let kept = self.savepoints[i].1;
+                    self.txn_settings.truncate(kept);
+                    for (_, a) in self.txn_applied.iter_mut() {
+                        *a = (*a).min(kept);
+                    }
                 }
             }
         }

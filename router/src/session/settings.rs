@@ -50,6 +50,12 @@ pub enum SessionStmt {
         name: String,
         stmt: String,
     },
+    /// `SET LOCAL name ...`: it ends with the transaction (never recorded), but every
+    /// node of the transaction must have it (replayed on nodes that join later).
+    SetLocal {
+        name: String,
+        stmt: String,
+    },
     Reset {
         name: String,
     },
@@ -70,7 +76,7 @@ impl SessionStmt {
     /// The command tag Postgres answers this statement with.
     pub fn tag(&self) -> &'static [u8] {
         match self {
-            SessionStmt::Set { .. } => b"SET",
+            SessionStmt::Set { .. } | SessionStmt::SetLocal { .. } => b"SET",
             SessionStmt::SetConfig { .. } => b"SELECT 1",
             SessionStmt::Reset { .. } | SessionStmt::ResetAll => b"RESET",
             SessionStmt::DiscardAll => b"DISCARD ALL",
@@ -78,6 +84,34 @@ impl SessionStmt {
             SessionStmt::DeallocateAll => b"DEALLOCATE ALL",
             // Matched by any CommandComplete of the string (see the session).
             SessionStmt::Many(_) => b"",
+        }
+    }
+
+    /// Whether it only lasts for the transaction it ran in.
+    pub fn is_local(&self) -> bool {
+        match self {
+            SessionStmt::SetLocal { .. } => true,
+            SessionStmt::Many(all) => all.iter().all(SessionStmt::is_local),
+            _ => false,
+        }
+    }
+
+    /// The SQL that gives another node of the same transaction the same setting, as
+    /// the client ran it (prepared statements are not settings: `None`).
+    pub fn replay_sql(&self) -> Option<String> {
+        match self {
+            SessionStmt::Set { stmt, .. }
+            | SessionStmt::SetConfig { stmt, .. }
+            | SessionStmt::SetLocal { stmt, .. } => Some(stmt.clone()),
+            SessionStmt::Reset { name } => Some(format!("RESET {name}")),
+            SessionStmt::ResetAll => Some("RESET ALL".into()),
+            SessionStmt::DiscardAll
+            | SessionStmt::Deallocate { .. }
+            | SessionStmt::DeallocateAll => None,
+            SessionStmt::Many(all) => {
+                let parts: Vec<String> = all.iter().filter_map(SessionStmt::replay_sql).collect();
+                (!parts.is_empty()).then(|| parts.join("; "))
+            }
         }
     }
 }
@@ -222,7 +256,9 @@ impl Settings {
             // Postgres's RESET ALL leaves the role; DISCARD ALL resets it too.
             SessionStmt::ResetAll => self.sets.retain(|name, _| name == "role"),
             SessionStmt::DiscardAll => self.sets.clear(),
-            SessionStmt::Deallocate { .. } | SessionStmt::DeallocateAll => {}
+            SessionStmt::SetLocal { .. }
+            | SessionStmt::Deallocate { .. }
+            | SessionStmt::DeallocateAll => {}
             SessionStmt::Many(all) => {
                 for t in all {
                     self.record(t);
@@ -368,6 +404,7 @@ pub fn inspect(sql: &str) -> Inspected {
         match classify(stmt) {
             Some(
                 t @ (SessionStmt::Set { .. }
+                | SessionStmt::SetLocal { .. }
                 | SessionStmt::Reset { .. }
                 | SessionStmt::ResetAll
                 | SessionStmt::DiscardAll),
@@ -394,7 +431,7 @@ pub fn inspect(sql: &str) -> Inspected {
     }
     // A string with transaction control decides itself what its SETs leave behind
     // (`BEGIN; SET ...; ROLLBACK` leaves nothing): it is not tracked, only marked.
-    untracked |= untracked_set || (control && !all.is_empty());
+    untracked |= untracked_set || (control && !all.iter().all(SessionStmt::is_local));
     Inspected {
         tracked: (!all.is_empty() && !control).then_some(SessionStmt::Many(all)),
         untracked,
@@ -577,7 +614,15 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
     let lower = s.to_ascii_lowercase();
     let words: Vec<&str> = lower.split_whitespace().collect();
     match words.as_slice() {
-        ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => None,
+        ["set", "local", "role" | "session", ..] => None,
+        ["set", "local", name, ..] => {
+            let name = set_name(name, &words)?;
+            Some(SessionStmt::SetLocal {
+                name,
+                stmt: s.to_owned(),
+            })
+        }
+        ["set", "transaction", ..] | ["set", "constraints", ..] => None,
         ["set", "session", "characteristics", ..] => None,
         ["set", "session", "authorization", ..] => None,
         ["set", "session", name, ..] | ["set", name, ..] => {
@@ -664,7 +709,6 @@ mod tests {
             "UPDATE t SET a = 1 WHERE id = 2",
             "BEGIN; UPDATE t SET a = 1; COMMIT",
             "SELECT * FROM dist WHERE k = 1",
-            "SET LOCAL work_mem = '1MB'",
             "BEGIN; SET LOCAL work_mem = '1MB'; SELECT 1; COMMIT",
             "PREPARE p AS SELECT 1; SET a.b = 1",
         ] {
@@ -810,7 +854,15 @@ mod tests {
         assert!(
             matches!(classify("SET TIME ZONE 'UTC'"), Some(SessionStmt::Set { name, .. }) if name == "timezone")
         );
-        assert_eq!(classify("SET LOCAL work_mem = '1MB'"), None);
+        assert!(matches!(
+            classify("SET LOCAL work_mem = '1MB'"),
+            Some(SessionStmt::SetLocal { name, .. }) if name == "work_mem"
+        ));
+        assert!(matches!(
+            classify("set local time zone 'UTC'"),
+            Some(SessionStmt::SetLocal { name, .. }) if name == "timezone"
+        ));
+        assert_eq!(classify("SET LOCAL ROLE nobody"), None);
         assert_eq!(
             classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
             None
