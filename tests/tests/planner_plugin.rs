@@ -1184,3 +1184,99 @@ fn the_router_tier_over_the_citus_corpus() {
         "multi_shard statements planned on one shard and not inspected: {unexpected:#?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// planner-pushdown
+
+/// The pushdown tier, loaded once like [`planner`].
+fn pushdown() -> &'static PlannerPlugin {
+    static P: OnceLock<(PluginHost, Arc<PlannerPlugin>)> = OnceLock::new();
+    let (_, p) = P.get_or_init(|| {
+        let host = PluginHost::new(None, Limits::default()).expect("plugin host");
+        let p = match host.load("planner-pushdown", builtin::PLANNER_PUSHDOWN) {
+            Ok(LoadedPlugin::Planner(p)) => p,
+            other => panic!("planner-pushdown loads as a planner: {other:?}"),
+        };
+        (host, p)
+    });
+    p
+}
+
+/// The catalog with the columns of `orders` known.
+fn catalog_with_columns() -> Vec<PlannerTable> {
+    let mut c = catalog();
+    c[0].columns = vec![
+        "tenant_id".into(),
+        "id".into(),
+        "total".into(),
+        "note".into(),
+    ];
+    c
+}
+
+#[test]
+fn the_pushdown_tier_plans_row_by_row_reads_of_every_shard() {
+    let p = pushdown();
+    assert_eq!(p.name(), "planner-pushdown");
+    let cases = [
+        (
+            "SELECT id, lower(note) FROM orders WHERE total > $1",
+            "SELECT id, pg_catalog.lower(note) FROM {t0} AS orders WHERE total > $1",
+        ),
+        (
+            "select o.id, coalesce(o.note, 'x') from orders o where o.tenant_id in (1, 2)",
+            "SELECT o.id, coalesce(o.note, 'x') FROM {t0} AS o WHERE o.tenant_id IN (1, 2)",
+        ),
+        (
+            "SELECT orders FROM orders",
+            "SELECT orders FROM {t0} AS orders",
+        ),
+    ];
+    for (sql, want) in cases {
+        match p.plan(sql, &[], &catalog_with_columns()) {
+            Ok(PlanOutcome::Plan(t)) => {
+                assert_eq!(t.sql_template, want, "{sql}");
+                assert_eq!(t.merge, MergeKind::Concat, "{sql}");
+                assert_eq!(t.targets.len(), 1);
+                assert_eq!(t.targets[0].table, 0);
+                assert_eq!(t.targets[0].key, ShardKey::AllShards);
+                validate_plan(&t, &catalog_with_columns()).expect("a valid plan");
+            }
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+    // Whatever is not the rows of each shard put together is not its.
+    for sql in [
+        "SELECT count(*) FROM orders",
+        "SELECT sum(total) FROM orders",
+        "SELECT myagg(total) FROM orders",
+        "SELECT o.count FROM orders o",
+        "SELECT (o).count FROM orders o",
+        "SELECT ctid FROM orders",
+        "SELECT id FROM orders ORDER BY id",
+        "SELECT id FROM orders LIMIT 1",
+        "SELECT DISTINCT id FROM orders",
+        "SELECT DISTINCT ON (id) id FROM orders",
+        "SELECT id FROM orders GROUP BY id",
+        "SELECT count(*) OVER () FROM orders",
+        "SELECT id FROM orders WHERE total > (SELECT avg(total) FROM orders)",
+        "SELECT (SELECT max(o.total)) FROM orders o",
+        "SELECT id FROM orders WHERE EXISTS (SELECT 1)",
+        "SELECT ARRAY(SELECT 1) FROM orders",
+        "SELECT id FROM orders FOR UPDATE",
+        "SELECT o.id FROM orders o JOIN users u ON u.id = o.tenant_id",
+        "SELECT id FROM orders UNION ALL SELECT id FROM orders",
+        "WITH x AS (SELECT id FROM orders) SELECT id FROM x",
+        "SELECT x.a FROM orders AS x(a)",
+        "SELECT now(), id FROM orders",
+        "SELECT random() FROM orders",
+        "SELECT * FROM countries",
+        "UPDATE orders SET total = 0",
+        "SELECT id FROM orders WHERE public.orders.id = 1",
+    ] {
+        match p.plan(sql, &[], &catalog_with_columns()) {
+            Ok(PlanOutcome::NotMine(_)) => {}
+            other => panic!("{sql}: expected not-mine, got {other:?}"),
+        }
+    }
+}

@@ -1122,6 +1122,65 @@ async fn row_by_row_reads_of_every_shard_match_plain_postgres() {
         "the rolled-back rows are gone"
     );
 
+    // A read of every shard that fails on one shard after others answered, inside a
+    // savepoint: ROLLBACK TO rescues the transaction, as on one Postgres (the shards
+    // that answered only read).
+    for c in 1..=TENANTS {
+        r.batch_execute("BEGIN").await.unwrap();
+        r.batch_execute(&format!(
+            "INSERT INTO campaigns (id, company_id, name) VALUES ({c} * 100 + 78, {c}, 'kept')"
+        ))
+        .await
+        .unwrap();
+        r.batch_execute("SAVEPOINT s").await.unwrap();
+        let e = r
+            .query("SELECT 1 / (company_id - $1) FROM ads", &[&c])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e).as_deref(), Some("22012"), "{e:?}");
+        r.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+        r.batch_execute("COMMIT").await.unwrap();
+        let kept = r
+            .query(
+                "SELECT name FROM campaigns WHERE company_id = $1 AND id = $1 * 100 + 78",
+                &[&c],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            kept.len(),
+            1,
+            "tenant {c}: the write before the savepoint is kept"
+        );
+        r.execute(
+            "DELETE FROM campaigns WHERE company_id = $1 AND id = $1 * 100 + 78",
+            &[&c],
+        )
+        .await
+        .unwrap();
+    }
+
+    // A user aggregate that overloads a row-by-row built-in's name is never run per
+    // shard: the answer is plain Postgres's or an error.
+    r.batch_execute(
+        "CREATE FUNCTION sg_add2(int, int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 + coalesce($2, 0)'; \
+         CREATE AGGREGATE length(int) (sfunc = sg_add2, stype = int, initcond = '0')",
+    )
+    .await
+    .expect("an aggregate named length");
+    f.plain
+        .batch_execute(
+            "CREATE FUNCTION sg_add2(int, int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 + coalesce($2, 0)'; \
+             CREATE AGGREGATE length(int) (sfunc = sg_add2, stype = int, initcond = '0')",
+        )
+        .await
+        .expect("the same on plain Postgres");
+    let sql = "SELECT length(clicks) FROM ads";
+    if let Ok(got) = simple(&r, sql).await {
+        diffs.compare(sql, Ok(got), simple(&f.plain, sql).await, false);
+        diffs.assert_empty(1);
+    }
+
     // Reads whose shards' rows would have to be combined: refused, never per shard.
     r.batch_execute(
         "CREATE FUNCTION sg_add(int, int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 + coalesce($2, 0)'; \
@@ -1141,6 +1200,13 @@ async fn row_by_row_reads_of_every_shard_match_plain_postgres() {
         "SELECT id FROM ads WHERE clicks > (SELECT avg(clicks) FROM ads)",
         "SELECT (SELECT max(a.clicks)) FROM ads a",
         "SELECT id FROM ads FOR UPDATE",
+        // `a.count` and `(a).count` are the aggregate count(a) to Postgres; system
+        // columns differ per shard.
+        "SELECT a.count FROM ads a",
+        "SELECT (a).count FROM ads a",
+        "SELECT ctid, id FROM ads",
+        "SELECT id FROM ads WHERE tableoid > 0",
+        "SELECT x.id FROM ads AS x(id)",
     ] {
         for (proto, got) in [
             ("simple", simple(&r, sql).await),

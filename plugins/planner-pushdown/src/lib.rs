@@ -122,12 +122,12 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, String> {
     let ast::Statement::Query(query) = &mut stmt else {
         return Err("not a SELECT".into());
     };
-    let relation = row_wise_select(query)?;
-    let TableFactor::Table { name, alias, .. } = relation else {
-        unreachable!("row_wise_select returns a plain table")
+    let (name, alias) = match row_wise_select(query)? {
+        TableFactor::Table { name, alias, .. } => (name.clone(), alias.clone()),
+        _ => unreachable!("row_wise_select returns a plain table"),
     };
     let found = planner_sql::matching_tables(
-        name,
+        &name,
         tables.iter().map(|t| (t.schema.as_str(), t.name.as_str())),
     )?;
     let index = match found.as_slice() {
@@ -139,6 +139,15 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, String> {
     if table.kind != TableKind::Distributed {
         return Err(format!("{} is not a distributed table", table.name));
     }
+    if alias.as_ref().is_some_and(|a| !a.columns.is_empty()) {
+        return Err("a table alias with a column list".into());
+    }
+    let qualifier = alias
+        .as_ref()
+        .map(|a| planner_sql::fold(&a.name))
+        .unwrap_or_else(|| table.name.clone());
+    only_columns(query, table, &qualifier)?;
+
     // The table by a placeholder name that occurs nowhere in the text, with its own
     // name as alias; the placeholder becomes `{t0}` after printing.
     let lower = sql.to_lowercase();
@@ -146,16 +155,19 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, String> {
         .map(|i| format!("sg_shard_table_{i}"))
         .find(|p| !lower.contains(p.as_str()))
         .expect("a free placeholder");
-    let own = name.0.last().and_then(ObjectNamePart::as_ident).cloned();
-    *name = ObjectName::from(vec![Ident::new(placeholder.clone())]);
-    if alias.is_none()
-        && let Some(own) = own
-    {
-        *alias = Some(ast::TableAlias {
-            name: own,
-            columns: Vec::new(),
-        });
+    if let TableFactor::Table { name, alias, .. } = row_wise_select(query)? {
+        let own = name.0.last().and_then(ObjectNamePart::as_ident).cloned();
+        *name = ObjectName::from(vec![Ident::new(placeholder.clone())]);
+        if alias.is_none()
+            && let Some(own) = own
+        {
+            *alias = Some(ast::TableAlias {
+                name: own,
+                columns: Vec::new(),
+            });
+        }
     }
+    qualify_functions(&mut stmt);
     planner_sql::parenthesize_prefix_operands(&mut stmt);
     let text = stmt.to_string();
     if text.matches(placeholder.as_str()).count() != 1 {
@@ -169,6 +181,68 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, String> {
         sql_template: text.replace(placeholder.as_str(), "{t0}"),
         merge: MergeKind::Concat,
     })
+}
+
+/// Every name in the query is a column of `table` (plain, or qualified by
+/// `qualifier`: its alias, else its name), or the table's whole row. Postgres reads
+/// `o.count` or `(o).count` as the aggregate `count(o)`, and a system column (`ctid`,
+/// `tableoid`) differs per shard: neither is a row's own value.
+fn only_columns(q: &ast::Query, table: &Table, qualifier: &str) -> Result<(), String> {
+    let column = |id: &Ident| table.columns.contains(&planner_sql::fold(id));
+    let mut why = None;
+    let _ = ast::visit_expressions(q, |e| {
+        why = match e {
+            Expr::Identifier(id) if column(id) || planner_sql::fold(id) == qualifier => None,
+            Expr::Identifier(id) => Some(format!("{id} is not a column of {}", table.name)),
+            Expr::CompoundIdentifier(p)
+                if p.len() == 2 && planner_sql::fold(&p[0]) == qualifier && column(&p[1]) =>
+            {
+                None
+            }
+            Expr::CompoundIdentifier(p) => Some(format!(
+                "{} is not a column of {}",
+                ObjectName::from(p.clone()),
+                table.name
+            )),
+            Expr::CompoundFieldAccess { access_chain, .. }
+                if access_chain
+                    .iter()
+                    .any(|a| matches!(a, ast::AccessExpr::Dot(_))) =>
+            {
+                Some("a field of a row or composite value (`(o).count` may be an aggregate)".into())
+            }
+            _ => None,
+        };
+        if why.is_some() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    match why {
+        Some(w) => Err(w),
+        None => Ok(()),
+    }
+}
+
+/// SQL keywords sqlparser reads as function calls: not functions in pg_catalog.
+const SYNTAX_FUNCTIONS: &[&str] = &["coalesce", "greatest", "least", "nullif"];
+
+/// Every (allowed) function call names pg_catalog's: an overload of another schema
+/// (`CREATE AGGREGATE public.length(jsonb)`) would otherwise be chosen for its
+/// argument types, and aggregate each shard on its own.
+fn qualify_functions(stmt: &mut ast::Statement) {
+    let _ = ast::visit_expressions_mut(stmt, |e| {
+        if let Expr::Function(f) = e
+            && let [ObjectNamePart::Identifier(id)] = f.name.0.as_slice()
+        {
+            let name = planner_sql::fold(id);
+            if !SYNTAX_FUNCTIONS.contains(&name.as_str()) {
+                f.name = ObjectName::from(vec![Ident::new("pg_catalog"), Ident::new(name)]);
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
 }
 
 /// The table of a query whose answer is the rows of each shard put together, or why

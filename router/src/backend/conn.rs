@@ -40,6 +40,11 @@ pub struct BackendConn {
     pub reported: Vec<(String, String)>,
     /// Router-assigned ids of the statements prepared on this connection.
     pub prepared: HashSet<u64>,
+    /// The RowDescription of statements prepared here (by id), as this connection
+    /// described them (a Describe of the statement, or of a portal with text results:
+    /// the same message): a routed batch's Describe of such a portal is answered from
+    /// it. A result type changed on the node since fails the Bind before it is used.
+    pub described: std::collections::HashMap<u64, bytes::Bytes>,
     /// The promoted simple queries prepared here (id, name), least recently used
     /// first: at most `session::route::MAX_PROMOTED_PER_CONN`, the oldest closed when
     /// a new one is prepared.
@@ -83,6 +88,7 @@ impl BackendConn {
             addr,
             reported: Vec::new(),
             prepared: HashSet::new(),
+            described: std::collections::HashMap::new(),
             promoted: std::collections::VecDeque::new(),
             settings_fp: 0,
             status: TxnStatus::Idle,

@@ -89,6 +89,12 @@ pub struct Planned {
 }
 
 impl Planned {
+    /// Whether it was planned from the normalised text with literals in it (made
+    /// parameters): the same statement may plan differently as written.
+    pub fn from_literals(&self) -> bool {
+        self.normalized && self.segments.iter().any(|s| matches!(s, Seg::Literal(_)))
+    }
+
     /// A name prefix for copies of shards that no identifier of the statement starts
     /// with (`sg_pull_`, else `sg_pull1_`, ...).
     fn copy_prefix(&self) -> String {
@@ -454,6 +460,25 @@ impl PromotedBuilder {
     }
 }
 
+/// The first placement of `shard` (of table `table`) whose node is active.
+fn active_placement(
+    shard: &crate::catalog::Shard,
+    table: &str,
+    snap: &Snapshot,
+) -> Result<i32, PlanError> {
+    shard
+        .placements
+        .iter()
+        .copied()
+        .find(|g| snap.node_by_group(*g).is_some())
+        .ok_or_else(|| {
+            PlanError::NoPlacement(format!(
+                "shard {} of {table} has no placement on an active node",
+                shard.id
+            ))
+        })
+}
+
 fn is_query(sql: &str) -> bool {
     tokens(sql)
         .into_iter()
@@ -584,15 +609,35 @@ impl Planner {
         })? {
             Entry::Plan(p) => Ok(p),
             Entry::Refused(e) => Err(PlanError::NotPlannable(e)),
-            Entry::Raw => match self.lookup(sql, &key_types, stamp, || {
-                self.plan_text(sql, norm, false, param_types, snap, plugins)
-            })? {
-                Entry::Plan(p) => Ok(p),
-                Entry::Refused(e) => Err(PlanError::NotPlannable(e)),
-                Entry::Raw => Err(PlanError::NotPlannable(
-                    "shardgate cannot plan this statement on distributed tables".into(),
-                )),
-            },
+            Entry::Raw => self.plan_raw(sql, norm, param_types, snap, plugins),
+        }
+    }
+
+    /// The plan for `sql` as written (its literals not made parameters): for a
+    /// statement whose normalised text no tier takes, and for one whose literal key
+    /// does not convert to the distribution column's type (`tenant = 3.0`, `tenant =
+    /// 2147483648` for an int4 column: Postgres compares them as numbers, which a
+    /// hashed key cannot, so the tiers see the literal and do not pin the shard).
+    pub fn plan_raw(
+        &self,
+        sql: &str,
+        norm: &Normalized,
+        param_types: &[u32],
+        snap: &Snapshot,
+        plugins: &PluginSet,
+    ) -> Result<Arc<Planned>, PlanError> {
+        let stamp = (snap.version, plugins.generation());
+        let mut key_types = Vec::with_capacity(param_types.len() + 1);
+        key_types.push(norm.client_params);
+        key_types.extend_from_slice(param_types);
+        match self.lookup(sql, &key_types, stamp, || {
+            self.plan_text(sql, norm, false, param_types, snap, plugins)
+        })? {
+            Entry::Plan(p) => Ok(p),
+            Entry::Refused(e) => Err(PlanError::NotPlannable(e)),
+            Entry::Raw => Err(PlanError::NotPlannable(
+                "shardgate cannot plan this statement on distributed tables".into(),
+            )),
         }
     }
 
@@ -823,7 +868,7 @@ impl Planner {
         prefer: Option<i32>,
     ) -> Result<Bound, PlanError> {
         if plan.fanout {
-            return self.bind_fanout(plan, literals, snap, prefer);
+            return self.bind_fanout(plan, literals, snap);
         }
         // Each distributed target's shard index: colocated targets share one; a table
         // of one shard needs no key.
@@ -903,17 +948,7 @@ impl Planner {
                             continue;
                         }
                         let (table, _) = &plan.targets[n];
-                        let source = s
-                            .placements
-                            .iter()
-                            .copied()
-                            .find(|g| snap.node_by_group(*g).is_some())
-                            .ok_or_else(|| {
-                                PlanError::NoPlacement(format!(
-                                    "shard {} of {} has no placement on an active node",
-                                    s.id, table.name
-                                ))
-                            })?;
+                        let source = active_placement(s, &table.name, snap)?;
                         let index = match table.method {
                             Method::Hash => shard_of[n] as usize,
                             Method::Reference => 0,
@@ -1071,27 +1106,19 @@ impl Planner {
     }
 
     /// Binds a `concat` plan: the statement on every shard of its table, each on a node
-    /// holding the shard (`prefer` when it does).
+    /// holding the shard.
     fn bind_fanout(
         &self,
         plan: &Planned,
         literals: &[String],
         snap: &Snapshot,
-        prefer: Option<i32>,
     ) -> Result<Bound, PlanError> {
         let (table, _) = &plan.targets[0];
         let mut fanout = Vec::with_capacity(table.shards.len());
         for (i, shard) in table.shards.iter().enumerate() {
-            let active = |g: &i32| snap.node_by_group(*g).is_some();
-            let group = prefer
-                .filter(|g| shard.placements.contains(g) && active(g))
-                .or_else(|| shard.placements.iter().copied().find(active))
-                .ok_or_else(|| {
-                    PlanError::NoPlacement(format!(
-                        "shard {} of {} has no placement on an active node",
-                        shard.id, table.name
-                    ))
-                })?;
+            // The first active placement, as for a statement pinned to the shard
+            // (where the transaction's own writes of it went).
+            let group = active_placement(shard, &table.name, snap)?;
             let name = table.qualified_shard(i).ok_or_else(|| {
                 PlanError::NoPlacement(format!(
                     "table {} has no shard {i} in the catalog",

@@ -296,7 +296,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// current one; the others go back to their pools (or stay, with session pooling).
     fn keep_leases(&mut self, leases: Vec<(Option<i32>, Lease)>) {
         self.node = None;
-        let dirty = self.txn_settings.iter().any(|t| !t.is_local());
+        let dirty = self.txn_session_sets || self.txn_settings.iter().any(|t| !t.is_local());
         for (n, mut l) in leases {
             if dirty {
                 // SETs of the transaction (see `end_parked`).
@@ -333,14 +333,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let kept = self.rollback_everywhere().await;
         self.writers.clear();
         self.doomed = false;
-        self.commit_failed(
-            kept,
+        let error = if std::mem::take(&mut self.doomed_by_deadlock) {
             CommitError::new(
                 sqlstate::DEADLOCK_DETECTED.code(),
                 "the transaction was rolled back: it was cancelled to break a distributed deadlock, and its work on other nodes is gone",
-            ),
-        )
-        .await
+            )
+        } else {
+            CommitError::new(
+                sqlstate::TRANSACTION_ROLLBACK.code(),
+                "the transaction was rolled back: part of its work failed on one of its nodes after other nodes had done theirs, so it cannot commit as a whole",
+            )
+        };
+        self.commit_failed(kept, error).await
     }
 
     /// Rolls back the open transaction on every node; the leases that are still usable.

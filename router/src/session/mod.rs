@@ -170,6 +170,10 @@ pub struct Session<S> {
     /// missing here has run none): the others are run on it before it is used again
     /// (`route::join`) and before a savepoint command reaches it.
     txn_applied: Vec<(Option<i32>, usize)>,
+    /// The open transaction ran session-level SETs (replayed on its other nodes):
+    /// every connection it used is reset before its next user, however it ends (kept
+    /// until the session is idle again, after `txn_settings` is cleared).
+    txn_session_sets: bool,
     /// Extended protocol: the tracked statements bound to portals (by portal name),
     /// and the tracked statements of the current batch that completed.
     bound_tracked: Vec<(Bytes, SessionStmt)>,
@@ -224,6 +228,9 @@ pub struct Session<S> {
     /// Part of the open transaction was rolled back (a deadlock victim's other nodes):
     /// it can no longer commit.
     doomed: bool,
+    /// Why: cancelled to break a distributed deadlock (else part of its work failed
+    /// on a node: a step of a multi-node statement, a setting, a savepoint command).
+    doomed_by_deadlock: bool,
     /// The next routed simple query carries its node's BEGIN (a Query of its own, in
     /// the same write).
     join_begin: bool,
@@ -268,6 +275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             savepoints: Vec::new(),
             dist: None,
             doomed: false,
+            doomed_by_deadlock: false,
             join_begin: false,
             promoted_inflight: None,
             promoted_stale: false,
@@ -291,6 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             settings,
             txn_settings: Vec::new(),
             txn_applied: Vec::new(),
+            txn_session_sets: false,
             bound_tracked: Vec::new(),
             ext_tracked: Vec::new(),
             stmts: HashMap::new(),
@@ -1239,6 +1248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         let id = p.id;
                         if let Some(l) = self.lease.as_mut() {
                             l.conn().prepared.remove(&id);
+                            l.conn().described.remove(&id);
                         }
                         // Raised at Bind, before the statement ran: outside a
                         // transaction nothing is lost, and the text is sent instead
@@ -1328,6 +1338,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if ctag == b"DISCARD ALL" || ctag == b"DEALLOCATE ALL" {
                     let conn = self.lease.as_mut().expect("lease").conn();
                     conn.prepared.clear();
+                    conn.described.clear();
                     conn.promoted.clear();
                     // Reset to defaults, unless the request goes on to change them in
                     // ways the router does not follow (it marked the connection).
@@ -1374,9 +1385,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Some(Expect::Msg {
                     describes: Some(p), ..
                 }) if f.tag == btag::ROW_DESCRIPTION => {
-                    if p.row_description.get().is_none() {
-                        let node = self.node;
-                        let _ = p.row_description.set((node, Bytes::copy_from_slice(f.raw)));
+                    let id = p.id;
+                    if let Some(l) = self.lease.as_mut() {
+                        let c = l.conn();
+                        if c.prepared.contains(&id) || self.batch_prepared.contains(&id) {
+                            c.described.insert(id, Bytes::copy_from_slice(f.raw));
+                        }
                     }
                     self.end_msg(f)?
                 }
@@ -1513,6 +1527,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         } else {
+            self.txn_session_sets |= !t.is_local();
             self.txn_settings.push(t);
             // The node it ran on has every one.
             let n = self.txn_settings.len();

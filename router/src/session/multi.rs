@@ -265,11 +265,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let implicit = self.status == TxnStatus::Idle;
         if implicit {
             // Nodes joining get BEGIN: the session counts as in a transaction until
-            // it ends here.
-            self.begin_sql = None;
+            // it ends here. A read of every shard reads each node's shards in one
+            // snapshot (REPEATABLE READ), as one statement on one Postgres would; the
+            // nodes' snapshots are still taken one after the other.
+            self.begin_sql =
+                (merge == Merge::Concat).then(|| "BEGIN ISOLATION LEVEL REPEATABLE READ".into());
             self.status = TxnStatus::InTransaction;
         }
         let mut answers: Vec<BytesMut> = Vec::new();
+        // Whether a step that completed may have written.
+        let mut wrote = false;
         let mut failed = None;
         let mut message = BytesMut::new();
         for step in steps {
@@ -315,7 +320,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Some(x) => x.encode(&sql, &mut message),
             }
             match conn.run_capture_raw(&message).await {
-                Ok((out, None)) => answers.push(out),
+                Ok((out, None)) => {
+                    wrote |= step.writes;
+                    answers.push(out)
+                }
                 Ok((out, Some(f))) => {
                     failed = Some(Ok((out, f)));
                     break;
@@ -360,6 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     } else {
                         self.commit_one_writer().await
                     };
+                    self.begin_sql = None;
                     match done {
                         Ok(()) => self.status = TxnStatus::Idle,
                         Err(e) => return self.refuse_request(e).map(|()| accepted),
@@ -386,9 +395,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // SAVEPOINT on the failed node must not let a COMMIT keep the
                     // steps that ran on the other nodes.
                     self.status = TxnStatus::Failed;
-                    // Unless the only failure is the first step's own statement on
+                    // Unless no step that ran before wrote (reads of other shards
+                    // leave nothing behind) and the failure is the statement's own on
                     // its node (which ROLLBACK TO undoes there, as on one Postgres).
-                    if !(answers.is_empty() && f.is_ok()) {
+                    if wrote || f.is_err() {
                         self.doomed = true;
                     }
                 }
@@ -405,6 +415,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 protocol::encode_ready_for_query(&mut self.out, self.status);
             }
+        }
+        if implicit {
+            // The next transaction's nodes begin as its BEGIN says.
+            self.begin_sql = None;
         }
         self.after_request().await;
         Ok(accepted)

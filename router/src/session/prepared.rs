@@ -25,13 +25,6 @@ pub struct Prepared {
     /// The parameter types a backend described (ParameterDescription): how binary
     /// parameters of unspecified type are read when a distribution key is bound.
     pub described: std::sync::OnceLock<Vec<u32>>,
-    /// The RowDescription a backend described it with (a Describe of the statement,
-    /// or of a portal of it with text results: the same message), and the node
-    /// (group) it came from: a routed batch's Describe of such a portal on that node
-    /// is answered from it, not sent. A change of its result type on the node fails
-    /// the Bind before the answer goes out (Postgres: "cached plan must not change
-    /// result type").
-    pub row_description: std::sync::OnceLock<(Option<i32>, Bytes)>,
     /// What every Bind of a routed statement would otherwise work out again from the
     /// text (see `Routing`).
     pub routing: Routing,
@@ -163,7 +156,6 @@ impl PreparedRegistry {
             epoch,
             validated: AtomicBool::new(false),
             described: std::sync::OnceLock::new(),
-            row_description: std::sync::OnceLock::new(),
             routing: Routing::default(),
             settings: std::sync::OnceLock::new(),
         });

@@ -227,9 +227,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let prefer = self
             .node
             .or_else(|| self.parked.iter().find_map(|(n, _)| *n));
-        self.ctx
+        match self
+            .ctx
             .planner
             .bind(&plan, &norm.literals, &param, &snap, &plugins, prefer)
+        {
+            // A literal key that is not a value of the column's type (`tenant = 3.0`
+            // on an int column): Postgres compares it as a number, so the statement
+            // is planned as written, where the tiers do not take it as a key.
+            Err(PlanError::InvalidValue(_)) if plan.from_literals() => {
+                let raw = self
+                    .ctx
+                    .planner
+                    .plan_raw(sql, norm, param_types, &snap, &plugins)?;
+                self.ctx
+                    .planner
+                    .bind(&raw, &norm.literals, &param, &snap, &plugins, prefer)
+            }
+            other => other,
+        }
     }
 
     /// Notes a write on `target` inside a transaction: a transaction that wrote on two
@@ -345,6 +361,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     };
                     if let Some((id, _)) = &evict {
                         conn.prepared.remove(id);
+                        conn.described.remove(id);
                     }
                     conn.promoted.push_back((prep.id, prep.name.clone()));
                     evict
@@ -464,6 +481,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // waited for them goes on without waiting for this client's ROLLBACK).
             self.end_parked(TxnEnd::Rollback).await;
             self.doomed = true;
+            self.doomed_by_deadlock = true;
             // Its pids are given back: they must not stand for it in the wait graph.
             self.dist = None;
         }
@@ -471,7 +489,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.writers.clear();
             self.savepoints.clear();
             self.dist = None;
+            self.txn_session_sets = false;
             self.doomed = false;
+            self.doomed_by_deadlock = false;
             if self.expect.is_empty() {
                 self.saw_commit = false;
             }
@@ -562,25 +582,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let _ = conn.run_internal("ROLLBACK").await;
                 conn.run_internal("BEGIN").await?;
             }
+            // The transaction's settings and savepoints, in the order they were made.
             let mut replay = String::new();
             let mut next = 0;
             for (name, upto) in &self.savepoints {
-                for t in &self.txn_settings[next..*upto] {
-                    push_statement(&mut replay, t.replay_sql());
-                }
+                self.replay_settings(next, *upto, &mut replay);
                 next = *upto;
                 push_statement(
                     &mut replay,
                     Some(super::savepoint::SavepointOp::Set(name.clone()).sql()),
                 );
             }
-            for t in &self.txn_settings[next..] {
-                push_statement(&mut replay, t.replay_sql());
-            }
-            if !replay.is_empty()
-                && let Err(e) = conn.run_internal(&replay).await
-            {
-                return Err(self.settings_failed(e));
+            self.replay_settings(next, self.txn_settings.len(), &mut replay);
+            // (A connection that ran session-level SETs is reset before its next user:
+            // `txn_session_sets`.)
+            if !replay.is_empty() {
+                let conn = self.lease.as_mut().expect("lease just acquired").conn();
+                if let Err(e) = conn.run_internal(&replay).await {
+                    return Err(self.settings_failed(e));
+                }
             }
         }
         let n = self.txn_settings.len();
@@ -597,9 +617,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         let mut replay = String::new();
-        for t in &self.txn_settings[from..] {
-            push_statement(&mut replay, t.replay_sql());
-        }
+        self.replay_settings(from, self.txn_settings.len(), &mut replay);
         if !replay.is_empty() {
             let conn = self.lease.as_mut().expect("the current lease").conn();
             if let Err(e) = conn.run_internal(&replay).await {
@@ -609,6 +627,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let n = self.txn_settings.len();
         self.note_applied(self.node, n);
         Ok(())
+    }
+
+    /// Appends the SQL that replays `txn_settings[from..to]` on another node of the
+    /// transaction.
+    pub(super) fn replay_settings(&self, from: usize, to: usize, sql: &mut String) {
+        for t in self.txn_settings.get(from..to).unwrap_or_default() {
+            push_statement(sql, self.replay_of(t));
+        }
+    }
+
+    /// One tracked statement as replayed on another node: RESET ALL brings the
+    /// session's startup parameters back, as Postgres's does.
+    fn replay_of(&self, t: &super::settings::SessionStmt) -> Option<String> {
+        use super::settings::SessionStmt;
+        match t {
+            SessionStmt::ResetAll => {
+                let startup = self.settings.startup_sql();
+                Some(if startup.is_empty() {
+                    "RESET ALL".into()
+                } else {
+                    format!("RESET ALL; {startup}")
+                })
+            }
+            SessionStmt::Many(all) => {
+                let mut sql = String::new();
+                for t in all {
+                    push_statement(&mut sql, self.replay_of(t));
+                }
+                (!sql.is_empty()).then_some(sql)
+            }
+            t => t.replay_sql(),
+        }
     }
 
     /// A node refused the transaction's settings: its part of the transaction is
@@ -691,7 +741,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             TxnEnd::Rollback => "ROLLBACK",
         };
         let keep = self.mode == PoolMode::Session;
-        let dirty = self.txn_settings.iter().any(|t| !t.is_local());
+        let dirty = self.txn_session_sets || self.txn_settings.iter().any(|t| !t.is_local());
         for (node, mut lease) in std::mem::take(&mut self.parked) {
             if dirty {
                 // The transaction ran SETs (on the coordinator): whichever connection
@@ -985,6 +1035,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Translates one message of a routed batch; `false`: not a message this batch
     /// handles differently (translate it as usual).
     pub(super) fn translate_routed(&mut self, f: &Frame) -> Result<bool, RouterError> {
+        if matches!(f.tag, tag::BIND | tag::CLOSE)
+            && let Some(r) = self.routed.as_mut()
+        {
+            // A portal made or closed by anything but a routed Bind is not the one
+            // the last routed Bind described (a routed Bind sets it again).
+            r.portal = None;
+        }
         match f.tag {
             tag::PARSE => {
                 let p = protocol::decode_parse(f.body())?;
@@ -1107,13 +1164,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         return Ok(false);
                     };
                     let sprep = sprep.clone();
-                    match sprep.row_description.get() {
-                        // Described on this node before: the same answer, without a
-                        // round of the node's own work.
-                        Some((node, frame)) if *node == self.node => {
-                            self.expect.push_back(Expect::SynthFrame(frame.clone()));
-                        }
-                        _ => {
+                    let known = self
+                        .lease
+                        .as_mut()
+                        .and_then(|l| l.conn().described.get(&sprep.id).cloned());
+                    match known {
+                        // Described on this connection before: the same answer,
+                        // without a round of the node's own work.
+                        Some(frame) => self.expect.push_back(Expect::SynthFrame(frame)),
+                        None => {
                             protocol::encode_target(&mut self.bout, tag::DESCRIBE, b'P', name);
                             self.expect.push_back(Expect::Msg {
                                 forward: true,

@@ -164,6 +164,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(());
         }
         let sql = op.sql();
+        // A ROLLBACK TO undoes the settings made since its savepoint: those need not
+        // reach a node first.
+        let upto = match op {
+            SavepointOp::RollbackTo(n) => self
+                .savepoints
+                .iter()
+                .rposition(|(s, _)| s == n)
+                .map_or(self.txn_settings.len(), |i| self.savepoints[i].1),
+            _ => self.txn_settings.len(),
+        };
         let mut failed = None;
         for i in 0..self.parked.len() {
             let node = self.parked[i].0;
@@ -175,17 +185,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // The settings made since it last ran go before the savepoint command, as
             // on the node that ran them.
             let mut all = String::new();
-            let from = self.applied_on(node).min(self.txn_settings.len());
-            for t in &self.txn_settings[from..] {
-                super::route::push_statement(&mut all, t.replay_sql());
+            let from = self.applied_on(node);
+            if from < upto {
+                self.replay_settings(from, upto, &mut all);
             }
             super::route::push_statement(&mut all, Some(sql.clone()));
-            if let Err(e) = self.parked[i].1.conn().run_internal(&all).await {
+            let conn = self.parked[i].1.conn();
+            if let Err(e) = conn.run_internal(&all).await {
                 failed = Some(e);
                 break;
             }
-            let n = self.txn_settings.len();
-            self.note_applied(node, n);
+            if from < upto {
+                self.note_applied(node, upto);
+            }
         }
         if let Some(e) = failed {
             // The nodes no longer agree on the savepoint: the transaction cannot commit.

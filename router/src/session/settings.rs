@@ -212,6 +212,19 @@ impl Settings {
         }
     }
 
+    /// The session's startup parameters as SET statements: what a client's RESET ALL
+    /// brings back (on a backend the router SET them on, RESET ALL drops them).
+    pub fn startup_sql(&self) -> String {
+        let mut sql = String::new();
+        for (k, v) in &self.startup {
+            if !sql.is_empty() {
+                sql.push_str("; ");
+            }
+            sql.push_str(&format!("SET {k} TO {}", dollar_quote(v)));
+        }
+        sql
+    }
+
     fn statements(&self, keep_encoding: bool) -> String {
         let mut sql = String::new();
         let mut push = |s: &str| {
@@ -614,7 +627,12 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
     let lower = s.to_ascii_lowercase();
     let words: Vec<&str> = lower.split_whitespace().collect();
     match words.as_slice() {
-        ["set", "local", "role" | "session", ..] => None,
+        [
+            "set",
+            "local",
+            "role" | "session" | "transaction" | "characteristics",
+            ..,
+        ] => None,
         ["set", "local", name, ..] => {
             let name = set_name(name, &words)?;
             Some(SessionStmt::SetLocal {
@@ -863,6 +881,10 @@ mod tests {
             Some(SessionStmt::SetLocal { name, .. }) if name == "timezone"
         ));
         assert_eq!(classify("SET LOCAL ROLE nobody"), None);
+        assert_eq!(
+            classify("SET LOCAL TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            None
+        );
         assert_eq!(
             classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
             None
