@@ -2097,3 +2097,45 @@ async fn settings_made_in_a_transaction_reach_every_node_it_touches() {
         assert_eq!(text_rows(&a, &tz(id)).await[0][1].as_deref(), Some("kept"));
     }
 }
+
+/// A text key written with escapes (`E'\u65e5'`, `E'\303\251'`) picks the shard of the
+/// value Postgres reads, so its rows are found; `RESET TIME ZONE` reaches the workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_text_keys_find_their_rows_and_reset_time_zone_reaches_workers() {
+    let env = one_connection_per_node().await;
+    let a = env.client().await;
+    a.batch_execute("CREATE TABLE esc (k text, n int)")
+        .await
+        .unwrap();
+    a.batch_execute("SELECT create_distributed_table('esc', 'k', shard_count => 8)")
+        .await
+        .unwrap();
+    for (i, k) in ["日本", "été", "😀", "plain"].iter().enumerate() {
+        a.execute("INSERT INTO esc VALUES ($1, $2)", &[k, &(i as i32)])
+            .await
+            .unwrap();
+    }
+    for (sql, want) in [
+        (r"SELECT n FROM esc WHERE k = E'\u65e5\u672c'", "0"),
+        (r"SELECT n FROM esc WHERE k = E'\U000065e5\u672c'", "0"),
+        (r"SELECT n FROM esc WHERE k = E'\303\251t\xc3\xa9'", "1"),
+        (r"SELECT n FROM esc WHERE k = E'\uD83D\uDE00'", "2"),
+        (r"SELECT n FROM esc WHERE k = E'pl\141in'", "3"),
+    ] {
+        assert_eq!(
+            text_rows(&a, sql).await,
+            vec![vec![Some(want.to_owned())]],
+            "{sql}"
+        );
+    }
+    let tz = "SELECT current_setting('TimeZone') FROM esc WHERE k = 'plain'";
+    let before = text_rows(&a, tz).await[0][0].clone();
+    a.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
+    assert_eq!(text_rows(&a, tz).await[0][0].as_deref(), Some("Asia/Tokyo"));
+    a.batch_execute("RESET TIME ZONE").await.unwrap();
+    assert_eq!(
+        text_rows(&a, tz).await[0][0],
+        before,
+        "RESET TIME ZONE on the worker"
+    );
+}

@@ -359,20 +359,34 @@ pub fn literal_text(token: &str) -> String {
     if !escapes {
         return body.replace("''", "'");
     }
-    let mut out = String::with_capacity(body.len());
+    // Escapes make bytes (`\303\251` is one UTF-8 character) or code points
+    // (`\u65e5`, `\U0001F600`, a `\uD83D\uDE00` surrogate pair), as Postgres reads
+    // them.
+    let mut out: Vec<u8> = Vec::with_capacity(body.len());
+    let push_char = |out: &mut Vec<u8>, c: char| {
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    };
     let mut chars = body.chars().peekable();
+    let hex = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>, n: usize| -> Option<u32> {
+        let mut v = 0u32;
+        for _ in 0..n {
+            v = v * 16 + chars.next()?.to_digit(16)?;
+        }
+        Some(v)
+    };
     while let Some(c) = chars.next() {
         match c {
             '\'' if chars.peek() == Some(&'\'') => {
                 chars.next();
-                out.push('\'');
+                out.push(b'\'');
             }
             '\\' => match chars.next() {
-                Some('n') => out.push('\n'),
-                Some('t') => out.push('\t'),
-                Some('r') => out.push('\r'),
-                Some('b') => out.push('\u{8}'),
-                Some('f') => out.push('\u{c}'),
+                Some('n') => out.push(b'\n'),
+                Some('t') => out.push(b'\t'),
+                Some('r') => out.push(b'\r'),
+                Some('b') => out.push(8),
+                Some('f') => out.push(12),
                 Some(d @ '0'..='7') => {
                     let mut v = d.to_digit(8).unwrap_or(0);
                     for _ in 0..2 {
@@ -384,7 +398,7 @@ pub fn literal_text(token: &str) -> String {
                             None => break,
                         }
                     }
-                    out.push(char::from_u32(v).unwrap_or('\u{fffd}'));
+                    out.push(v as u8);
                 }
                 Some('x') => {
                     let mut v = 0;
@@ -397,20 +411,53 @@ pub fn literal_text(token: &str) -> String {
                             None => break,
                         }
                     }
-                    out.push(char::from_u32(v).unwrap_or('\u{fffd}'));
+                    out.push(v as u8);
                 }
-                Some(other) => out.push(other),
+                Some(u @ ('u' | 'U')) => {
+                    let n = if u == 'u' { 4 } else { 8 };
+                    let mut v = hex(&mut chars, n);
+                    // A high surrogate takes the low one that follows.
+                    if let Some(hi @ 0xD800..=0xDBFF) = v {
+                        let mut rest = chars.clone();
+                        v = match (rest.next(), rest.next()) {
+                            (Some('\\'), Some('u')) => match hex(&mut rest, 4) {
+                                Some(lo @ 0xDC00..=0xDFFF) => {
+                                    chars = rest;
+                                    Some(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+                                }
+                                _ => None,
+                            },
+                            _ => None,
+                        };
+                    }
+                    // Invalid: Postgres refuses the string; the node says so.
+                    push_char(&mut out, v.and_then(char::from_u32).unwrap_or('\u{fffd}'));
+                }
+                Some(other) => push_char(&mut out, other),
                 None => {}
             },
-            c => out.push(c),
+            c => push_char(&mut out, c),
         }
     }
-    out
+    // Invalid UTF-8 (`\377`): Postgres refuses the string, and the node does when it
+    // runs the statement, whichever shard it is.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_string_literals_mean_what_postgres_reads() {
+        assert_eq!(literal_text(r"E'\u65e5\u672c'"), "日本");
+        assert_eq!(literal_text(r"E'\U000065e5\u672c'"), "日本");
+        assert_eq!(literal_text(r"e'\303\251t\xc3\xa9'"), "été");
+        assert_eq!(literal_text(r"E'\uD83D\uDE00!'"), "😀!");
+        assert_eq!(literal_text(r"E'a\'b\\c\n'"), "a'b\\c\n");
+        assert_eq!(literal_text(r"E'\x61\141'"), "aa");
+        assert_eq!(literal_text("'日本'"), "日本");
+    }
 
     #[test]
     fn literals_become_parameters_after_the_clients_own() {

@@ -656,6 +656,9 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
             })
         }
         ["reset", "all"] => Some(SessionStmt::ResetAll),
+        ["reset", "time", "zone"] => Some(SessionStmt::Reset {
+            name: "timezone".into(),
+        }),
         ["reset", "session", "authorization"] => None,
         ["reset", name] => Some(SessionStmt::Reset {
             name: canonical(name),
@@ -881,6 +884,10 @@ mod tests {
             Some(SessionStmt::SetLocal { name, .. }) if name == "timezone"
         ));
         assert_eq!(classify("SET LOCAL ROLE nobody"), None);
+        assert!(matches!(
+            classify("RESET TIME ZONE"),
+            Some(SessionStmt::Reset { name }) if name == "timezone"
+        ));
         assert_eq!(
             classify("SET LOCAL TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
             None
