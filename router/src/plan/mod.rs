@@ -615,8 +615,8 @@ impl Planner {
 
     /// The plan for `sql` as written (its literals not made parameters): for a
     /// statement whose normalised text no tier takes, and for one whose literal key
-    /// does not convert to the distribution column's type (`tenant = 3.0`, `tenant =
-    /// 2147483648` for an int4 column: Postgres compares them as numbers, which a
+    /// (made a parameter) does not convert to the distribution column's type
+    /// (`tenant = 3.0` for an int column: Postgres compares them as numbers, which a
     /// hashed key cannot, so the tiers see the literal and do not pin the shard).
     pub fn plan_raw(
         &self,
