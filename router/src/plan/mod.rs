@@ -460,6 +460,15 @@ impl PromotedBuilder {
     }
 }
 
+/// The plan cache's type key: `$1` of the normalised text is a literal or the client's
+/// own parameter, so the count of the client's parameters comes first, then their types.
+fn cache_key_types(norm: &Normalized, param_types: &[u32]) -> Vec<u32> {
+    let mut key = Vec::with_capacity(param_types.len() + 1);
+    key.push(norm.client_params);
+    key.extend_from_slice(param_types);
+    key
+}
+
 /// The first placement of `shard` (of table `table`) whose node is active.
 fn active_placement(
     shard: &crate::catalog::Shard,
@@ -599,11 +608,7 @@ impl Planner {
             ));
         }
         let stamp = (snap.version, plugins.generation());
-        // `$1` of the normalised text is a literal or the client's own parameter: the
-        // count of the client's parameters is part of the key.
-        let mut key_types = Vec::with_capacity(param_types.len() + 1);
-        key_types.push(norm.client_params);
-        key_types.extend_from_slice(param_types);
+        let key_types = cache_key_types(norm, param_types);
         match self.lookup(&norm.text, &key_types, stamp, || {
             self.plan_text(&norm.text, norm, true, param_types, snap, plugins)
         })? {
@@ -627,9 +632,7 @@ impl Planner {
         plugins: &PluginSet,
     ) -> Result<Arc<Planned>, PlanError> {
         let stamp = (snap.version, plugins.generation());
-        let mut key_types = Vec::with_capacity(param_types.len() + 1);
-        key_types.push(norm.client_params);
-        key_types.extend_from_slice(param_types);
+        let key_types = cache_key_types(norm, param_types);
         match self.lookup(sql, &key_types, stamp, || {
             self.plan_text(sql, norm, false, param_types, snap, plugins)
         })? {

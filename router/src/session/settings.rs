@@ -97,21 +97,20 @@ impl SessionStmt {
     }
 
     /// The SQL that gives another node of the same transaction the same setting, as
-    /// the client ran it (prepared statements are not settings: `None`).
+    /// the client ran it (prepared statements are not settings: `None`). RESET ALL
+    /// needs the session's startup parameters after it, and a `Many` is split by the
+    /// session: both are the session's to replay (`route::replay_of`).
     pub fn replay_sql(&self) -> Option<String> {
         match self {
             SessionStmt::Set { stmt, .. }
             | SessionStmt::SetConfig { stmt, .. }
             | SessionStmt::SetLocal { stmt, .. } => Some(stmt.clone()),
             SessionStmt::Reset { name } => Some(format!("RESET {name}")),
-            SessionStmt::ResetAll => Some("RESET ALL".into()),
-            SessionStmt::DiscardAll
+            SessionStmt::ResetAll
+            | SessionStmt::Many(_)
+            | SessionStmt::DiscardAll
             | SessionStmt::Deallocate { .. }
             | SessionStmt::DeallocateAll => None,
-            SessionStmt::Many(all) => {
-                let parts: Vec<String> = all.iter().filter_map(SessionStmt::replay_sql).collect();
-                (!parts.is_empty()).then(|| parts.join("; "))
-            }
         }
     }
 }
