@@ -89,7 +89,7 @@ pid_of()  { case "$1" in passthrough) echo "$SG_PID";; distributed) echo "$SGD_P
 log_of()  { case "$1" in passthrough) echo "$WORK/shardgate.log";; distributed) echo "$WORK/shardgate-dist.log";; esac; }
 
 RAW="$WORK/raw.tsv"
-printf 'round\tmode\ttarget\ttps\tfailed\tlat_ms\trouter_cpu_s\trouter_us_per_txn\tpg_us_per_txn\tload1_before\n' >"$RAW"
+printf 'round\tmode\ttarget\ttps\tfailed\tlat_ms\trouter_cpu_s\trouter_us_per_txn\tpg_us_per_txn\tpg_cs_per_txn\tload1_before\n' >"$RAW"
 TARGETS=(passthrough distributed)
 # The Postgres servers behind each target: their processes' CPU per transaction tells
 # the router's share of a gap from the servers'.
@@ -105,6 +105,18 @@ pg_cpu_ticks() { # data dirs...: utime+stime of every postmaster and its childre
     echo "$total"
 }
 
+pg_ctx_switches() { # data dirs...: voluntary + involuntary context switches of every postmaster and its children
+    local total=0 pm pid n
+    for d in "$@"; do
+        pm="$(head -1 "$d/postmaster.pid")"
+        for pid in "$pm" $(pgrep -P "$pm"); do
+            n="$(awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s + 0}' "/proc/$pid/status" 2>/dev/null || echo 0)"
+            total=$(( total + n ))
+        done
+    done
+    echo "$total"
+}
+
 for ((r = 1; r <= ROUNDS; r++)); do
     for mode in $MODES; do
         for ((k = 0; k < 2; k++)); do
@@ -115,6 +127,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
             c0="$(cpu_ticks "$pid")"
             # shellcheck disable=SC2046
             g0="$(pg_cpu_ticks $(pg_dirs_of "$t"))"
+            # shellcheck disable=SC2046
+            s0="$(pg_ctx_switches $(pg_dirs_of "$t"))"
             n0=()
             for d in "${DIST_DIRS[@]}"; do n0+=("$(pg_cpu_ticks "$d")"); done
             PERF_PID=""
@@ -122,6 +136,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
                 # A profile of the distributed router in the middle of the run.
                 (sleep $(( DURATION / 4 )); perf record -q -g -F 999 -p "$pid" -o "$WORK/perf-$mode.data" -- sleep $(( DURATION / 2 )) >/dev/null 2>&1) &
                 PERF_PID=$!
+            fi
+            PGPERF_PID=""
+            if [[ "${PGPERF:-0}" == 1 && "$r" == 1 ]] && command -v perf >/dev/null; then
+                # A system-wide profile in the middle of the run, reported for the Postgres
+                # processes alone: where the servers behind each target spend their time.
+                (sleep $(( DURATION / 4 )); perf record -q -a -F 1999 -o "$WORK/pgperf-$mode-$t.data" -- sleep $(( DURATION / 2 )) >/dev/null 2>&1) &
+                PGPERF_PID=$!
             fi
             STRACE_PID=""
             if [[ "${STRACE:-0}" == 1 && "$r" == 1 ]] && command -v strace >/dev/null; then
@@ -139,6 +160,16 @@ for ((r = 1; r <= ROUNDS; r++)); do
                 wait "$STRACE_PID" || true
                 log "strace: syscalls of the $t router ($mode) in $WORK/strace-$mode-$t.txt"
             fi
+            if [[ -n "$PGPERF_PID" ]]; then
+                wait "$PGPERF_PID"
+                {
+                    echo "# by command (samples)"
+                    perf report -i "$WORK/pgperf-$mode-$t.data" -n --no-children --stdio --sort comm 2>/dev/null | grep -E '^ +[0-9]' | head -8
+                    echo "# postgres processes by symbol (samples)"
+                    perf report -i "$WORK/pgperf-$mode-$t.data" -n --no-children --stdio --comm postgres --sort dso,sym 2>/dev/null | grep -E '^ +[0-9]' | head -60
+                } >"$WORK/pgperf-$mode-$t.txt" || true
+                log "perf: the Postgres servers behind $t ($mode) in $WORK/pgperf-$mode-$t.txt"
+            fi
             if [[ -n "$PERF_PID" ]]; then
                 wait "$PERF_PID"
                 {
@@ -152,6 +183,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
             c1="$(cpu_ticks "$pid")"
             # shellcheck disable=SC2046
             g1="$(pg_cpu_ticks $(pg_dirs_of "$t"))"
+            # shellcheck disable=SC2046
+            s1="$(pg_ctx_switches $(pg_dirs_of "$t"))"
             if [[ "$t" == distributed ]]; then
                 split=""
                 for i in "${!DIST_DIRS[@]}"; do
@@ -172,8 +205,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
             cpu_s="$(awk -v a="$c0" -v b="$c1" -v h="$CLK_TCK" 'BEGIN{printf "%.2f", (b-a)/h}')"
             us="$(awk -v c="$cpu_s" -v t="$tps" -v d="$DURATION" 'BEGIN{printf "%.1f", c*1e6/(t*d)}')"
             pg_us="$(awk -v a="$g0" -v b="$g1" -v h="$CLK_TCK" -v t="$tps" -v d="$DURATION" 'BEGIN{printf "%.1f", (b-a)/h*1e6/(t*d)}')"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$mode" "$t" "$tps" "${failed:-0}" "$lat" "$cpu_s" "$us" "$pg_us" "$load1" >>"$RAW"
-            log "round $r $mode $t: tps=$tps lat=${lat}ms router_cpu=${cpu_s}s (${us} us/txn) postgres ${pg_us} us/txn"
+            pg_cs="$(awk -v a="$s0" -v b="$s1" -v t="$tps" -v d="$DURATION" 'BEGIN{printf "%.2f", (b-a)/(t*d)}')"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$mode" "$t" "$tps" "${failed:-0}" "$lat" "$cpu_s" "$us" "$pg_us" "$pg_cs" "$load1" >>"$RAW"
+            log "round $r $mode $t: tps=$tps lat=${lat}ms router_cpu=${cpu_s}s (${us} us/txn) postgres ${pg_us} us/txn, ${pg_cs} context switches/txn"
         done
     done
 done
