@@ -3,7 +3,7 @@
 //! NULL), and the plan cache's metrics. Real Postgres: a coordinator and 2 workers.
 
 use shardgate_tests::tokio_postgres::{Client, Error};
-use shardgate_tests::{EnvOptions, TestEnv, metric_sum, two_node_table};
+use shardgate_tests::{EnvOptions, TestEnv, connect, metric_sum, two_node_table};
 use std::time::Duration;
 
 fn code(e: &Error) -> String {
@@ -2138,4 +2138,283 @@ async fn escaped_text_keys_find_their_rows_and_reset_time_zone_reaches_workers()
         before,
         "RESET TIME ZONE on the worker"
     );
+}
+
+/// `SET TRANSACTION` after BEGIN gives every node of the transaction its isolation
+/// level and access mode (a node joining later runs it right after its BEGIN), and
+/// `SET SESSION CHARACTERISTICS` follows the session to every node as the defaults of
+/// its later transactions, as on one Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_modes_reach_every_node_of_the_transaction() {
+    let env = one_connection_per_node().await;
+    let a = env.client().await;
+    let b = env.client().await;
+    let (x, y) = two_node_table(&a, false).await;
+    let modes = |id: i64| {
+        format!(
+            "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only') FROM t WHERE id = {id}"
+        )
+    };
+    let on_both = |want: [&'static str; 2], why: &'static str| {
+        let (a, modes) = (&a, &modes);
+        async move {
+            for id in [x, y] {
+                let got = text_rows(a, &modes(id)).await[0].clone();
+                let got: Vec<_> = got.iter().map(|v| v.as_deref().unwrap_or("")).collect();
+                assert_eq!(got, want, "{why}: the node of {id}");
+            }
+        }
+    };
+
+    // Simple protocol, several modes; no worker is in the transaction yet.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
+        .unwrap();
+    on_both(["repeatable read", "on"], "SET TRANSACTION").await;
+    // It is a snapshot: a change committed on the worker later is not seen by a's
+    // reads (b cannot run here: a holds the one connection of each node).
+    let v = format!("SELECT v FROM t WHERE id = {x}");
+    let before = text_rows(&a, &v).await;
+    let mut changed = 0;
+    for i in 0..2 {
+        let w = env.worker(i).await;
+        for r in w
+            .query(
+                "SELECT tablename::text FROM pg_tables WHERE tablename ~ '^t_[0-9]+$'",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            let shard: String = r.get(0);
+            changed += w
+                .execute(&format!("UPDATE {shard} SET v = v + 1 WHERE id = {x}"), &[])
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(changed, 1, "the row of {x} in one shard");
+    let after = text_rows(&a, &v).await;
+    assert_eq!(before, after, "a repeatable read saw a later commit");
+    let e = a
+        .batch_execute(&format!("UPDATE t SET v = 0 WHERE id = {y}"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "25006", "a write in a read-only transaction: {e}");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    on_both(["read committed", "off"], "after the transaction").await;
+
+    // Extended protocol; then a change of access mode after both workers read (each
+    // catches up before its next statement).
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", &[])
+        .await
+        .unwrap();
+    on_both(["serializable", "off"], "SET TRANSACTION (extended)").await;
+    a.execute("SET TRANSACTION READ ONLY", &[]).await.unwrap();
+    on_both(["serializable", "on"], "a second SET TRANSACTION").await;
+    a.batch_execute("COMMIT").await.unwrap();
+
+    // Session characteristics: the defaults of a's later transactions on every node,
+    // and of its statements outside a transaction; never b's.
+    a.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    on_both(["repeatable read", "off"], "session characteristics").await;
+    a.batch_execute("BEGIN").await.unwrap();
+    on_both(
+        ["repeatable read", "off"],
+        "session characteristics in a transaction",
+    )
+    .await;
+    a.batch_execute("COMMIT").await.unwrap();
+    for id in [x, y] {
+        let got = text_rows(&b, &modes(id)).await[0][0].clone();
+        assert_eq!(
+            got.as_deref(),
+            Some("read committed"),
+            "b got a's characteristics"
+        );
+    }
+    a.execute(
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE",
+        &[],
+    )
+    .await
+    .unwrap();
+    on_both(["serializable", "on"], "session characteristics (extended)").await;
+    a.batch_execute("RESET default_transaction_read_only")
+        .await
+        .unwrap();
+    on_both(["serializable", "off"], "after RESET").await;
+    a.batch_execute("RESET ALL").await.unwrap();
+    on_both(["read committed", "off"], "after RESET ALL").await;
+    // In a string of several statements: followed too, and never b's.
+    a.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY; SELECT 1")
+        .await
+        .unwrap();
+    for id in [x, y] {
+        let got = text_rows(&b, &modes(id)).await[0][1].clone();
+        assert_eq!(got.as_deref(), Some("off"), "b got a's characteristics");
+    }
+    on_both(["read committed", "on"], "characteristics in a string").await;
+}
+
+/// `set_config(name, value, true)`, the way PostgREST and row-level-security
+/// applications give one transaction its tenant and role, reaches every node of the
+/// transaction, as `SET LOCAL ROLE` does; and a transaction that took a role for itself
+/// commits on several nodes, although Postgres lets only that role (or a superuser)
+/// finish its prepared parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_local_set_config_and_roles_reach_every_node() {
+    let env = TestEnv::with(EnvOptions {
+        workers: 2,
+        users: "[[users]]\nname = \"postgres\"\n\n[[users]]\nname = \"sg_rls_app\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let a = env.client().await;
+    let (x, y) = two_node_table(&a, true).await;
+    for node in [env.direct().await, env.worker(0).await, env.worker(1).await] {
+        node.batch_execute(
+            "DO $$BEGIN CREATE ROLE sg_rls_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$;
+             DO $$BEGIN CREATE ROLE sg_rls_tenant; EXCEPTION WHEN duplicate_object THEN NULL; END$$;
+             GRANT sg_rls_tenant TO sg_rls_app;
+             GRANT USAGE ON SCHEMA public TO sg_rls_tenant, sg_rls_app;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO sg_rls_tenant, sg_rls_app;",
+        )
+        .await
+        .unwrap();
+    }
+    let app = connect(&env.conn_str("sg_rls_app")).await.unwrap();
+    let who = |id: i64| {
+        format!("SELECT current_user::text, current_setting('app.t', true) FROM t WHERE id = {id}")
+    };
+    let on_both = |want: [&'static str; 2], why: &'static str| {
+        let (app, who) = (&app, &who);
+        async move {
+            for id in [x, y] {
+                let got = text_rows(app, &who(id)).await[0].clone();
+                let got: Vec<_> = got.iter().map(|v| v.as_deref().unwrap_or("")).collect();
+                assert_eq!(got, want, "{why}: the node of {id}");
+            }
+        }
+    };
+    let v = |id: i64| format!("SELECT v FROM t WHERE id = {id}");
+    let values = || async {
+        let mut out = Vec::new();
+        for id in [x, y] {
+            out.push(text_rows(&a, &v(id)).await[0][0].clone().unwrap());
+        }
+        out
+    };
+    let prepared_left = || async {
+        let mut n = 0i64;
+        for node in [env.direct().await, env.worker(0).await, env.worker(1).await] {
+            n += node
+                .query_one(
+                    "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+        }
+        n
+    };
+
+    // Several calls in one simple query, before any worker joined.
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute(
+        "SELECT set_config('role', 'sg_rls_tenant', true), set_config('app.t', 'one', true)",
+    )
+    .await
+    .unwrap();
+    on_both(["sg_rls_tenant", "one"], "set_config(..., true)").await;
+    // A parameter, in the extended protocol, after both workers joined.
+    app.query("SELECT set_config('app.t', $1, true)", &[&"two"])
+        .await
+        .unwrap();
+    on_both(["sg_rls_tenant", "two"], "set_config($1, true)").await;
+    // The name a parameter too, and a value that ends like the router's quote tag.
+    app.query("SELECT set_config($1, $2, true)", &[&"App.T", &"x$sg"])
+        .await
+        .unwrap();
+    on_both(["sg_rls_tenant", "x$sg"], "set_config($1, $2, true)").await;
+    app.query("SELECT set_config('app.t', $1, true)", &[&"two"])
+        .await
+        .unwrap();
+    // Writes on both nodes as that role: two-phase commit, finished as the role.
+    for id in [x, y] {
+        app.execute("UPDATE t SET v = v + 1 WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+    }
+    app.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(prepared_left().await, 0, "prepared parts left after COMMIT");
+    assert_eq!(values().await, ["1", "1"], "the commit's writes");
+    // The transaction's role and setting are gone, on the connections that finished it.
+    for id in [x, y] {
+        let got = text_rows(&app, &who(id)).await[0].clone();
+        assert_eq!(got[0].as_deref(), Some("sg_rls_app"), "role after COMMIT");
+        assert_ne!(got[1].as_deref(), Some("two"), "setting after COMMIT");
+    }
+
+    // SET LOCAL ROLE, and a rollback through ROLLBACK TO.
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute("SET LOCAL ROLE sg_rls_tenant")
+        .await
+        .unwrap();
+    app.batch_execute("SAVEPOINT s").await.unwrap();
+    app.batch_execute("SELECT set_config('app.t', 'three', true)")
+        .await
+        .unwrap();
+    on_both(["sg_rls_tenant", "three"], "SET LOCAL ROLE").await;
+    app.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+    for id in [x, y] {
+        let got = text_rows(&app, &who(id)).await[0].clone();
+        assert_eq!(got[0].as_deref(), Some("sg_rls_tenant"));
+        assert_ne!(got[1].as_deref(), Some("three"), "ROLLBACK TO kept it");
+        app.execute("UPDATE t SET v = v + 10 WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+    }
+    app.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(prepared_left().await, 0, "prepared parts left after COMMIT");
+    assert_eq!(values().await, ["11", "11"]);
+    on_both(["sg_rls_app", ""], "after the second transaction").await;
+
+    // The coordinator writes too, and the same request goes on after the COMMIT: it
+    // runs as the session's role again, not as the owner the COMMIT was finished as.
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute("SET LOCAL ROLE sg_rls_tenant")
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO local_log VALUES (1)")
+        .await
+        .unwrap();
+    for id in [x, y] {
+        app.execute("UPDATE t SET v = v + 100 WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+    }
+    let after = app
+        .simple_query("COMMIT; SELECT current_user::text")
+        .await
+        .unwrap();
+    let user = after.iter().find_map(|m| match m {
+        shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(
+        user.as_deref(),
+        Some("sg_rls_app"),
+        "the role after COMMIT in the same request"
+    );
+    assert_eq!(prepared_left().await, 0, "prepared parts left after COMMIT");
+    assert_eq!(values().await, ["111", "111"]);
+    let n = text_rows(&a, "SELECT count(*) FROM local_log").await;
+    assert_eq!(n[0][0].as_deref(), Some("1"));
+    on_both(["sg_rls_app", ""], "after the third transaction").await;
 }

@@ -16,7 +16,7 @@
 
 use super::Session;
 use super::route::node_label;
-use crate::backend::{BackendError, Lease, PoolMode};
+use crate::backend::{BackendConn, BackendError, Lease, PoolMode};
 use crate::error::{RouterError, sqlstate};
 use crate::protocol::{self, TxnStatus};
 use crate::txn::{CommitError, Failpoint, RecordError};
@@ -212,11 +212,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         txns.failpoint(Failpoint::AfterRecord).await;
         // 4. COMMIT PREPARED.
         let t = Instant::now();
-        let results = join_all(wl.iter_mut().zip(&gids).map(|((_, l), gid)| async move {
-            l.conn()
-                .run_internal(&format!("COMMIT PREPARED '{gid}'"))
-                .await
-        }))
+        let settings = &self.settings;
+        let results = join_all(
+            wl.iter_mut()
+                .zip(&gids)
+                .map(|((_, l), gid)| finish_prepared(l.conn(), "COMMIT", gid, settings)),
+        )
         .await;
         txns.metrics
             .commit_seconds
@@ -257,14 +258,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) {
         for (((n, l), gid), p) in wl.iter_mut().zip(gids).zip(prepared) {
             let c = l.conn();
-            let sql = if *p {
-                format!("ROLLBACK PREPARED '{gid}'")
+            let r = if *p {
+                finish_prepared(c, "ROLLBACK", gid, &self.settings).await
             } else if c.status != TxnStatus::Idle {
-                "ROLLBACK".to_owned()
+                c.run_internal("ROLLBACK").await
             } else {
                 continue;
             };
-            if let Err(e) = c.run_internal(&sql).await {
+            if let Err(e) = r {
                 tracing::warn!(node = %node_label(*n), error = %e, "rolling back a node's part of a failed commit failed; recovery rolls it back");
             }
         }
@@ -370,5 +371,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.writers.clear();
         self.status = TxnStatus::Idle;
         self.keep_leases(kept);
+    }
+}
+
+/// `COMMIT PREPARED` or `ROLLBACK PREPARED` (`verb`) of `gid` on `c`. A transaction that
+/// changed its role for itself is owned by that role, which the connection no longer
+/// has after the PREPARE: refused with 42501, it is finished as its owner, and the
+/// connection is put back into the session's `settings` at once (the same request may
+/// go on with it: its role must not be the owner's).
+async fn finish_prepared(
+    c: &mut BackendConn,
+    verb: &str,
+    gid: &str,
+    settings: &super::settings::Settings,
+) -> Result<(), BackendError> {
+    let sql = format!("{verb} PREPARED '{gid}'");
+    match c.run_internal(&sql).await {
+        Err(BackendError::Statement(f))
+            if protocol::error_sqlstate(f.body()) == Some(b"42501".as_slice()) =>
+        {
+            c.settings_fp = super::settings::DIRTY_FP;
+            c.run_internal(&crate::txn::as_owner_sql(gid)).await?;
+            let r = c.run_internal(&sql).await;
+            if c.run_internal(&settings.apply_sql()).await.is_ok() {
+                c.settings_fp = settings.fingerprint();
+            }
+            r
+        }
+        r => r,
     }
 }

@@ -93,9 +93,9 @@ struct Undo {
 }
 
 /// `SELECT set_config('name', $n, false)` bound with a value (the form applications
-/// use where SET cannot take a parameter): tracked as a SET of that value, so that it
-/// follows the session (`inspected` is the statement's; `types` its Parse's raw
-/// parameter types).
+/// use where SET cannot take a parameter), or several such calls, transaction-local
+/// ones among them: tracked as SETs of those values, so that they follow the session
+/// (`inspected` is the statement's; `types` its Parse's raw parameter types).
 fn bound_set_config(
     inspected: &settings::Inspected,
     query: &[u8],
@@ -105,23 +105,27 @@ fn bound_set_config(
     if !inspected.untracked {
         return None;
     }
-    let call = settings::set_config_call(std::str::from_utf8(query).ok()?)?;
-    let settings::ConfigValue::Param(i) = call.value else {
-        return None;
-    };
+    let calls = settings::set_config_calls(std::str::from_utf8(query).ok()?)?;
     let params = route::bind_params(rest, &route::param_oids(types)).ok()?;
-    let v = match params.get(i)? {
-        crate::plan::ParamValue::Text(v) => v,
-        // The binary form of a string type is its text (unspecified: Postgres takes it
-        // as text, set_config's argument type).
-        crate::plan::ParamValue::Binary(v, 0 | 25 | 1043 | 19) => v,
-        _ => return None,
+    let text = |a: &settings::ConfigValue| -> Option<String> {
+        let v = match a {
+            settings::ConfigValue::Text(v) => return Some(v.clone()),
+            settings::ConfigValue::Param(i) => match params.get(*i)? {
+                crate::plan::ParamValue::Text(v) => v,
+                // The binary form of a string type is its text (unspecified or
+                // `unknown`: Postgres takes it as text, set_config's argument type).
+                crate::plan::ParamValue::Binary(v, 0 | 25 | 1043 | 19 | 705) => v,
+                _ => return None,
+            },
+        };
+        String::from_utf8(v.to_vec()).ok()
     };
+    let mut all = Vec::with_capacity(calls.len());
+    for call in &calls {
+        all.push(call.tracked(&text(&call.name)?, &text(&call.value)?)?);
+    }
     Some(settings::Inspected {
-        tracked: Some(SessionStmt::SetConfig {
-            stmt: settings::set_config_sql(&call.name, std::str::from_utf8(v).ok()?),
-            name: call.name,
-        }),
+        tracked: settings::set_config_tracked(all),
         // Marked too: an Execute with a row limit answers PortalSuspended, not the
         // `SELECT 1` that records it, and the setting must not reach another client.
         // Recorded, it still follows the session to its other connections.
@@ -941,15 +945,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let t = match &i.tracked {
             // The extended protocol has one statement per Parse: a `Many` here is a
-            // statement behind comments.
+            // statement behind comments, or the SETs of `SET SESSION CHARACTERISTICS`
+            // or of several set_config calls.
             Some(SessionStmt::Many(all)) if all.len() == 1 => all[0].clone(),
+            Some(SessionStmt::Many(all))
+                if all.iter().all(|t| {
+                    matches!(
+                        t,
+                        SessionStmt::Set { .. }
+                            | SessionStmt::SetConfig { .. }
+                            | SessionStmt::SetLocal { .. }
+                    )
+                }) =>
+            {
+                SessionStmt::Many(all.clone())
+            }
             Some(SessionStmt::Many(_)) => return self.mark_untracked(),
             Some(t) => t.clone(),
             None => return,
         };
         if matches!(
             t,
-            SessionStmt::Set { .. }
+            SessionStmt::Many(_)
+                | SessionStmt::Set { .. }
                 | SessionStmt::SetConfig { .. }
                 | SessionStmt::SetLocal { .. }
                 | SessionStmt::Reset { .. }
@@ -1429,7 +1447,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if f.tag == btag::COMMAND_COMPLETE {
                     let ctag = &f.body()[..f.body().len().saturating_sub(1)];
                     match tracks {
-                        Some(t) if t.tag() == ctag => self.ext_tracked.push(t),
+                        // A `Many` of one statement: `SET SESSION CHARACTERISTICS`.
+                        Some(t) if t.tag() == ctag || matches!(t, SessionStmt::Many(_)) => {
+                            self.ext_tracked.push(t)
+                        }
                         // ROLLBACK (or ROLLBACK TO) in the batch: what it undid is not
                         // known here.
                         _ if ctag == b"ROLLBACK" => self.drop_ext_tracked(),

@@ -76,7 +76,10 @@ impl SessionStmt {
     /// The command tag Postgres answers this statement with.
     pub fn tag(&self) -> &'static [u8] {
         match self {
-            SessionStmt::Set { .. } | SessionStmt::SetLocal { .. } => b"SET",
+            SessionStmt::Set { .. } => b"SET",
+            // `set_config(name, value, true)` (replayed as such) answers a row.
+            SessionStmt::SetLocal { stmt, .. } if stmt.starts_with("SELECT ") => b"SELECT 1",
+            SessionStmt::SetLocal { .. } => b"SET",
             SessionStmt::SetConfig { .. } => b"SELECT 1",
             SessionStmt::Reset { .. } | SessionStmt::ResetAll => b"RESET",
             SessionStmt::DiscardAll => b"DISCARD ALL",
@@ -281,10 +284,12 @@ impl Settings {
     }
 }
 
+/// `v` as a dollar-quoted literal: with a tag whose first occurrence after the opening
+/// one is the closing one (a value ending in `$sg` must not close it early).
 fn dollar_quote(v: &str) -> String {
     let mut tag = String::from("$sg$");
     let mut i = 0;
-    while v.contains(&tag) {
+    while format!("{v}{tag}").find(&tag) != Some(v.len()) {
         i += 1;
         tag = format!("$sg{i}$");
     }
@@ -366,16 +371,17 @@ pub fn inspect(sql: &str) -> Inspected {
     let b = sql.as_bytes();
     let mut untracked = calls_set_config(b);
     if untracked
-        && let Some(SetConfigCall {
-            name,
-            value: ConfigValue::Text(v),
-        }) = set_config_call(sql)
+        && let Some(calls) = set_config_calls(sql)
+        && let Some(all) = calls
+            .iter()
+            .map(|c| match (&c.name, &c.value) {
+                (ConfigValue::Text(n), ConfigValue::Text(v)) => c.tracked(n, v),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
     {
         return Inspected {
-            tracked: Some(SessionStmt::SetConfig {
-                stmt: set_config_sql(&name, &v),
-                name,
-            }),
+            tracked: set_config_tracked(all),
             untracked: false,
         };
     }
@@ -421,6 +427,8 @@ pub fn inspect(sql: &str) -> Inspected {
                 | SessionStmt::ResetAll
                 | SessionStmt::DiscardAll),
             ) => all.push(t),
+            // `SET SESSION CHARACTERISTICS`: its SETs.
+            Some(SessionStmt::Many(m)) => all.extend(m),
             Some(_) => {}
             None => untracked_set |= changes_settings(stmt),
         }
@@ -459,20 +467,42 @@ pub enum ConfigValue {
     Param(usize),
 }
 
-/// A statement that is only `SELECT [pg_catalog.]set_config('name', value, false)`:
-/// what applications send where `SET` cannot take a parameter (a tenant id for row
-/// level security, a `search_path`). `name` is lowercased (setting names are not case
-/// sensitive).
+/// One `[pg_catalog.]set_config('name', value, local)` call of a statement that only
+/// calls set_config: what applications send where `SET` cannot take a parameter (a
+/// tenant id for row level security, a `search_path`, PostgREST's request settings).
+/// `name` is lowercased (setting names are not case sensitive).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetConfigCall {
-    pub name: String,
+    /// Lowercased when a literal; a parameter is named at Bind ([`SetConfigCall::tracked`]).
+    pub name: ConfigValue,
     pub value: ConfigValue,
+    /// `true` as the third argument: it lasts for the transaction (`SET LOCAL`).
+    pub local: bool,
 }
 
-/// Recognizes a [`SetConfigCall`]; `None` for anything else (another column, a
-/// transaction-local call, an `E'...'` string, a name the router does not replay:
-/// `session_authorization`, `client_encoding`).
-pub fn set_config_call(sql: &str) -> Option<SetConfigCall> {
+impl SetConfigCall {
+    /// The statement that follows this call with `name` (this call's name, or the
+    /// value of its parameter) and value `v`; `None` for a name the router does not
+    /// replay.
+    pub fn tracked(&self, name: &str, v: &str) -> Option<SessionStmt> {
+        let name = name.to_ascii_lowercase();
+        if !valid_name(&name) || name == "session_authorization" || name == "client_encoding" {
+            return None;
+        }
+        let stmt = set_config_sql(&name, v, self.local);
+        Some(if self.local {
+            SessionStmt::SetLocal { name, stmt }
+        } else {
+            SessionStmt::SetConfig { name, stmt }
+        })
+    }
+}
+
+/// Recognizes a statement that is only `SELECT call, call, ...` of
+/// [`SetConfigCall`]s; `None` for anything else (another column, an alias, an
+/// `E'...'` string, a name the router does not replay: `session_authorization`,
+/// `client_encoding`).
+pub fn set_config_calls(sql: &str) -> Option<Vec<SetConfigCall>> {
     use crate::plan::normalize::{Tok, tokens};
     let toks: Vec<(Tok, &str)> = tokens(sql)
         .into_iter()
@@ -487,45 +517,73 @@ pub fn set_config_call(sql: &str) -> Option<SetConfigCall> {
         }
         _ => None,
     };
-    let mut i = 0;
     if !word(toks.first(), "select") {
         return None;
     }
-    i += 1;
-    if word(toks.get(i), "pg_catalog") && punct(toks.get(i + 1), ".") {
-        i += 2;
+    let mut calls = Vec::new();
+    let mut i = 1;
+    loop {
+        if word(toks.get(i), "pg_catalog") && punct(toks.get(i + 1), ".") {
+            i += 2;
+        }
+        if !word(toks.get(i), "set_config") || !punct(toks.get(i + 1), "(") {
+            return None;
+        }
+        let arg = |t: Option<&(Tok, &str)>| match t {
+            Some((Tok::Param, s)) => Some(ConfigValue::Param(
+                s[1..].parse::<usize>().ok()?.checked_sub(1)?,
+            )),
+            t => Some(ConfigValue::Text(string(t)?)),
+        };
+        let name = match arg(toks.get(i + 2))? {
+            ConfigValue::Text(n) => {
+                let n = n.to_ascii_lowercase();
+                if !valid_name(&n) || n == "session_authorization" || n == "client_encoding" {
+                    return None;
+                }
+                ConfigValue::Text(n)
+            }
+            p => p,
+        };
+        if !punct(toks.get(i + 3), ",") {
+            return None;
+        }
+        let value = arg(toks.get(i + 4))?;
+        if !punct(toks.get(i + 5), ",") || !punct(toks.get(i + 7), ")") {
+            return None;
+        }
+        let local = if word(toks.get(i + 6), "true") {
+            true
+        } else if word(toks.get(i + 6), "false") {
+            false
+        } else {
+            return None;
+        };
+        calls.push(SetConfigCall { name, value, local });
+        i += 8;
+        if punct(toks.get(i), ",") {
+            i += 1;
+            continue;
+        }
+        let rest = &toks[i..];
+        return (rest.is_empty() || matches!(rest, [(Tok::Semi, _)])).then_some(calls);
     }
-    if !word(toks.get(i), "set_config") || !punct(toks.get(i + 1), "(") {
-        return None;
+}
+
+/// What a statement of [`SetConfigCall`]s changes, each with its value: one
+/// statement, or a `Many` of several.
+pub fn set_config_tracked(all: Vec<SessionStmt>) -> Option<SessionStmt> {
+    match all.len() {
+        0 => None,
+        1 => all.into_iter().next(),
+        _ => Some(SessionStmt::Many(all)),
     }
-    let name = string(toks.get(i + 2))?.to_ascii_lowercase();
-    if !punct(toks.get(i + 3), ",") {
-        return None;
-    }
-    let value = match toks.get(i + 4) {
-        Some((Tok::Param, s)) => ConfigValue::Param(s[1..].parse::<usize>().ok()?.checked_sub(1)?),
-        t => ConfigValue::Text(string(t)?),
-    };
-    if !punct(toks.get(i + 5), ",")
-        || !word(toks.get(i + 6), "false")
-        || !punct(toks.get(i + 7), ")")
-    {
-        return None;
-    }
-    let rest = &toks[i + 8..];
-    if !(rest.is_empty() || matches!(rest, [(Tok::Semi, _)])) {
-        return None;
-    }
-    if !valid_name(&name) || name == "session_authorization" || name == "client_encoding" {
-        return None;
-    }
-    Some(SetConfigCall { name, value })
 }
 
 /// The statement that replays a [`SetConfigCall`] of value `v`.
-pub fn set_config_sql(name: &str, v: &str) -> String {
+pub fn set_config_sql(name: &str, v: &str, local: bool) -> String {
     format!(
-        "SELECT pg_catalog.set_config('{name}', {}, false)",
+        "SELECT pg_catalog.set_config('{name}', {}, {local})",
         dollar_quote(v)
     )
 }
@@ -626,6 +684,24 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
     let lower = s.to_ascii_lowercase();
     let words: Vec<&str> = lower.split_whitespace().collect();
     match words.as_slice() {
+        // `SET [LOCAL] TRANSACTION <modes>`: the transaction's isolation level, access
+        // mode and deferrability, which every node of the transaction must have (a
+        // node joining later runs it right after its BEGIN). A snapshot is one node's.
+        ["set", "transaction", mode, ..]
+        | ["set", "local" | "session", "transaction", mode, ..]
+            if !mode.starts_with("snapshot") =>
+        {
+            Some(SessionStmt::SetLocal {
+                name: "transaction".into(),
+                stmt: s.to_owned(),
+            })
+        }
+        // `SET LOCAL ROLE`: every node of the transaction runs as that role (it ends
+        // with the transaction, as the others).
+        ["set", "local", "role", _, ..] => Some(SessionStmt::SetLocal {
+            name: "role".into(),
+            stmt: s.to_owned(),
+        }),
         [
             "set",
             "local",
@@ -640,6 +716,10 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
             })
         }
         ["set", "transaction", ..] | ["set", "constraints", ..] => None,
+        ["set", "session", "transaction", ..] => None,
+        ["set", "session", "characteristics", "as", "transaction", ..] => {
+            characteristics(&words[5..].join(" "))
+        }
         ["set", "session", "characteristics", ..] => None,
         ["set", "session", "authorization", ..] => None,
         ["set", "session", name, ..] | ["set", name, ..] => {
@@ -672,6 +752,69 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
             Some(SessionStmt::Deallocate { name })
         }
         _ => None,
+    }
+}
+
+/// `SET SESSION CHARACTERISTICS AS TRANSACTION <modes>` (`modes` lowercased): the
+/// defaults of the session's later transactions, that is, SETs of
+/// `default_transaction_isolation`, `_read_only` and `_deferrable`, recorded as such
+/// (so that a later SET or RESET of one of them replaces it). `None` for what it
+/// does not read: the statement is then marked as untracked.
+fn characteristics(modes: &str) -> Option<SessionStmt> {
+    let words: Vec<&str> = modes
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut sets = Vec::new();
+    let mut set = |name: &str, value: &str| {
+        sets.push(SessionStmt::Set {
+            name: name.into(),
+            stmt: format!("SET {name} TO '{value}'"),
+        })
+    };
+    let mut w = words.as_slice();
+    while !w.is_empty() {
+        w = match w {
+            ["isolation", "level", "serializable", rest @ ..] => {
+                set("default_transaction_isolation", "serializable");
+                rest
+            }
+            ["isolation", "level", "repeatable", "read", rest @ ..] => {
+                set("default_transaction_isolation", "repeatable read");
+                rest
+            }
+            [
+                "isolation",
+                "level",
+                "read",
+                level @ ("committed" | "uncommitted"),
+                rest @ ..,
+            ] => {
+                set("default_transaction_isolation", &format!("read {level}"));
+                rest
+            }
+            ["read", mode @ ("only" | "write"), rest @ ..] => {
+                set(
+                    "default_transaction_read_only",
+                    if *mode == "only" { "on" } else { "off" },
+                );
+                rest
+            }
+            ["deferrable", rest @ ..] => {
+                set("default_transaction_deferrable", "on");
+                rest
+            }
+            ["not", "deferrable", rest @ ..] => {
+                set("default_transaction_deferrable", "off");
+                rest
+            }
+            _ => return None,
+        };
+    }
+    match sets.len() {
+        0 => None,
+        1 => sets.pop(),
+        _ => Some(SessionStmt::Many(sets)),
     }
 }
 
@@ -742,7 +885,6 @@ mod tests {
         }
         // What the router cannot follow is marked, never recorded.
         for sql in [
-            "SELECT set_config('search_path', 'x', true)",
             "SELECT set_config('a.b', 'x', false), 1",
             "SELECT set_config('a.b', E'x', false)",
             "SELECT set_config('a.b', 'x' || 'y', false)",
@@ -753,7 +895,7 @@ mod tests {
             "SET search_path = x -- trailing",
             "/* a */ SET /* b */ search_path = x",
             "SET SESSION AUTHORIZATION nobody",
-            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ LOUDLY",
             "SET/**/work_mem = 1",
             "SET\"work_mem\" = 1",
             "SET session_authorization = 'bob'",
@@ -772,37 +914,84 @@ mod tests {
     #[test]
     fn set_config_alone_is_a_set() {
         let text = |n: &str, v: &str| {
-            Some(SetConfigCall {
-                name: n.into(),
+            Some(vec![SetConfigCall {
+                name: ConfigValue::Text(n.into()),
                 value: ConfigValue::Text(v.into()),
-            })
+                local: false,
+            }])
         };
         assert_eq!(
-            set_config_call("SELECT set_config('search_path', 'a, b', false)"),
+            set_config_calls("SELECT set_config('search_path', 'a, b', false)"),
             text("search_path", "a, b")
         );
         assert_eq!(
-            set_config_call(
+            set_config_calls(
                 " select PG_CATALOG . Set_Config ( 'App.Tenant' , 'it''s' , FALSE ) ; "
             ),
             text("app.tenant", "it's")
         );
         assert_eq!(
-            set_config_call("SELECT /* c */ set_config('a.b', $2, false)"),
-            Some(SetConfigCall {
-                name: "a.b".into(),
-                value: ConfigValue::Param(1)
-            })
+            set_config_calls(
+                "SELECT /* c */ set_config('a.b', $2, false), pg_catalog.set_config('role', $1, TRUE),set_config('c.d','x',true)"
+            ),
+            Some(vec![
+                SetConfigCall {
+                    name: ConfigValue::Text("a.b".into()),
+                    value: ConfigValue::Param(1),
+                    local: false,
+                },
+                SetConfigCall {
+                    name: ConfigValue::Text("role".into()),
+                    value: ConfigValue::Param(0),
+                    local: true,
+                },
+                SetConfigCall {
+                    name: ConfigValue::Text("c.d".into()),
+                    value: ConfigValue::Text("x".into()),
+                    local: true,
+                }
+            ])
         );
         for sql in [
             "SELECT set_config('a.b', $0, false)",
             "SELECT set_config('a.b', 'x', false) x",
             "SELECT set_config('a b', 'x', false)",
-            "SELECT set_config($1, 'x', false)",
             "SELECT set_config('a.b', 'x')",
+            "SELECT set_config('a.b', 'x', maybe)",
+            "SELECT set_config('a.b', 'x', true),",
+            "SELECT set_config('a.b', 'x', true), 1",
+            "SELECT set_config('a.b', 'x', true), set_config('client_encoding', 'x', true)",
         ] {
-            assert_eq!(set_config_call(sql), None, "{sql}");
+            assert_eq!(set_config_calls(sql), None, "{sql}");
         }
+        // A name as a parameter: named at Bind (and checked then).
+        let calls = set_config_calls("SELECT set_config($1, $2, true)").unwrap();
+        assert_eq!(calls[0].name, ConfigValue::Param(0));
+        assert!(calls[0].tracked("App.T", "v").is_some_and(|t| t.is_local()));
+        assert_eq!(calls[0].tracked("client_encoding", "x"), None);
+        assert_eq!(calls[0].tracked("a b", "x"), None);
+        assert!(inspect("SELECT set_config($1, 'x', false)").untracked);
+        // Transaction-local calls are SET LOCALs, answered `SELECT 1`, replayed as such.
+        let i = inspect("select set_config('app.t', 'v', true), set_config('a.b', 'w', false)");
+        assert!(!i.untracked);
+        let Some(SessionStmt::Many(all)) = i.tracked else {
+            panic!("{i:?}")
+        };
+        assert_eq!(
+            all,
+            [
+                SessionStmt::SetLocal {
+                    name: "app.t".into(),
+                    stmt: "SELECT pg_catalog.set_config('app.t', $sg$v$sg$, true)".into()
+                },
+                SessionStmt::SetConfig {
+                    name: "a.b".into(),
+                    stmt: "SELECT pg_catalog.set_config('a.b', $sg$w$sg$, false)".into()
+                }
+            ]
+        );
+        assert_eq!(all[0].tag(), b"SELECT 1");
+        assert!(all[0].is_local() && !all[1].is_local());
         let i = inspect("SELECT pg_catalog.set_config('search_path', 'a, b', false);");
         assert!(!i.untracked);
         assert_eq!(
@@ -860,6 +1049,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dollar_quotes_close_where_the_value_ends() {
+        for v in ["x", "x$sg", "$sg$", "a$sg$b$sg1$", "x$sg1", "$", ""] {
+            let q = dollar_quote(v);
+            let tag = &q[..q[1..].find('$').unwrap() + 2];
+            assert!(q.ends_with(tag), "{q}");
+            assert_eq!(&q[tag.len()..q.len() - tag.len()], v, "{q}");
+            // The literal ends where the value does.
+            assert_eq!(q[tag.len()..].find(tag), Some(v.len()), "{v:?}: {q}");
+        }
+        // In a string of several statements too: its SETs are tracked, not lost.
+        let i = inspect("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY; SELECT 1");
+        let Some(SessionStmt::Many(all)) = i.tracked else {
+            panic!("{i:?}")
+        };
+        assert!(
+            matches!(&all[..], [SessionStmt::Set { name, .. }] if name == "default_transaction_read_only")
+        );
+        let i = inspect("BEGIN; SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY; COMMIT");
+        assert!(i.untracked && i.tracked.is_none(), "{i:?}");
+    }
+
+    #[test]
     fn classify_statements() {
         assert_eq!(
             classify("SET search_path TO app, public;"),
@@ -882,17 +1093,76 @@ mod tests {
             classify("set local time zone 'UTC'"),
             Some(SessionStmt::SetLocal { name, .. }) if name == "timezone"
         ));
-        assert_eq!(classify("SET LOCAL ROLE nobody"), None);
+        assert!(matches!(
+            classify("SET LOCAL ROLE nobody"),
+            Some(SessionStmt::SetLocal { name, .. }) if name == "role"
+        ));
         assert!(matches!(
             classify("RESET TIME ZONE"),
             Some(SessionStmt::Reset { name }) if name == "timezone"
         ));
+        for sql in [
+            "SET LOCAL TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "set transaction read only, not deferrable",
+        ] {
+            assert_eq!(
+                classify(sql),
+                Some(SessionStmt::SetLocal {
+                    name: "transaction".into(),
+                    stmt: sql.into()
+                })
+            );
+        }
+        assert_eq!(classify("SET TRANSACTION SNAPSHOT '00000003-1'"), None);
+        assert_eq!(classify("SET TRANSACTION SNAPSHOT'00000003-1'"), None);
         assert_eq!(
-            classify("SET LOCAL TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            classify("SET SESSION TRANSACTION SNAPSHOT '00000003-1'"),
             None
         );
+        assert!(matches!(
+            classify("SET SESSION TRANSACTION READ ONLY"),
+            Some(SessionStmt::SetLocal { name, .. }) if name == "transaction"
+        ));
+        for sql in [
+            "SET LOCAL role TO x",
+            "SET LOCAL ROLE = x",
+            "SET LOCAL ROLE \"a b\"",
+        ] {
+            assert!(
+                matches!(classify(sql), Some(SessionStmt::SetLocal { name, .. }) if name == "role"),
+                "{sql}"
+            );
+        }
+        assert_eq!(classify("SET TRANSACTION"), None);
         assert_eq!(
-            classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            classify("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+            Some(SessionStmt::Set {
+                name: "default_transaction_isolation".into(),
+                stmt: "SET default_transaction_isolation TO 'repeatable read'".into()
+            })
+        );
+        let Some(SessionStmt::Many(all)) = classify(
+            "set session characteristics as transaction read only,isolation level serializable deferrable",
+        ) else {
+            panic!("several modes")
+        };
+        let names: Vec<_> = all
+            .iter()
+            .map(|t| match t {
+                SessionStmt::Set { name, stmt } => format!("{name}: {stmt}"),
+                t => panic!("{t:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "default_transaction_read_only: SET default_transaction_read_only TO 'on'",
+                "default_transaction_isolation: SET default_transaction_isolation TO 'serializable'",
+                "default_transaction_deferrable: SET default_transaction_deferrable TO 'on'",
+            ]
+        );
+        assert_eq!(
+            classify("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL LOUD"),
             None
         );
         assert_eq!(classify("set a.b = 1; select 1"), None);

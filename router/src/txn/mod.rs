@@ -185,6 +185,19 @@ pub struct Transactions {
     warned: Mutex<std::collections::HashSet<String>>,
 }
 
+/// Postgres lets only a prepared transaction's owner (the role current at its
+/// PREPARE: a client's `SET LOCAL ROLE` or `set_config('role', ..., true)` makes it that
+/// role) or a superuser finish it. This makes the connection's role the owner of `gid`
+/// (the session user may take it: it is the role the transaction took), for a COMMIT
+/// or ROLLBACK PREPARED refused with 42501 to be run again; the role stays until reset.
+/// (A gid finished meanwhile keeps the role as it is: the retry then answers 42704.)
+pub fn as_owner_sql(gid: &str) -> String {
+    format!(
+        "DO $sg$BEGIN EXECUTE pg_catalog.format('SET ROLE %I', coalesce((SELECT owner::text FROM pg_catalog.pg_prepared_xacts WHERE gid = '{}'), current_user)); END $sg$",
+        gid.replace('\'', "''")
+    )
+}
+
 /// The node part of a gid: `c` for the coordinator, the group id for a worker.
 pub fn node_tag(node: Option<i32>) -> String {
     match node {

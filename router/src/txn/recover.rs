@@ -138,7 +138,22 @@ impl Transactions {
                 } else {
                     format!("ROLLBACK PREPARED '{quoted}'")
                 };
-                match c.batch_execute(&sql).await {
+                let mut r = c.batch_execute(&sql).await;
+                if let Err(e) = &r
+                    && e.as_db_error().is_some_and(|d| d.code().code() == "42501")
+                {
+                    // Owned by a role the transaction took for itself: finished as it
+                    // (see `as_owner_sql`), and this connection's role reset after.
+                    r = match c.batch_execute(&super::as_owner_sql(gid)).await {
+                        Ok(()) => {
+                            let r = c.batch_execute(&sql).await;
+                            let _ = c.batch_execute("RESET ROLE").await;
+                            r
+                        }
+                        Err(e) => Err(e),
+                    };
+                }
+                match r {
                     Ok(()) => {
                         tracing::info!(node = %addr, gid, commit, "recovered a prepared transaction");
                         if commit {
