@@ -2259,6 +2259,63 @@ async fn transaction_modes_reach_every_node_of_the_transaction() {
         assert_eq!(got.as_deref(), Some("off"), "b got a's characteristics");
     }
     on_both(["read committed", "on"], "characteristics in a string").await;
+    a.batch_execute("RESET ALL").await.unwrap();
+
+    // After a query on a worker, a mode that must come first is refused as Postgres
+    // refuses it (25001), although the coordinator it goes to ran no query yet.
+    for (begin, set) in [
+        ("BEGIN READ ONLY", "SET TRANSACTION READ WRITE"),
+        ("BEGIN", "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+        ("BEGIN", "SET TRANSACTION DEFERRABLE"),
+    ] {
+        a.batch_execute(begin).await.unwrap();
+        let _ = text_rows(&a, &modes(x)).await;
+        let e = a.batch_execute(set).await.unwrap_err();
+        assert_eq!(code(&e), "25001", "{begin}; <query>; {set}: {e}");
+        let e = a
+            .batch_execute(&format!("UPDATE t SET v = 0 WHERE id = {y}"))
+            .await;
+        assert_eq!(code(&e.unwrap_err()), "25P02", "the transaction is aborted");
+        a.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // Read-write in a read-write transaction is no change: accepted, as on Postgres.
+    a.batch_execute("BEGIN").await.unwrap();
+    let _ = text_rows(&a, &modes(x)).await;
+    a.batch_execute("SET TRANSACTION READ WRITE").await.unwrap();
+    on_both(["read committed", "off"], "READ WRITE after a query").await;
+    a.batch_execute("COMMIT").await.unwrap();
+
+    // `BEGIN; SET TRANSACTION ...` in one string: the new transaction's nodes get it.
+    a.batch_execute("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .await
+        .unwrap();
+    on_both(
+        ["serializable", "off"],
+        "BEGIN; SET TRANSACTION in one string",
+    )
+    .await;
+    // `ROLLBACK; BEGIN` in one string: the next transaction inherits none of it.
+    a.batch_execute("ROLLBACK; BEGIN").await.unwrap();
+    on_both(
+        ["read committed", "off"],
+        "the transaction after ROLLBACK; BEGIN",
+    )
+    .await;
+    a.batch_execute("COMMIT").await.unwrap();
+    a.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    a.batch_execute("SET TRANSACTION READ ONLY").await.unwrap();
+    let _ = text_rows(&a, &modes(x)).await;
+    a.batch_execute("COMMIT; BEGIN READ ONLY").await.unwrap();
+    // y joins the new transaction; x, the old one's node, is in it already.
+    let got = text_rows(&a, &modes(y)).await[0].clone();
+    assert_eq!(
+        got,
+        vec![Some("read committed".into()), Some("on".into())],
+        "the transaction after COMMIT; BEGIN READ ONLY"
+    );
+    a.batch_execute("COMMIT").await.unwrap();
 }
 
 /// `set_config(name, value, true)`, the way PostgREST and row-level-security
@@ -2342,6 +2399,11 @@ async fn transaction_local_set_config_and_roles_reach_every_node() {
         .await
         .unwrap();
     on_both(["sg_rls_tenant", "x$sg"], "set_config($1, $2, true)").await;
+    // A `;` inside the value and a sqlcommenter comment after it.
+    app.batch_execute("SET LOCAL app.t = 'a;b' /*controller='c',route='/x;y'*/")
+        .await
+        .unwrap();
+    on_both(["sg_rls_tenant", "a;b"], "SET LOCAL with a comment").await;
     app.query("SELECT set_config('app.t', $1, true)", &[&"two"])
         .await
         .unwrap();

@@ -174,6 +174,13 @@ pub struct Session<S> {
     /// missing here has run none): the others are run on it before it is used again
     /// (`route::join`) and before a savepoint command reaches it.
     txn_applied: Vec<(Option<i32>, usize)>,
+    /// The request (a simple query string, in a transaction) holds a COMMIT or
+    /// ROLLBACK, and `saw_end`: the node answered one. If the string then opens
+    /// another transaction, the first one's settings end at its ReadyForQuery.
+    ends_txn: bool,
+    saw_end: bool,
+    /// The BEGIN that string opens the next transaction with (`begin_sql` then).
+    next_begin: Option<String>,
     /// The open transaction ran session-level SETs (replayed on its other nodes):
     /// every connection it used is reset before its next user, however it ends (kept
     /// until the session is idle again, after `txn_settings` is cleared).
@@ -303,6 +310,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             settings,
             txn_settings: Vec::new(),
             txn_applied: Vec::new(),
+            ends_txn: false,
+            saw_end: false,
+            next_begin: None,
             txn_session_sets: false,
             bound_tracked: Vec::new(),
             ext_tracked: Vec::new(),
@@ -463,6 +473,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 RouterError::Plan(_) => self.refuse_in_session(e).await,
                 e => self.refuse_request(e),
             };
+        }
+        if self.status != TxnStatus::Idle && frame.tag == tag::QUERY {
+            let body = frame.body();
+            let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
+            // A transaction mode that must come before any query, after a query ran on
+            // a worker: refused as Postgres refuses it (the node it goes to may not
+            // have run one).
+            if self.status == TxnStatus::InTransaction
+                && self.parked.iter().any(|(n, _)| n.is_some())
+                && let Some(msg) = tracked.as_ref().and_then(|t| {
+                    settings::before_any_query(
+                        t,
+                        settings::read_only_transaction(
+                            self.begin_sql.as_deref(),
+                            &self.txn_settings,
+                        ),
+                    )
+                })
+            {
+                return self
+                    .refuse_in_session(RouterError::Plan(crate::plan::PlanError::TooLate(
+                        msg.into(),
+                    )))
+                    .await;
+            }
+            // `COMMIT; BEGIN` in one string: the transaction that ends has its own
+            // settings, which the next one must not inherit (`on_ready`).
+            let (ends, begin) = route::end_statements(sql);
+            self.ends_txn = ends;
+            self.next_begin = begin.map(str::to_owned);
         }
         if let Err(e) = self.ensure_lease().await {
             return self.refuse_request(e);
@@ -1353,6 +1393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 } else if ctag == b"ROLLBACK" || ctag == b"PREPARE TRANSACTION" {
                     self.saw_commit = false;
                 }
+                self.saw_end |= ctag == b"COMMIT" || ctag == b"ROLLBACK";
                 if ctag == b"DISCARD ALL" || ctag == b"DEALLOCATE ALL" {
                     let conn = self.lease.as_mut().expect("lease").conn();
                     conn.prepared.clear();
@@ -1573,7 +1614,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn on_ready(&mut self, status: TxnStatus, f: FrameRef<'_>) {
-        if status == TxnStatus::Idle && self.status != TxnStatus::Idle {
+        // Ended, or ended and another begun in the same string (`ROLLBACK; BEGIN`).
+        let ended_inside = std::mem::take(&mut self.ends_txn)
+            && std::mem::take(&mut self.saw_end)
+            && self.status != TxnStatus::Idle;
+        self.saw_end = false;
+        let next_begin = self.next_begin.take();
+        if ended_inside && status != TxnStatus::Idle {
+            // Nodes joining the new transaction begin it as the string did, with none
+            // of the old one's savepoints (such a string ran on one node: with other
+            // nodes in the transaction it is refused).
+            self.begin_sql = next_begin;
+            self.savepoints.clear();
+            self.writers.clear();
+            self.doomed = false;
+            self.doomed_by_deadlock = false;
+        }
+        if (status == TxnStatus::Idle && self.status != TxnStatus::Idle) || ended_inside {
             // The transaction ended: its session-level SETs stay only if it committed.
             let mut pending = std::mem::take(&mut self.txn_settings);
             pending.retain(|t| !t.is_local());

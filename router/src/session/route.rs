@@ -1576,6 +1576,40 @@ fn statement_writes(sql: &str) -> bool {
 
 /// Whether a query string holds, after its first statement, one that ends the
 /// transaction (the router must see those to end every node's part).
+/// Whether a string holds a statement that ends the transaction (COMMIT, END,
+/// ROLLBACK, ABORT; not ROLLBACK TO or PREPARE TRANSACTION), and the BEGIN statement
+/// after the last such one, if any (the transaction the string leaves open).
+pub(super) fn end_statements<'a>(sql: &'a str) -> (bool, Option<&'a str>) {
+    use crate::plan::normalize::{Tok, tokens};
+    let mut ends = false;
+    let mut begin = None;
+    let mut look = |stmt: &'a str| match control(stmt) {
+        Some(Control::End(_)) => {
+            ends = true;
+            begin = None;
+        }
+        Some(Control::Begin) => begin = Some(stmt.trim_end()),
+        _ => {}
+    };
+    let mut first = None;
+    for (kind, s, _) in tokens(sql) {
+        match kind {
+            Tok::Semi => {
+                if let Some(f) = first.take() {
+                    look(&sql[f..s]);
+                }
+            }
+            Tok::Space => {}
+            _ if first.is_none() => first = Some(s),
+            _ => {}
+        }
+    }
+    if let Some(f) = first {
+        look(&sql[f..]);
+    }
+    (ends, begin)
+}
+
 fn ends_transaction_inside(sql: &str) -> bool {
     use crate::plan::normalize::{Tok, tokens};
     let mut start = false;
@@ -1626,7 +1660,19 @@ fn names_no_table(sql: &str) -> bool {
     ["set", "reset", "show"]
         .iter()
         .any(|k| word.eq_ignore_ascii_case(k))
-        && !s.trim_end().trim_end_matches(';').contains(';')
+        && (!s.contains(';') || {
+            // One statement: no `;` outside strings and comments but trailing ones.
+            use crate::plan::normalize::{Tok, tokens};
+            let mut ended = false;
+            tokens(s).iter().all(|(k, ..)| match k {
+                Tok::Semi => {
+                    ended = true;
+                    true
+                }
+                Tok::Space => true,
+                _ => !ended,
+            })
+        })
 }
 
 /// Appends a statement (if any) to a string of several.
@@ -1788,6 +1834,32 @@ mod tests {
         ));
         assert!(!ends_transaction_inside("COMMIT"));
         assert!(!ends_transaction_inside("SELECT 'a; commit'"));
+    }
+
+    #[test]
+    fn one_set_names_no_table() {
+        assert!(names_no_table("SET LOCAL app.t = 'a;b' /*route='/x;y'*/ ;"));
+        assert!(names_no_table("set x = 1;"));
+        assert!(names_no_table("SHOW app.t"));
+        assert!(!names_no_table("SET x = 1; SELECT * FROM t"));
+        assert!(!names_no_table("SELECT * FROM t"));
+    }
+
+    #[test]
+    fn strings_that_end_a_transaction() {
+        assert_eq!(end_statements("COMMIT"), (true, None));
+        assert_eq!(end_statements("ROLLBACK; BEGIN"), (true, Some("BEGIN")));
+        assert_eq!(
+            end_statements("commit ; begin isolation level serializable ;"),
+            (true, Some("begin isolation level serializable"))
+        );
+        assert_eq!(end_statements("BEGIN; SELECT 1; END"), (true, None));
+        assert_eq!(end_statements("SELECT 1; ROLLBACK TO s"), (false, None));
+        assert_eq!(end_statements("PREPARE TRANSACTION 'x'"), (false, None));
+        assert_eq!(
+            end_statements("SELECT 'commit'; /* rollback */ SELECT 2"),
+            (false, None)
+        );
     }
 
     #[test]

@@ -415,10 +415,18 @@ pub fn inspect(sql: &str) -> Inspected {
     use crate::plan::normalize::{Tok, tokens};
     let mut all = Vec::new();
     let mut control = false;
+    let mut n = 0;
     let mut untracked_set = false;
     // Each statement from its first word (the lexer's: comments are spaces to it).
     let mut take = |stmt: &str| {
-        control |= super::route::control(stmt).is_some();
+        // A string that opens a transaction and only then changes settings
+        // (`BEGIN; SET LOCAL ...`) is tracked: its SETs belong to the new transaction.
+        match super::route::control(stmt) {
+            Some(super::route::Control::Begin) if n == 0 => {}
+            Some(_) => control = true,
+            None => {}
+        }
+        n += 1;
         match classify(stmt) {
             Some(
                 t @ (SessionStmt::Set { .. }
@@ -678,9 +686,36 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
         return None;
     }
     let s = sql.trim().trim_end_matches(';').trim();
-    if s.is_empty() || s.contains(';') || s.contains("--") || s.contains("/*") {
+    if s.is_empty() {
         return None;
     }
+    let cleaned;
+    let s = if s.contains(';') || s.contains("--") || s.contains("/*") {
+        // Read by the lexer: a `;` or comment marker inside a string is the value's,
+        // comments (sqlcommenter's trailing `/*...*/`) become spaces, and a `;`
+        // outside one makes several statements (not this function's).
+        use crate::plan::normalize::{Tok, tokens};
+        let toks = tokens(s);
+        let end = toks
+            .iter()
+            .rposition(|(k, ..)| !matches!(k, Tok::Space | Tok::Semi))?;
+        let mut out = String::with_capacity(s.len());
+        for &(k, a, b) in &toks[..=end] {
+            match k {
+                Tok::Semi => return None,
+                Tok::Space => {
+                    if !out.ends_with(' ') {
+                        out.push(' ');
+                    }
+                }
+                _ => out.push_str(&s[a..b]),
+            }
+        }
+        cleaned = out;
+        cleaned.trim()
+    } else {
+        s
+    };
     let lower = s.to_ascii_lowercase();
     let words: Vec<&str> = lower.split_whitespace().collect();
     match words.as_slice() {
@@ -753,6 +788,73 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
         }
         _ => None,
     }
+}
+
+/// What Postgres answers a transaction-mode change that must come before the
+/// transaction's first query (`SET TRANSACTION ISOLATION LEVEL`, `[NOT] DEFERRABLE`,
+/// `READ WRITE` in a read-only transaction, or their settings); `None` for any other
+/// statement. The router asks when a query already ran on another node than the one
+/// the statement goes to; `read_only`: whether the transaction is read-only.
+pub fn before_any_query(t: &SessionStmt, read_only: bool) -> Option<&'static str> {
+    const ISOLATION: &str = "SET TRANSACTION ISOLATION LEVEL must be called before any query";
+    const DEFERRABLE: &str = "SET TRANSACTION [NOT] DEFERRABLE must be called before any query";
+    const READ_WRITE: &str = "transaction read-write mode must be set before any query";
+    match t {
+        SessionStmt::SetLocal { name, stmt } if name == "transaction" => {
+            let modes = stmt.to_ascii_lowercase();
+            let has = |w: &str| modes.split([' ', ',', '\t', '\n']).any(|x| x == w);
+            if has("isolation") {
+                Some(ISOLATION)
+            } else if has("deferrable") {
+                Some(DEFERRABLE)
+            } else if has("write") && read_only {
+                Some(READ_WRITE)
+            } else {
+                None
+            }
+        }
+        SessionStmt::Set { name, .. }
+        | SessionStmt::SetLocal { name, .. }
+        | SessionStmt::SetConfig { name, .. } => match name.as_str() {
+            "transaction_isolation" => Some(ISOLATION),
+            "transaction_deferrable" => Some(DEFERRABLE),
+            _ => None,
+        },
+        SessionStmt::Many(all) => all.iter().find_map(|t| before_any_query(t, read_only)),
+        _ => None,
+    }
+}
+
+/// Whether a transaction that began with `begin` (its text; `None`: a plain BEGIN)
+/// and ran `sets` is read-only, as far as those say (the session's default is not
+/// looked at).
+pub fn read_only_transaction(begin: Option<&str>, sets: &[SessionStmt]) -> bool {
+    let mode = |text: &str| -> Option<bool> {
+        let t = text.to_ascii_lowercase();
+        let words: Vec<&str> = t
+            .split([' ', ',', '\t', '\n'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        let mut last = None;
+        for w in words.windows(2) {
+            match w {
+                ["read", "only"] => last = Some(true),
+                ["read", "write"] => last = Some(false),
+                _ => {}
+            }
+        }
+        last
+    };
+    let mut ro = begin.and_then(mode).unwrap_or(false);
+    for t in sets {
+        if let SessionStmt::SetLocal { name, stmt } = t
+            && name == "transaction"
+            && let Some(m) = mode(stmt)
+        {
+            ro = m;
+        }
+    }
+    ro
 }
 
 /// `SET SESSION CHARACTERISTICS AS TRANSACTION <modes>` (`modes` lowercased): the
@@ -892,23 +994,51 @@ mod tests {
             "SELECT set_config('session_authorization', 'bob', false)",
             "SELECT * FROM set_config('a.b', 'x', false)",
             "select PG_CATALOG.SET_CONFIG('a.b', '1', false); select 1",
-            "SET search_path = x -- trailing",
-            "/* a */ SET /* b */ search_path = x",
             "SET SESSION AUTHORIZATION nobody",
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ LOUDLY",
-            "SET/**/work_mem = 1",
             "SET\"work_mem\" = 1",
             "SET session_authorization = 'bob'",
-            "RESET/**/work_mem",
-            "SELECT 1; DISCARD /* c */ ALL",
             "BEGIN; SET search_path = x; COMMIT",
             "SET a.b = 1; /* c */ ROLLBACK",
-            "SELECT 1; SET a.b = 1 -- trailing",
         ] {
             let i = inspect(sql);
             assert!(i.untracked, "{sql}");
             assert!(i.tracked.is_none(), "{sql}");
         }
+        // Comments (sqlcommenter's among them) and a `;` or comment marker inside a
+        // value: read by the lexer, replayed without the comments.
+        for (sql, want) in [
+            ("SET search_path = x -- trailing", "SET search_path = x"),
+            ("/* a */ SET /* b */ search_path = x", "SET search_path = x"),
+            ("SET/**/work_mem = 1", "SET work_mem = 1"),
+            (
+                "SET LOCAL app.t = 'a;b' /*controller='x',route='/a;b'*/;",
+                "SET LOCAL app.t = 'a;b'",
+            ),
+            ("SET LOCAL app.t = '-- c' -- c", "SET LOCAL app.t = '-- c'"),
+            ("SET LOCAL ROLE r /* c */", "SET LOCAL ROLE r"),
+        ] {
+            let i = inspect(sql);
+            let stmt = match &i.tracked {
+                Some(SessionStmt::Set { stmt, .. } | SessionStmt::SetLocal { stmt, .. }) => stmt,
+                t => panic!("{sql}: {t:?}"),
+            };
+            assert_eq!(stmt, want, "{sql}");
+            assert!(!i.untracked, "{sql}");
+        }
+        assert!(
+            matches!(inspect("RESET/**/work_mem").tracked, Some(SessionStmt::Reset { name }) if name == "work_mem")
+        );
+        for sql in [
+            "SELECT 1; DISCARD /* c */ ALL",
+            "SELECT 1; SET a.b = 1 -- trailing",
+        ] {
+            assert!(
+                matches!(inspect(sql).tracked, Some(SessionStmt::Many(_))),
+                "{sql}"
+            );
+        }
+        assert_eq!(classify("SET LOCAL a.b = 1; SET LOCAL c.d = 2"), None);
     }
 
     #[test]
@@ -1047,6 +1177,65 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn modes_that_must_come_before_any_query() {
+        let t = |sql: &str| classify(sql).unwrap();
+        for (sql, ro, refused) in [
+            (
+                "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                false,
+                true,
+            ),
+            ("SET TRANSACTION READ ONLY", false, false),
+            ("SET TRANSACTION READ WRITE", false, false),
+            ("SET TRANSACTION READ WRITE", true, true),
+            ("set transaction not deferrable", false, true),
+            (
+                "SET LOCAL transaction_isolation = 'serializable'",
+                false,
+                true,
+            ),
+            ("SET LOCAL work_mem = '1MB'", true, false),
+        ] {
+            assert_eq!(
+                before_any_query(&t(sql), ro).is_some(),
+                refused,
+                "{sql} ({ro})"
+            );
+        }
+        let sets = [t("SET TRANSACTION READ ONLY"), t("SET LOCAL a.b = 1")];
+        assert!(read_only_transaction(None, &sets));
+        assert!(read_only_transaction(Some("BEGIN READ ONLY"), &[]));
+        assert!(!read_only_transaction(
+            Some("BEGIN READ ONLY, READ WRITE"),
+            &[]
+        ));
+        assert!(!read_only_transaction(
+            Some("BEGIN READ ONLY"),
+            &[t("SET TRANSACTION READ WRITE")]
+        ));
+        assert!(!read_only_transaction(
+            Some("BEGIN ISOLATION LEVEL SERIALIZABLE"),
+            &[]
+        ));
+        // `BEGIN; SET ...` in one string: tracked; with other transaction control, not.
+        let i = inspect("BEGIN; SET TRANSACTION READ ONLY; SET LOCAL a.b = 1");
+        assert!(
+            matches!(&i.tracked, Some(SessionStmt::Many(all)) if all.len() == 2),
+            "{i:?}"
+        );
+        assert!(
+            inspect("COMMIT; BEGIN; SET LOCAL a.b = 1")
+                .tracked
+                .is_none()
+        );
+        assert!(
+            inspect("BEGIN; SET LOCAL a.b = 1; COMMIT")
+                .tracked
+                .is_none()
+        );
+    }
 
     #[test]
     fn dollar_quotes_close_where_the_value_ends() {
