@@ -98,7 +98,7 @@ impl Routing {
 /// Router statements by (text, raw parameter types, epoch). Client statements (and
 /// the shard statements of routed ones) use [`client_epoch`] of the catalog version
 /// they were prepared under, promoted simple queries (`plan::Promoted`) that version
-/// + 1: a catalog change gives statements prepared after it new names, which the
+/// plus one: a catalog change gives statements prepared after it new names, which the
 /// backends parse afresh (a backend holding the old one would answer "cached plan must
 /// not change result type").
 #[derive(Default)]
