@@ -338,7 +338,6 @@ pub(crate) fn plan_facing(e: &crate::plan::PlanError) -> UserFacing {
             UserFacing::new(Error, FEATURE_NOT_SUPPORTED, e.to_string())
         }
         P::InvalidValue(_) => UserFacing::new(Error, INVALID_TEXT_REPRESENTATION, e.to_string()),
-        P::TooLate(_) => UserFacing::new(Error, ACTIVE_SQL_TRANSACTION, e.to_string()),
         P::NullKey(_) => UserFacing::new(Error, NULL_VALUE_NOT_ALLOWED, e.to_string()),
         P::NoPlacement(_) => {
             UserFacing::new(Error, OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string())

@@ -2278,11 +2278,39 @@ async fn transaction_modes_reach_every_node_of_the_transaction() {
         assert_eq!(code(&e.unwrap_err()), "25P02", "the transaction is aborted");
         a.batch_execute("ROLLBACK").await.unwrap();
     }
-    // Read-write in a read-write transaction is no change: accepted, as on Postgres.
+    // No change is no error: read-write in a read-write transaction, the same
+    // isolation level; and READ ONLY may come any time. As on Postgres.
     a.batch_execute("BEGIN").await.unwrap();
     let _ = text_rows(&a, &modes(x)).await;
     a.batch_execute("SET TRANSACTION READ WRITE").await.unwrap();
+    a.batch_execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .await
+        .unwrap();
     on_both(["read committed", "off"], "READ WRITE after a query").await;
+    a.batch_execute("SET TRANSACTION READ ONLY").await.unwrap();
+    on_both(["read committed", "on"], "READ ONLY after a query").await;
+    a.batch_execute("COMMIT").await.unwrap();
+    // The same after a worker ran a query in an earlier transaction only.
+    let _ = text_rows(&a, &modes(y)).await;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .await
+        .unwrap();
+    on_both(
+        ["serializable", "off"],
+        "SET TRANSACTION first in a transaction",
+    )
+    .await;
+    a.batch_execute("COMMIT").await.unwrap();
+    // A BEGIN with options and SETs in one string: the options reach joining nodes.
+    a.batch_execute("BEGIN READ ONLY; SET LOCAL work_mem = '2MB'")
+        .await
+        .unwrap();
+    on_both(
+        ["read committed", "on"],
+        "BEGIN READ ONLY; SET in one string",
+    )
+    .await;
     a.batch_execute("COMMIT").await.unwrap();
 
     // `BEGIN; SET TRANSACTION ...` in one string: the new transaction's nodes get it.

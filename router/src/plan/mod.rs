@@ -45,10 +45,6 @@ pub enum PlanError {
     /// Not supported yet (0A000).
     #[error("{0}")]
     NotSupported(String),
-    /// Too late in the transaction (25001): a transaction mode set after a query ran on
-    /// another node, which Postgres refuses after the transaction's first query.
-    #[error("{0}")]
-    TooLate(String),
     /// A statement would affect one row twice (21000), as Postgres says of an
     /// `INSERT ... ON CONFLICT DO UPDATE` with duplicate keys.
     #[error("{0}")]

@@ -477,32 +477,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.status != TxnStatus::Idle && frame.tag == tag::QUERY {
             let body = frame.body();
             let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
-            // A transaction mode that must come before any query, after a query ran on
-            // a worker: refused as Postgres refuses it (the node it goes to may not
-            // have run one).
+            // A transaction mode (`SET TRANSACTION ...`) runs on a worker that ran a
+            // query in this transaction, if there is one: Postgres itself then accepts
+            // it or refuses it (25001: another isolation level, DEFERRABLE or READ
+            // WRITE after the first query), where the coordinator it would go to may
+            // have run no query yet.
             if self.status == TxnStatus::InTransaction
-                && self.parked.iter().any(|(n, _)| n.is_some())
-                && let Some(msg) = tracked.as_ref().and_then(|t| {
-                    settings::before_any_query(
-                        t,
-                        settings::read_only_transaction(
-                            self.begin_sql.as_deref(),
-                            &self.txn_settings,
-                        ),
-                    )
+                && tracked.as_ref().is_some_and(settings::is_transaction_mode)
+                && let Some(g) = self.parked.iter_mut().find_map(|(n, l)| {
+                    (n.is_some() && l.conn().status != TxnStatus::Idle).then_some(*n)
                 })
+                && let Err(e) = self.switch_to(g).await
             {
-                return self
-                    .refuse_in_session(RouterError::Plan(crate::plan::PlanError::TooLate(
-                        msg.into(),
-                    )))
-                    .await;
+                return match e {
+                    RouterError::Plan(_) => self.refuse_in_session(e).await,
+                    e => self.refuse_request(e),
+                };
             }
             // `COMMIT; BEGIN` in one string: the transaction that ends has its own
             // settings, which the next one must not inherit (`on_ready`).
             let (ends, begin) = route::end_statements(sql);
             self.ends_txn = ends;
             self.next_begin = begin.map(str::to_owned);
+            self.saw_end = false;
         }
         if let Err(e) = self.ensure_lease().await {
             return self.refuse_request(e);
@@ -1615,18 +1612,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     fn on_ready(&mut self, status: TxnStatus, f: FrameRef<'_>) {
         // Ended, or ended and another begun in the same string (`ROLLBACK; BEGIN`).
+        // (A string that failed after a ROLLBACK TO, whose tag is ROLLBACK too, leaves
+        // the transaction failed: not taken for one that ended.)
         let ended_inside = std::mem::take(&mut self.ends_txn)
             && std::mem::take(&mut self.saw_end)
-            && self.status != TxnStatus::Idle;
+            && self.status != TxnStatus::Idle
+            && status == TxnStatus::InTransaction;
         self.saw_end = false;
         let next_begin = self.next_begin.take();
-        if ended_inside && status != TxnStatus::Idle {
+        if ended_inside {
             // Nodes joining the new transaction begin it as the string did, with none
-            // of the old one's savepoints (such a string ran on one node: with other
-            // nodes in the transaction it is refused).
+            // of the old one's savepoints. (Its writers stay: at worst a node that
+            // wrote in the old one takes part in the new one's two-phase commit.)
             self.begin_sql = next_begin;
             self.savepoints.clear();
-            self.writers.clear();
             self.doomed = false;
             self.doomed_by_deadlock = false;
         }
@@ -1660,6 +1659,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // Rolled back; but what the same request ran after its ROLLBACK (an
                 // extended batch `ROLLBACK, SET`) is not known here.
                 self.mark_untracked();
+            }
+            if ended_inside {
+                // The new transaction has not committed.
+                self.saw_commit = false;
             }
         }
         self.status = status;

@@ -1257,7 +1257,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // `BEGIN; INSERT ...` in one query: the BEGIN alone is replayed on
                     // nodes joining later, and the coordinator has written.
                     if normalize(sql).multi {
-                        self.begin_sql = None;
+                        // The BEGIN statement alone, with its options.
+                        self.begin_sql = end_statements(sql).1.map(str::to_owned);
                         if self.writes_here(sql) {
                             self.writers = vec![None];
                         }
@@ -1584,7 +1585,8 @@ pub(super) fn end_statements<'a>(sql: &'a str) -> (bool, Option<&'a str>) {
     let mut ends = false;
     let mut begin = None;
     let mut look = |stmt: &'a str| match control(stmt) {
-        Some(Control::End(_)) => {
+        // `COMMIT AND CHAIN` goes on with the same transaction modes.
+        Some(Control::End(_)) if !and_chain(stmt) => {
             ends = true;
             begin = None;
         }
@@ -1608,6 +1610,14 @@ pub(super) fn end_statements<'a>(sql: &'a str) -> (bool, Option<&'a str>) {
         look(&sql[f..]);
     }
     (ends, begin)
+}
+
+/// `COMMIT AND CHAIN` / `ROLLBACK AND CHAIN` (not `AND NO CHAIN`).
+fn and_chain(stmt: &str) -> bool {
+    let words: Vec<&str> = stmt.split_whitespace().collect();
+    words.windows(2).any(|w| {
+        w[0].eq_ignore_ascii_case("and") && w[1].trim_end_matches(';').eq_ignore_ascii_case("chain")
+    })
 }
 
 fn ends_transaction_inside(sql: &str) -> bool {
@@ -1855,6 +1865,11 @@ mod tests {
         );
         assert_eq!(end_statements("BEGIN; SELECT 1; END"), (true, None));
         assert_eq!(end_statements("SELECT 1; ROLLBACK TO s"), (false, None));
+        assert_eq!(end_statements("COMMIT AND CHAIN"), (false, None));
+        assert_eq!(
+            end_statements("commit and no chain; begin"),
+            (true, Some("begin"))
+        );
         assert_eq!(end_statements("PREPARE TRANSACTION 'x'"), (false, None));
         assert_eq!(
             end_statements("SELECT 'commit'; /* rollback */ SELECT 2"),

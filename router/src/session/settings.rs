@@ -703,8 +703,15 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
         for &(k, a, b) in &toks[..=end] {
             match k {
                 Tok::Semi => return None,
+                // A line break stays one: Postgres joins two string literals
+                // separated by one (`'a'` newline `'b'` is `'ab'`).
+                Tok::Space if s[a..b].contains(['\n', '\r']) => {
+                    if !out.ends_with('\n') {
+                        out.push('\n');
+                    }
+                }
                 Tok::Space => {
-                    if !out.ends_with(' ') {
+                    if !out.ends_with([' ', '\n']) {
                         out.push(' ');
                     }
                 }
@@ -790,71 +797,21 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
     }
 }
 
-/// What Postgres answers a transaction-mode change that must come before the
-/// transaction's first query (`SET TRANSACTION ISOLATION LEVEL`, `[NOT] DEFERRABLE`,
-/// `READ WRITE` in a read-only transaction, or their settings); `None` for any other
-/// statement. The router asks when a query already ran on another node than the one
-/// the statement goes to; `read_only`: whether the transaction is read-only.
-pub fn before_any_query(t: &SessionStmt, read_only: bool) -> Option<&'static str> {
-    const ISOLATION: &str = "SET TRANSACTION ISOLATION LEVEL must be called before any query";
-    const DEFERRABLE: &str = "SET TRANSACTION [NOT] DEFERRABLE must be called before any query";
-    const READ_WRITE: &str = "transaction read-write mode must be set before any query";
+/// Whether a statement changes the transaction's modes (`SET TRANSACTION ...`, or
+/// the `transaction_isolation` / `_read_only` / `_deferrable` settings), which Postgres
+/// accepts or refuses depending on whether the transaction already ran a query.
+pub fn is_transaction_mode(t: &SessionStmt) -> bool {
     match t {
-        SessionStmt::SetLocal { name, stmt } if name == "transaction" => {
-            let modes = stmt.to_ascii_lowercase();
-            let has = |w: &str| modes.split([' ', ',', '\t', '\n']).any(|x| x == w);
-            if has("isolation") {
-                Some(ISOLATION)
-            } else if has("deferrable") {
-                Some(DEFERRABLE)
-            } else if has("write") && read_only {
-                Some(READ_WRITE)
-            } else {
-                None
-            }
-        }
+        SessionStmt::SetLocal { name, .. } if name == "transaction" => true,
         SessionStmt::Set { name, .. }
         | SessionStmt::SetLocal { name, .. }
-        | SessionStmt::SetConfig { name, .. } => match name.as_str() {
-            "transaction_isolation" => Some(ISOLATION),
-            "transaction_deferrable" => Some(DEFERRABLE),
-            _ => None,
-        },
-        SessionStmt::Many(all) => all.iter().find_map(|t| before_any_query(t, read_only)),
-        _ => None,
+        | SessionStmt::SetConfig { name, .. } => matches!(
+            name.as_str(),
+            "transaction_isolation" | "transaction_read_only" | "transaction_deferrable"
+        ),
+        SessionStmt::Many(all) => all.iter().any(is_transaction_mode),
+        _ => false,
     }
-}
-
-/// Whether a transaction that began with `begin` (its text; `None`: a plain BEGIN)
-/// and ran `sets` is read-only, as far as those say (the session's default is not
-/// looked at).
-pub fn read_only_transaction(begin: Option<&str>, sets: &[SessionStmt]) -> bool {
-    let mode = |text: &str| -> Option<bool> {
-        let t = text.to_ascii_lowercase();
-        let words: Vec<&str> = t
-            .split([' ', ',', '\t', '\n'])
-            .filter(|w| !w.is_empty())
-            .collect();
-        let mut last = None;
-        for w in words.windows(2) {
-            match w {
-                ["read", "only"] => last = Some(true),
-                ["read", "write"] => last = Some(false),
-                _ => {}
-            }
-        }
-        last
-    };
-    let mut ro = begin.and_then(mode).unwrap_or(false);
-    for t in sets {
-        if let SessionStmt::SetLocal { name, stmt } = t
-            && name == "transaction"
-            && let Some(m) = mode(stmt)
-        {
-            ro = m;
-        }
-    }
-    ro
 }
 
 /// `SET SESSION CHARACTERISTICS AS TRANSACTION <modes>` (`modes` lowercased): the
@@ -1017,6 +974,8 @@ mod tests {
             ),
             ("SET LOCAL app.t = '-- c' -- c", "SET LOCAL app.t = '-- c'"),
             ("SET LOCAL ROLE r /* c */", "SET LOCAL ROLE r"),
+            ("SET app.t = 'x' -- c\n'y'", "SET app.t = 'x' \n'y'"),
+            ("SET app.t = 'a;b'\n  'c'", "SET app.t = 'a;b'\n'c'"),
         ] {
             let i = inspect(sql);
             let stmt = match &i.tracked {
@@ -1181,44 +1140,20 @@ mod tests {
     #[test]
     fn modes_that_must_come_before_any_query() {
         let t = |sql: &str| classify(sql).unwrap();
-        for (sql, ro, refused) in [
+        for (sql, mode) in [
+            ("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", true),
+            ("SET TRANSACTION READ ONLY", true),
+            ("set transaction not deferrable", true),
+            ("SET LOCAL transaction_isolation = 'serializable'", true),
+            ("SET transaction_read_only = on", true),
+            ("SET LOCAL work_mem = '1MB'", false),
             (
-                "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
                 false,
-                true,
             ),
-            ("SET TRANSACTION READ ONLY", false, false),
-            ("SET TRANSACTION READ WRITE", false, false),
-            ("SET TRANSACTION READ WRITE", true, true),
-            ("set transaction not deferrable", false, true),
-            (
-                "SET LOCAL transaction_isolation = 'serializable'",
-                false,
-                true,
-            ),
-            ("SET LOCAL work_mem = '1MB'", true, false),
         ] {
-            assert_eq!(
-                before_any_query(&t(sql), ro).is_some(),
-                refused,
-                "{sql} ({ro})"
-            );
+            assert_eq!(is_transaction_mode(&t(sql)), mode, "{sql}");
         }
-        let sets = [t("SET TRANSACTION READ ONLY"), t("SET LOCAL a.b = 1")];
-        assert!(read_only_transaction(None, &sets));
-        assert!(read_only_transaction(Some("BEGIN READ ONLY"), &[]));
-        assert!(!read_only_transaction(
-            Some("BEGIN READ ONLY, READ WRITE"),
-            &[]
-        ));
-        assert!(!read_only_transaction(
-            Some("BEGIN READ ONLY"),
-            &[t("SET TRANSACTION READ WRITE")]
-        ));
-        assert!(!read_only_transaction(
-            Some("BEGIN ISOLATION LEVEL SERIALIZABLE"),
-            &[]
-        ));
         // `BEGIN; SET ...` in one string: tracked; with other transaction control, not.
         let i = inspect("BEGIN; SET TRANSACTION READ ONLY; SET LOCAL a.b = 1");
         assert!(
