@@ -49,6 +49,30 @@ pub(crate) enum Tok {
     Punct,
 }
 
+/// The statements of a string of several, each from its first token (comments are
+/// spaces to the lexer) to its `;` (excluded) or the end of the text; empty ones
+/// (`;;`) are skipped.
+pub(crate) fn statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut first = None;
+    for (kind, s, _) in tokens(sql) {
+        match kind {
+            Tok::Semi => {
+                if let Some(f) = first.take() {
+                    out.push(&sql[f..s]);
+                }
+            }
+            Tok::Space => {}
+            _ if first.is_none() => first = Some(s),
+            _ => {}
+        }
+    }
+    if let Some(f) = first {
+        out.push(&sql[f..]);
+    }
+    out
+}
+
 /// Splits SQL text into tokens: (kind, start, end). Never fails: unterminated strings
 /// or comments run to the end of the text.
 pub(crate) fn tokens(sql: &str) -> Vec<(Tok, usize, usize)> {

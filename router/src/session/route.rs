@@ -1581,7 +1581,6 @@ fn statement_writes(sql: &str) -> bool {
 /// ROLLBACK, ABORT; not ROLLBACK TO or PREPARE TRANSACTION), and the BEGIN statement
 /// after the last such one, if any (the transaction the string leaves open).
 pub(super) fn end_statements<'a>(sql: &'a str) -> (bool, Option<&'a str>) {
-    use crate::plan::normalize::{Tok, tokens};
     let mut ends = false;
     let mut begin = None;
     let mut look = |stmt: &'a str| match control(stmt) {
@@ -1593,21 +1592,8 @@ pub(super) fn end_statements<'a>(sql: &'a str) -> (bool, Option<&'a str>) {
         Some(Control::Begin) => begin = Some(stmt.trim_end()),
         _ => {}
     };
-    let mut first = None;
-    for (kind, s, _) in tokens(sql) {
-        match kind {
-            Tok::Semi => {
-                if let Some(f) = first.take() {
-                    look(&sql[f..s]);
-                }
-            }
-            Tok::Space => {}
-            _ if first.is_none() => first = Some(s),
-            _ => {}
-        }
-    }
-    if let Some(f) = first {
-        look(&sql[f..]);
+    for stmt in crate::plan::normalize::statements(sql) {
+        look(stmt);
     }
     (ends, begin)
 }

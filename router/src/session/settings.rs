@@ -412,7 +412,6 @@ pub fn inspect(sql: &str) -> Inspected {
             untracked,
         };
     }
-    use crate::plan::normalize::{Tok, tokens};
     let mut all = Vec::new();
     let mut control = false;
     let mut n = 0;
@@ -441,21 +440,8 @@ pub fn inspect(sql: &str) -> Inspected {
             None => untracked_set |= changes_settings(stmt),
         }
     };
-    let mut first = None;
-    for (k, s, _) in tokens(sql) {
-        match k {
-            Tok::Semi => {
-                if let Some(f) = first.take() {
-                    take(&sql[f..s]);
-                }
-            }
-            Tok::Space => {}
-            _ if first.is_none() => first = Some(s),
-            _ => {}
-        }
-    }
-    if let Some(f) = first {
-        take(&sql[f..]);
+    for stmt in crate::plan::normalize::statements(sql) {
+        take(stmt);
     }
     // A string with transaction control decides itself what its SETs leave behind
     // (`BEGIN; SET ...; ROLLBACK` leaves nothing): it is not tracked, only marked.
