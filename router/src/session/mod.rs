@@ -495,8 +495,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
             }
             // `COMMIT; BEGIN` in one string: the transaction that ends has its own
-            // settings, which the next one must not inherit (`on_ready`).
-            let (ends, begin) = route::end_statements(sql);
+            // settings, which the next one must not inherit (`on_ready`). Only a
+            // string of several statements can end one and open another: one alone
+            // is not lexed (the OLTP path stays a byte scan).
+            let (ends, begin) = if memchr::memchr(b';', sql.as_bytes()).is_some() {
+                route::end_statements(sql)
+            } else {
+                (false, None)
+            };
             self.ends_txn = ends;
             self.next_begin = begin.map(str::to_owned);
             self.saw_end = false;
