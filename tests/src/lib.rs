@@ -13,6 +13,8 @@ use std::time::Duration;
 
 pub use tokio_postgres;
 
+pub mod raw;
+
 /// The Postgres server of this test binary.
 pub struct PgCluster {
     pub node: PgNode,

@@ -2,6 +2,7 @@
 //! both pool modes, failed transactions, key conversions (binary and text parameters,
 //! NULL), and the plan cache's metrics. Real Postgres: a coordinator and 2 workers.
 
+use shardgate_tests::raw::{self, Raw};
 use shardgate_tests::tokio_postgres::{Client, Error};
 use shardgate_tests::{EnvOptions, TestEnv, connect, metric_sum, two_node_table};
 use std::time::Duration;
@@ -2344,6 +2345,58 @@ async fn transaction_modes_reach_every_node_of_the_transaction() {
         "the transaction after COMMIT; BEGIN READ ONLY"
     );
     a.batch_execute("COMMIT").await.unwrap();
+    drop(a);
+
+    // The same with the next request pipelined, sent in the same write before the
+    // `ROLLBACK; BEGIN` / `COMMIT; BEGIN READ ONLY` is answered; in a failed
+    // transaction too (where the router sends on without waiting for the answer).
+    let mut r = Raw::login(env.port(), &env.db).await;
+    for (first, end, want, fail) in [
+        (
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "ROLLBACK; BEGIN",
+            "read committed off",
+            false,
+        ),
+        (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            "COMMIT; BEGIN READ ONLY",
+            "read committed on",
+            false,
+        ),
+        (
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "ROLLBACK; BEGIN",
+            "read committed off",
+            true,
+        ),
+        (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            "ROLLBACK; BEGIN READ ONLY",
+            "read committed on",
+            true,
+        ),
+    ] {
+        let m = r.simple(first).await;
+        assert!(raw::errors(&m).is_empty(), "{first}: {m:?}");
+        if fail {
+            let m = r.simple("SELECT 1/0").await;
+            assert_eq!(raw::errors(&m)[0].sqlstate(), "22012", "{m:?}");
+        }
+        r.send(&raw::cat(&[raw::query(end), raw::query("SELECT 1")]))
+            .await;
+        for sql in [end, "SELECT 1"] {
+            let m = r.until_ready().await;
+            assert!(raw::errors(&m).is_empty(), "{sql}: {m:?}");
+        }
+        for id in [x, y] {
+            let row = raw::rows(&r.simple(&modes(id)).await).concat();
+            let got: Vec<_> = row.iter().map(|v| v.as_deref().unwrap_or("")).collect();
+            assert_eq!(got.join(" "), want, "{end} pipelined: the node of {id}");
+        }
+        let m = r.simple("COMMIT").await;
+        assert!(raw::errors(&m).is_empty(), "COMMIT: {m:?}");
+    }
 }
 
 /// `set_config(name, value, true)`, the way PostgREST and row-level-security

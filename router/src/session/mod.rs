@@ -56,6 +56,10 @@ enum Expect {
     Query {
         tracked: Option<SessionStmt>,
         ok: bool,
+        /// The string holds a COMMIT or ROLLBACK (sent in a transaction): if it leaves
+        /// another transaction open, the first one's settings end at its ReadyForQuery.
+        /// Kept with its request, as the client may pipeline the next one.
+        ends: Option<Ends>,
     },
     /// A statement of the router's own (settings): everything swallowed until ReadyForQuery.
     Internal,
@@ -82,6 +86,13 @@ enum Expect {
     Described,
     /// Sync: ends with ReadyForQuery.
     Sync,
+}
+
+/// A request that ends a transaction (`Expect::Query::ends`).
+#[derive(Debug)]
+struct Ends {
+    /// The BEGIN that string opens the next transaction with (`begin_sql` then).
+    next_begin: Option<String>,
 }
 
 /// How to take back a change to the session's statement names when Postgres skips the
@@ -174,13 +185,9 @@ pub struct Session<S> {
     /// missing here has run none): the others are run on it before it is used again
     /// (`route::join`) and before a savepoint command reaches it.
     txn_applied: Vec<(Option<i32>, usize)>,
-    /// The request (a simple query string, in a transaction) holds a COMMIT or
-    /// ROLLBACK, and `saw_end`: the node answered one. If the string then opens
-    /// another transaction, the first one's settings end at its ReadyForQuery.
-    ends_txn: bool,
+    /// The node answered a COMMIT or ROLLBACK in the request being answered
+    /// (`Expect::Query::ends`).
     saw_end: bool,
-    /// The BEGIN that string opens the next transaction with (`begin_sql` then).
-    next_begin: Option<String>,
     /// The open transaction ran session-level SETs (replayed on its other nodes):
     /// every connection it used is reset before its next user, however it ends (kept
     /// until the session is idle again, after `txn_settings` is cleared).
@@ -310,9 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             settings,
             txn_settings: Vec::new(),
             txn_applied: Vec::new(),
-            ends_txn: false,
             saw_end: false,
-            next_begin: None,
             txn_session_sets: false,
             bound_tracked: Vec::new(),
             ext_tracked: Vec::new(),
@@ -474,9 +479,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 e => self.refuse_request(e),
             };
         }
-        if self.status != TxnStatus::Idle && frame.tag == tag::QUERY {
-            let body = frame.body();
-            let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
+        {
             // A transaction mode (`SET TRANSACTION ...`) runs on a worker that ran a
             // query in this transaction, if there is one: Postgres itself then accepts
             // it or refuses it (25001: another isolation level, DEFERRABLE or READ
@@ -494,19 +497,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     e => self.refuse_request(e),
                 };
             }
-            // `COMMIT; BEGIN` in one string: the transaction that ends has its own
-            // settings, which the next one must not inherit (`on_ready`). Only a
-            // string of several statements can end one and open another: one alone
-            // is not lexed (the OLTP path stays a byte scan).
-            let (ends, begin) = if memchr::memchr(b';', sql.as_bytes()).is_some() {
-                route::end_statements(sql)
-            } else {
-                (false, None)
-            };
-            self.ends_txn = ends;
-            self.next_begin = begin.map(str::to_owned);
-            self.saw_end = false;
         }
+        // `COMMIT; BEGIN` in one string: the transaction that ends has its own
+        // settings, which the next one must not inherit (`on_ready`). Only a string of
+        // several statements can end one and open another: one alone is not lexed (the
+        // OLTP path stays a byte scan). The status is the client's last one: with
+        // requests still unanswered, a transaction may be open already.
+        let ends = match frame.tag {
+            tag::QUERY if self.status != TxnStatus::Idle || !self.expect.is_empty() => {
+                let body = frame.body();
+                let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
+                match memchr::memchr(b';', sql.as_bytes()).map(|_| route::end_statements(sql)) {
+                    Some((true, begin)) => Some(Ends {
+                        next_begin: begin.map(str::to_owned),
+                    }),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
         if let Err(e) = self.ensure_lease().await {
             return self.refuse_request(e);
         }
@@ -545,7 +554,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ),
             None => self.bout.extend_from_slice(&frame.raw),
         }
-        self.expect.push_back(Expect::Query { tracked, ok: false });
+        self.expect.push_back(Expect::Query {
+            tracked,
+            ok: false,
+            ends,
+        });
         Ok(())
     }
 
@@ -1292,7 +1305,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     );
                 }
                 Some(Expect::Query { .. }) => {
-                    if let Some(Expect::Query { tracked, ok }) = self.expect.front_mut()
+                    if let Some(Expect::Query { tracked, ok, .. }) = self.expect.front_mut()
                         && matches!(tracked, Some(SessionStmt::Many(_)))
                     {
                         *ok = false;
@@ -1353,11 +1366,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 conn.status = status;
                 match self.expect.pop_front() {
                     Some(Expect::Internal) => {}
-                    Some(Expect::Query { tracked, ok }) => {
+                    Some(Expect::Query { tracked, ok, ends }) => {
                         if let (Some(t), true) = (tracked, ok) {
                             self.on_tracked(t, status);
                         }
-                        self.on_ready(status, f);
+                        self.on_ready(status, f, ends);
                     }
                     Some(Expect::Sync) => {
                         for t in std::mem::take(&mut self.ext_tracked) {
@@ -1367,7 +1380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             // Portals end with the transaction.
                             self.bound_tracked.clear();
                         }
-                        self.on_ready(status, f)
+                        self.on_ready(status, f, None)
                     }
                     _ => return self.desync("ReadyForQuery out of turn"),
                 }
@@ -1412,7 +1425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.stmts.clear();
                 }
                 match self.expect.front_mut() {
-                    Some(Expect::Query { tracked, ok }) => {
+                    Some(Expect::Query { tracked, ok, .. }) => {
                         if tracked
                             .as_ref()
                             .is_some_and(|t| t.tag() == ctag || matches!(t, SessionStmt::Many(_)))
@@ -1616,21 +1629,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .map_or(0, |(_, a)| *a)
     }
 
-    fn on_ready(&mut self, status: TxnStatus, f: FrameRef<'_>) {
+    fn on_ready(&mut self, status: TxnStatus, f: FrameRef<'_>, ends: Option<Ends>) {
         // Ended, or ended and another begun in the same string (`ROLLBACK; BEGIN`).
         // (A string that failed after a ROLLBACK TO, whose tag is ROLLBACK too, leaves
         // the transaction failed: not taken for one that ended.)
-        let ended_inside = std::mem::take(&mut self.ends_txn)
-            && std::mem::take(&mut self.saw_end)
-            && self.status != TxnStatus::Idle
-            && status == TxnStatus::InTransaction;
-        self.saw_end = false;
-        let next_begin = self.next_begin.take();
-        if ended_inside {
+        let saw_end = std::mem::take(&mut self.saw_end);
+        let next = ends.filter(|_| {
+            saw_end && self.status != TxnStatus::Idle && status == TxnStatus::InTransaction
+        });
+        let ended_inside = next.is_some();
+        if let Some(next) = next {
             // Nodes joining the new transaction begin it as the string did, with none
             // of the old one's savepoints. (Its writers stay: at worst a node that
             // wrote in the old one takes part in the new one's two-phase commit.)
-            self.begin_sql = next_begin;
+            self.begin_sql = next.next_begin;
             self.savepoints.clear();
             self.doomed = false;
             self.doomed_by_deadlock = false;

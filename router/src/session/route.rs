@@ -439,6 +439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.expect.push_back(Expect::Query {
             tracked: None,
             ok: false,
+            ends: None,
         });
         self.write_backend().await?;
         self.pump().await?;
@@ -1519,6 +1520,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.expect.push_back(Expect::Query {
             tracked: None,
             ok: false,
+            ends: None,
         });
         self.write_backend().await?;
         self.pump().await?;
@@ -1575,8 +1577,6 @@ fn statement_writes(sql: &str) -> bool {
     })
 }
 
-/// Whether a query string holds, after its first statement, one that ends the
-/// transaction (the router must see those to end every node's part).
 /// Whether a string holds a statement that ends the transaction (COMMIT, END,
 /// ROLLBACK, ABORT; not ROLLBACK TO or PREPARE TRANSACTION), and the BEGIN statement
 /// after the last such one, if any (the transaction the string leaves open).
