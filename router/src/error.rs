@@ -47,6 +47,7 @@ pub mod sqlstate {
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
     pub const NULL_VALUE_NOT_ALLOWED: SqlState = SqlState("22004");
     pub const INVALID_TEXT_REPRESENTATION: SqlState = SqlState("22P02");
+    pub const NUMERIC_VALUE_OUT_OF_RANGE: SqlState = SqlState("22003");
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
     pub const EXTERNAL_ROUTINE_EXCEPTION: SqlState = SqlState("39000");
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
@@ -320,6 +321,7 @@ fn admin_facing(e: &AdminError) -> UserFacing {
         }
         AdminError::NullValue(_) => plain(NULL_VALUE_NOT_ALLOWED),
         AdminError::InvalidText(_) => plain(INVALID_TEXT_REPRESENTATION),
+        AdminError::OutOfRange(_) => plain(NUMERIC_VALUE_OUT_OF_RANGE),
         AdminError::Syntax(_) => plain(SYNTAX_ERROR),
         AdminError::InDoubt { .. } => plain(TRANSACTION_RESOLUTION_UNKNOWN)
             .hint("the change is committed in the catalog; the node finishes it when it is back"),
@@ -338,6 +340,7 @@ pub(crate) fn plan_facing(e: &crate::plan::PlanError) -> UserFacing {
             UserFacing::new(Error, FEATURE_NOT_SUPPORTED, e.to_string())
         }
         P::InvalidValue(_) => UserFacing::new(Error, INVALID_TEXT_REPRESENTATION, e.to_string()),
+        P::OutOfRange(_) => UserFacing::new(Error, NUMERIC_VALUE_OUT_OF_RANGE, e.to_string()),
         P::NullKey(_) => UserFacing::new(Error, NULL_VALUE_NOT_ALLOWED, e.to_string()),
         P::NoPlacement(_) => {
             UserFacing::new(Error, OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string())

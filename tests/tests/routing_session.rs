@@ -274,6 +274,105 @@ async fn keys_convert_from_every_parameter_form() {
     assert_eq!(v(&c, a).await, 0);
 }
 
+/// A key outside the range of an integer distribution column (`int4 = 2147483648`):
+/// Postgres compares it as a bigint, so it matches no row; a row holding it fails with
+/// 22003, and so does a quoted one (`'2147483648'`). Through the router: the same,
+/// not an error of the router's own (it gave 22P02 for all of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_outside_an_integer_column_match_no_row() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    for sql in [
+        "CREATE TABLE n4 (k int PRIMARY KEY, v int)",
+        "SELECT create_distributed_table('n4', 'k')",
+        "INSERT INTO n4 VALUES (1, 1), (2, 2), (2147483647, 3), (-2147483648, 4)",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    for (sql, want) in [
+        ("SELECT k FROM n4 WHERE k = 2147483648", "SELECT 0"),
+        ("SELECT k FROM n4 WHERE k = -2147483649", "SELECT 0"),
+        (
+            "SELECT k FROM n4 WHERE k = 99999999999999999999",
+            "SELECT 0",
+        ),
+        ("SELECT count(*) FROM n4 WHERE k = 2147483648", "SELECT 1"),
+        ("UPDATE n4 SET v = 0 WHERE k = 2147483648", "UPDATE 0"),
+        (
+            "DELETE FROM n4 WHERE k = 4294967297 RETURNING k",
+            "DELETE 0",
+        ),
+        // In range, the same statements still find their rows.
+        ("SELECT k FROM n4 WHERE k = 2147483647", "SELECT 1"),
+        ("SELECT k FROM n4 WHERE k = -2147483648", "SELECT 1"),
+    ] {
+        let msgs = c.simple_query(sql).await.unwrap();
+        let tag = msgs
+            .iter()
+            .find_map(|m| match m {
+                shardgate_tests::tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                _ => None,
+            })
+            .unwrap();
+        let verb = sql.split_whitespace().next().unwrap();
+        assert_eq!(format!("{verb} {tag}"), want, "{sql}");
+    }
+    let one: i64 = c
+        .query_one("SELECT count(*) FROM n4 WHERE k = 2147483648", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(one, 0);
+    // A bigint parameter (binary) compared with the int column.
+    let rows = c
+        .query("SELECT k FROM n4 WHERE k = $1::int8", &[&2147483648i64])
+        .await
+        .unwrap();
+    assert!(rows.is_empty());
+    let rows = c
+        .query("SELECT k FROM n4 WHERE k = $1::int8", &[&2147483647i64])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    for (sql, msg) in [
+        (
+            "INSERT INTO n4 VALUES (2147483648, 5)",
+            "integer out of range",
+        ),
+        (
+            "SELECT k FROM n4 WHERE k = '2147483648'",
+            "value \"2147483648\" is out of range for type integer",
+        ),
+        (
+            "SELECT k FROM n4 WHERE k = 'abc'",
+            "invalid input syntax for type integer: \"abc\"",
+        ),
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap();
+        let want = if msg.starts_with("invalid") {
+            "22P02"
+        } else {
+            "22003"
+        };
+        assert_eq!((db.code().code(), db.message()), (want, msg), "{sql}");
+    }
+    let e = c
+        .execute("INSERT INTO n4 VALUES ($1::int8, 5)", &[&2147483648i64])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "22003", "{e:?}");
+    // Nothing changed; the session goes on.
+    for (k, v) in [(1, 1), (2, 2), (2147483647, 3), (-2147483648, 4)] {
+        let got: i32 = c
+            .query_one("SELECT v FROM n4 WHERE k = $1", &[&k])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, v, "row {k}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_plan_serves_every_literal() {
     let env = fleet("transaction").await;

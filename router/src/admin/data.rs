@@ -260,17 +260,25 @@ pub fn parse_value(text: &str, t: ValueType) -> Result<Value, AdminError> {
     let bad = |ty: &str| {
         AdminError::InvalidText(format!("invalid input syntax for type {ty}: \"{text}\""))
     };
-    let s = text.trim();
+    // Postgres's input functions skip the C locale's spaces only.
+    let s = text.trim_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    // As Postgres says it: a number too large for the type is out of range (22003),
+    // anything else that is not an integer is invalid input (22P02).
+    let int = |ty: &str, e: std::num::ParseIntError| {
+        use std::num::IntErrorKind::{NegOverflow, PosOverflow};
+        match e.kind() {
+            PosOverflow | NegOverflow => {
+                AdminError::OutOfRange(format!("value \"{text}\" is out of range for type {ty}"))
+            }
+            _ => bad(ty),
+        }
+    };
     Ok(match t {
-        ValueType::Int2 => Value::Int2(s.parse().map_err(|_| bad("smallint"))?),
-        ValueType::Int4 => Value::Int4(s.parse().map_err(|_| bad("integer"))?),
-        ValueType::Int8 => Value::Int8(s.parse().map_err(|_| bad("bigint"))?),
+        ValueType::Int2 => Value::Int2(s.parse().map_err(|e| int("smallint", e))?),
+        ValueType::Int4 => Value::Int4(s.parse().map_err(|e| int("integer", e))?),
+        ValueType::Int8 => Value::Int8(s.parse().map_err(|e| int("bigint", e))?),
         ValueType::Text | ValueType::Varchar => Value::Text(text.to_owned()),
-        ValueType::Boolean => Value::Boolean(match s.to_ascii_lowercase().as_str() {
-            "t" | "true" | "yes" | "y" | "on" | "1" => true,
-            "f" | "false" | "no" | "n" | "off" | "0" => false,
-            _ => return Err(bad("boolean")),
-        }),
+        ValueType::Boolean => Value::Boolean(pg_bool(s).ok_or_else(|| bad("boolean"))?),
         ValueType::Uuid => {
             let hex: String = s
                 .trim_start_matches('{')
@@ -287,6 +295,20 @@ pub fn parse_value(text: &str, t: ValueType) -> Result<Value, AdminError> {
             Value::Uuid(bytes)
         }
     })
+}
+
+/// A boolean as Postgres reads one: any prefix of true / false / yes / no, `on` /
+/// `off` from two letters on, `1` / `0`; in any case.
+fn pg_bool(s: &str) -> Option<bool> {
+    let l = s.to_ascii_lowercase();
+    let prefix = |word: &str, min: usize| l.len() >= min && word.starts_with(l.as_str());
+    if prefix("true", 1) || prefix("yes", 1) || prefix("on", 2) || l == "1" {
+        Some(true)
+    } else if prefix("false", 1) || prefix("no", 1) || prefix("off", 2) || l == "0" {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// Undoes COPY text-format escapes (`\\`, `\t`, `\n`, octal, `\x` hex...).
@@ -376,5 +398,46 @@ mod tests {
             decode_key(b"\\N", ValueType::Int4, "id"),
             Err(AdminError::NullValue(_))
         ));
+    }
+
+    #[test]
+    fn reads_integers_and_booleans_as_postgres_does() {
+        let int4 = |s: &str| parse_value(s, ValueType::Int4);
+        assert!(matches!(int4(" +7\n"), Ok(Value::Int4(7))));
+        assert!(matches!(int4("-2147483648"), Ok(Value::Int4(i32::MIN))));
+        // Too large: out of range (22003), as int4in says; not a number: 22P02.
+        assert!(
+            matches!(int4("2147483648"), Err(AdminError::OutOfRange(m)) if m == "value \"2147483648\" is out of range for type integer")
+        );
+        assert!(matches!(
+            int4("-99999999999999999999"),
+            Err(AdminError::OutOfRange(_))
+        ));
+        assert!(matches!(int4("1.5"), Err(AdminError::InvalidText(_))));
+        assert!(matches!(int4(""), Err(AdminError::InvalidText(_))));
+        // A no-break space is not a C-locale space: Postgres refuses it.
+        assert!(int4("\u{a0}7").is_err());
+        let b = |s: &str| match parse_value(s, ValueType::Boolean) {
+            Ok(Value::Boolean(v)) => Some(v),
+            _ => None,
+        };
+        for (s, want) in [
+            ("t", Some(true)),
+            ("TR", Some(true)),
+            ("yes", Some(true)),
+            (" on ", Some(true)),
+            ("1", Some(true)),
+            ("fal", Some(false)),
+            ("N", Some(false)),
+            ("of", Some(false)),
+            ("OFF", Some(false)),
+            ("0", Some(false)),
+            ("o", None),
+            ("truex", None),
+            ("", None),
+            ("10", None),
+        ] {
+            assert_eq!(b(s), want, "{s:?}");
+        }
     }
 }

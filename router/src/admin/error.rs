@@ -45,6 +45,9 @@ pub enum AdminError {
     NullValue(String),
     #[error("{0}")]
     InvalidText(String),
+    /// A number too large for its type (22003).
+    #[error("{0}")]
+    OutOfRange(String),
     #[error("{0}")]
     Syntax(String),
     #[error(transparent)]

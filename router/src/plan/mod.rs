@@ -36,6 +36,9 @@ pub enum PlanError {
     /// The distribution value does not convert to the column's type (22P02).
     #[error("{0}")]
     InvalidValue(String),
+    /// The distribution value is a number outside the column's integer type (22003).
+    #[error("{0}")]
+    OutOfRange(String),
     /// NULL in the distribution column of a write (22004).
     #[error("{0}")]
     NullKey(String),
@@ -1180,7 +1183,12 @@ impl Planner {
                     table.name
                 )));
             }
-            ShardKey::Value(l) => Some(literal_value(l, vt)?),
+            ShardKey::Value(l) => match literal_value(l, vt)? {
+                Some(v) => Some(v),
+                // Out of the column's range: no shard holds a row with it, and each
+                // answers the statement alike (no row, or 22003 for a row with it).
+                None => return Ok(0),
+            },
             ShardKey::Param(i) => {
                 let i = *i as usize;
                 if plan.normalized && i >= plan.client_params as usize {
@@ -1207,7 +1215,11 @@ impl Planner {
                             })?,
                             vt,
                         )?),
-                        Some(ParamValue::Binary(b, oid)) => Some(binary_value(b, oid, vt)?),
+                        Some(ParamValue::Binary(b, oid)) => match binary_value(b, oid, vt)? {
+                            Some(v) => Some(v),
+                            // A bigint outside an int column's range (`int4 = $1::int8`).
+                            None => return Ok(0),
+                        },
                     }
                 }
             }
@@ -1234,21 +1246,34 @@ impl Planner {
 }
 
 fn parse(text: &str, t: ValueType) -> Result<Value, PlanError> {
-    crate::admin::data::parse_value(text, t).map_err(|e| PlanError::InvalidValue(e.to_string()))
+    crate::admin::data::parse_value(text, t).map_err(|e| match e {
+        crate::admin::AdminError::OutOfRange(m) => PlanError::OutOfRange(m),
+        e => PlanError::InvalidValue(e.to_string()),
+    })
 }
 
-fn literal_value(l: &Literal, t: ValueType) -> Result<Value, PlanError> {
+/// A key literal as a value of the column's type; `None` for an integer literal
+/// outside the range of the column's integer type (`int4_column = 2147483648`).
+/// Postgres compares that as a bigint: it matches no row, and a row holding it fails
+/// to insert (22003), on every shard alike.
+fn literal_value(l: &Literal, t: ValueType) -> Result<Option<Value>, PlanError> {
     match l {
-        Literal::Int8(v) => parse(&v.to_string(), t),
-        Literal::Text(s) => parse(s, t),
-        Literal::Boolean(b) => parse(if *b { "true" } else { "false" }, t),
+        Literal::Int8(v) => match t {
+            ValueType::Int2 => Ok(i16::try_from(*v).ok().map(Value::Int2)),
+            ValueType::Int4 => Ok(i32::try_from(*v).ok().map(Value::Int4)),
+            _ => parse(&v.to_string(), t).map(Some),
+        },
+        Literal::Text(s) => parse(s, t).map(Some),
+        Literal::Boolean(b) => parse(if *b { "true" } else { "false" }, t).map(Some),
     }
 }
 
 /// A parameter in binary format of type `oid` -> the plugin's value for a column of
 /// type `t` (as Postgres would convert it for `column = $n`). A binary value of
-/// unknown type is refused: guessing its type could route to the wrong shard.
-fn binary_value(b: &[u8], oid: u32, t: ValueType) -> Result<Value, PlanError> {
+/// unknown type is refused: guessing its type could route to the wrong shard. `None`
+/// for an integer outside the range of an integer column's type: Postgres compares
+/// the two types as they are, and no row of any shard matches.
+fn binary_value(b: &[u8], oid: u32, t: ValueType) -> Result<Option<Value>, PlanError> {
     let bad = || {
         PlanError::InvalidValue(format!(
             "invalid binary value for a parameter of type oid {oid}"
@@ -1262,23 +1287,18 @@ fn binary_value(b: &[u8], oid: u32, t: ValueType) -> Result<Value, PlanError> {
                 (21, 2) => i16::from_be_bytes([b[0], b[1]]) as i64,
                 _ => return Err(bad()),
             };
-            let range = || {
-                PlanError::InvalidValue(format!(
-                    "value {v} out of range for the distribution column"
-                ))
-            };
             return Ok(match t {
-                ValueType::Int2 => Value::Int2(i16::try_from(v).map_err(|_| range())?),
-                ValueType::Int4 => Value::Int4(i32::try_from(v).map_err(|_| range())?),
-                ValueType::Int8 => Value::Int8(v),
-                _ => parse(&v.to_string(), t)?,
+                ValueType::Int2 => i16::try_from(v).ok().map(Value::Int2),
+                ValueType::Int4 => i32::try_from(v).ok().map(Value::Int4),
+                ValueType::Int8 => Some(Value::Int8(v)),
+                _ => Some(parse(&v.to_string(), t)?),
             });
         }
         // text, varchar, bpchar, name, unknown-as-text
         25 | 1043 | 1042 | 19 | 705 => String::from_utf8(b.to_vec()).map_err(|_| bad())?,
         2950 if b.len() == 16 => {
             return match t {
-                ValueType::Uuid => Ok(Value::Uuid(b.to_vec())),
+                ValueType::Uuid => Ok(Some(Value::Uuid(b.to_vec()))),
                 _ => Err(PlanError::InvalidValue(
                     "a uuid parameter for a distribution column of another type".into(),
                 )),
@@ -1300,7 +1320,7 @@ fn binary_value(b: &[u8], oid: u32, t: ValueType) -> Result<Value, PlanError> {
             )));
         }
     };
-    parse(&text, t)
+    parse(&text, t).map(Some)
 }
 
 /// `"ident"`, quotes doubled.

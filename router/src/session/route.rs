@@ -235,7 +235,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // A literal key that is not a value of the column's type (`tenant = 3.0`
             // on an int column): Postgres compares it as a number, so the statement
             // is planned as written, where the tiers do not take it as a key.
-            Err(PlanError::InvalidValue(_)) if plan.from_literals() => {
+            Err(PlanError::InvalidValue(_) | PlanError::OutOfRange(_)) if plan.from_literals() => {
                 let raw = self
                     .ctx
                     .planner
