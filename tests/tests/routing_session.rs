@@ -2660,3 +2660,175 @@ async fn transaction_local_set_config_and_roles_reach_every_node() {
     assert_eq!(n[0][0].as_deref(), Some("1"));
     on_both(["sg_rls_app", ""], "after the third transaction").await;
 }
+
+/// A distributed table's owner, grants, row-level security and policies reach its
+/// shards: when it is distributed, and after GRANT / REVOKE / CREATE POLICY / DROP
+/// POLICY through the router. A role a client logs in as (or takes) is checked on the
+/// workers as on one Postgres: refused where it has no grant, and shown only the rows
+/// its policy lets it see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileges_and_policies_reach_the_shards() {
+    let env = TestEnv::with(EnvOptions {
+        workers: 2,
+        users: "[[users]]\nname = \"postgres\"\n\n[[users]]\nname = \"sg_priv_app\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let a = env.client().await;
+    let (x, y) = two_node_table(&a, false).await;
+    // Roles are not propagated: they are made on every node.
+    for node in [env.direct().await, env.worker(0).await, env.worker(1).await] {
+        node.batch_execute(
+            "DO $$BEGIN CREATE ROLE sg_priv_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$",
+        )
+        .await
+        .unwrap();
+    }
+    // Privileges and a policy made before the table is distributed.
+    for sql in [
+        "CREATE TABLE pt (tenant int8, v text)",
+        "GRANT SELECT ON pt TO sg_priv_app",
+        "ALTER TABLE pt ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY own_rows ON pt USING (tenant = current_setting('app.tenant')::int8)",
+        "SELECT create_distributed_table('pt', 'tenant', shard_count => 8)",
+    ] {
+        a.batch_execute(sql).await.unwrap();
+    }
+    for id in [x, y] {
+        a.execute("INSERT INTO pt VALUES ($1, 'row')", &[&id])
+            .await
+            .unwrap();
+    }
+    let app = connect(&env.conn_str("sg_priv_app")).await.unwrap();
+    // What the app sees of `id`'s row as tenant `as_tenant`: Ok(rows) or the SQLSTATE.
+    let sees = |as_tenant: i64, id: i64| {
+        let app = &app;
+        async move {
+            app.batch_execute(&format!("BEGIN; SET LOCAL app.tenant = {as_tenant}"))
+                .await
+                .unwrap();
+            let r = app
+                .query("SELECT v FROM pt WHERE tenant = $1", &[&id])
+                .await
+                .map(|rows| rows.len())
+                .map_err(|e| code(&e));
+            app.batch_execute("ROLLBACK").await.unwrap();
+            r
+        }
+    };
+    for (me, other) in [(x, y), (y, x)] {
+        assert_eq!(sees(me, me).await, Ok(1), "tenant {me} reads its row");
+        assert_eq!(
+            sees(me, other).await,
+            Ok(0),
+            "tenant {me} reads {other}'s row"
+        );
+    }
+    let update = |id: i64| {
+        let app = &app;
+        async move {
+            app.batch_execute(&format!("BEGIN; SET LOCAL app.tenant = {x}"))
+                .await
+                .unwrap();
+            let r = app
+                .execute("UPDATE pt SET v = 'changed' WHERE tenant = $1", &[&id])
+                .await
+                .map_err(|e| code(&e));
+            app.batch_execute("ROLLBACK").await.unwrap();
+            r
+        }
+    };
+    assert_eq!(
+        update(x).await,
+        Err("42501".into()),
+        "UPDATE without a grant"
+    );
+    // GRANT through the router reaches every shard; the policy still holds.
+    a.batch_execute("GRANT UPDATE ON pt TO sg_priv_app")
+        .await
+        .unwrap();
+    assert_eq!(update(x).await, Ok(1), "UPDATE of its own row after GRANT");
+    assert_eq!(update(y).await, Ok(0), "UPDATE of another tenant's row");
+    a.batch_execute("REVOKE ALL ON pt FROM sg_priv_app")
+        .await
+        .unwrap();
+    assert_eq!(sees(x, x).await, Err("42501".into()), "SELECT after REVOKE");
+    a.batch_execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO sg_priv_app")
+        .await
+        .unwrap();
+    assert_eq!(sees(y, y).await, Ok(1), "GRANT ... ON ALL TABLES IN SCHEMA");
+    // Policies: none left shows nothing; a new one applies at once.
+    a.batch_execute("DROP POLICY own_rows ON pt").await.unwrap();
+    assert_eq!(
+        sees(y, y).await,
+        Ok(0),
+        "row-level security without a policy"
+    );
+    a.batch_execute("ALTER TABLE pt DISABLE ROW LEVEL SECURITY")
+        .await
+        .unwrap();
+    assert_eq!(sees(x, y).await, Ok(1), "row-level security off");
+    a.batch_execute("ALTER TABLE pt ENABLE ROW LEVEL SECURITY")
+        .await
+        .unwrap();
+    assert_eq!(sees(y, y).await, Ok(0), "row-level security on again");
+    a.batch_execute("CREATE POLICY every_row ON pt FOR SELECT TO sg_priv_app USING (true)")
+        .await
+        .unwrap();
+    assert_eq!(sees(x, y).await, Ok(1), "a policy that shows every row");
+    // The shards' ACLs are the table's, entry for entry.
+    // A new owner too (the ACL's entries move to it).
+    a.batch_execute("ALTER TABLE pt OWNER TO sg_priv_app")
+        .await
+        .unwrap();
+    let want = acl(&env.direct().await, "pt").await;
+    assert!(
+        want.iter().any(|e| e.starts_with("sg_priv_app=")),
+        "{want:?}"
+    );
+    let mut shards = 0;
+    for i in 0..2 {
+        let w = env.worker(i).await;
+        for r in w
+            .query(
+                "SELECT tablename::text FROM pg_tables WHERE tablename ~ '^pt_[0-9]+$'",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            let shard: String = r.get(0);
+            assert_eq!(acl(&w, &shard).await, want, "{shard}");
+            let owner: String = w
+                .query_one(
+                    "SELECT relowner::regrole::text FROM pg_class WHERE oid = $1::text::regclass",
+                    &[&shard],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(owner, "sg_priv_app", "{shard}");
+            shards += 1;
+        }
+    }
+    assert_eq!(shards, 8);
+    // Like other DDL on distributed tables, not inside a transaction block.
+    a.batch_execute("BEGIN").await.unwrap();
+    let e = a
+        .batch_execute("GRANT INSERT ON pt TO sg_priv_app")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "25001", "{e:?}");
+    a.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// A relation's ACL entries, sorted.
+async fn acl(c: &Client, rel: &str) -> Vec<String> {
+    c.query_one(
+        "SELECT coalesce(array_agg(x::text ORDER BY x::text), '{}') FROM pg_class, unnest(relacl) x WHERE oid = $1::text::regclass",
+        &[&rel],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}

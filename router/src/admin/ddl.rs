@@ -3,14 +3,18 @@
 //! one change that commits everywhere or nowhere. The statement for a shard is the
 //! client's statement (parsed) with the table, index and constraint names replaced by
 //! the shard's (`<name>_<shardid>`, as Citus names them).
+//!
+//! GRANT, REVOKE and CREATE / ALTER / DROP POLICY on such a table (or on all tables
+//! of its schema) run on the coordinator as the client wrote them; then every shard
+//! gets the table's privileges and policies as they now are (`privileges.rs`).
 
 use super::shape::{qualified, resolve};
 use super::{AdminCtx, AdminError, Reply, in_change};
 use crate::admin::fleet::Fleet;
 use crate::catalog::{Method, Snapshot, TableMeta};
 use sqlparser::ast::{
-    AlterColumnOperation, AlterTableOperation, Ident, ObjectName, ObjectNamePart, ObjectType,
-    Statement, TableConstraint,
+    AlterColumnOperation, AlterTableOperation, GrantObjects, Ident, ObjectName, ObjectNamePart,
+    ObjectType, Statement, TableConstraint,
 };
 use std::sync::Arc;
 
@@ -32,6 +36,11 @@ impl Ddl {
             } => "DROP INDEX",
             Statement::Drop { .. } => "DROP TABLE",
             Statement::Truncate { .. } => "TRUNCATE TABLE",
+            Statement::Grant { .. } => "GRANT",
+            Statement::Revoke { .. } => "REVOKE",
+            Statement::CreatePolicy { .. } => "CREATE POLICY",
+            Statement::AlterPolicy { .. } => "ALTER POLICY",
+            Statement::DropPolicy { .. } => "DROP POLICY",
             _ => "DDL",
         }
     }
@@ -41,7 +50,7 @@ impl Ddl {
 pub fn may_be_ddl(sql: &str) -> bool {
     let s = sql.trim_start();
     let first = s.split(|c: char| c.is_whitespace()).next().unwrap_or("");
-    ["create", "alter", "drop", "truncate"]
+    ["create", "alter", "drop", "truncate", "grant", "revoke"]
         .iter()
         .any(|k| first.eq_ignore_ascii_case(k))
 }
@@ -56,8 +65,46 @@ fn names_of(stmt: &Statement) -> Vec<&ObjectName> {
             ..
         } => names.iter().collect(),
         Statement::Truncate { table_names, .. } => table_names.iter().map(|t| &t.name).collect(),
+        Statement::Grant {
+            objects: Some(GrantObjects::Tables(names)),
+            ..
+        }
+        | Statement::Revoke {
+            objects: Some(GrantObjects::Tables(names)),
+            ..
+        } => names.iter().collect(),
+        Statement::CreatePolicy { table_name, .. }
+        | Statement::AlterPolicy { table_name, .. }
+        | Statement::DropPolicy { table_name, .. } => vec![table_name],
         _ => Vec::new(),
     }
+}
+
+/// The schemas of `GRANT / REVOKE ... ON ALL TABLES IN SCHEMA`, as Postgres folds them.
+fn schemas_of(stmt: &Statement) -> Vec<String> {
+    match stmt {
+        Statement::Grant {
+            objects: Some(GrantObjects::AllTablesInSchema { schemas }),
+            ..
+        }
+        | Statement::Revoke {
+            objects: Some(GrantObjects::AllTablesInSchema { schemas }),
+            ..
+        } => schemas.iter().filter_map(last_ident).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Statements that change who may do what on a table: the shards get the result.
+fn is_privilege(stmt: &Statement) -> bool {
+    matches!(
+        stmt,
+        Statement::Grant { .. }
+            | Statement::Revoke { .. }
+            | Statement::CreatePolicy { .. }
+            | Statement::AlterPolicy { .. }
+            | Statement::DropPolicy { .. }
+    )
 }
 
 /// The relation part of a name, as Postgres folds it.
@@ -72,7 +119,11 @@ fn last_ident(n: &ObjectName) -> Option<String> {
 
 /// `Some` when the statement names a table whose name is a distributed or reference
 /// table's (the exact resolution, search_path included, happens on the coordinator).
-pub fn classify(snap: &Snapshot, stmts: Vec<Statement>) -> Result<Option<Ddl>, AdminError> {
+pub fn classify(
+    snap: &Snapshot,
+    stmts: Vec<Statement>,
+    text: &str,
+) -> Result<Option<Ddl>, AdminError> {
     let touches = |s: &Statement| {
         // An index's name says nothing about its table: every DROP INDEX is looked at.
         matches!(
@@ -84,6 +135,9 @@ pub fn classify(snap: &Snapshot, stmts: Vec<Statement>) -> Result<Option<Ddl>, A
         ) || names_of(s)
             .iter()
             .any(|n| last_ident(n).is_some_and(|r| snap.names.contains_key(&r)))
+            || schemas_of(s)
+                .iter()
+                .any(|sch| snap.tables.values().any(|t| &t.schema == sch))
     };
     if stmts.len() != 1 {
         if stmts.iter().any(touches) {
@@ -97,7 +151,13 @@ pub fn classify(snap: &Snapshot, stmts: Vec<Statement>) -> Result<Option<Ddl>, A
     if !touches(&stmt) {
         return Ok(None);
     }
-    let sql = stmt.to_string();
+    // The coordinator runs a privilege statement as the client wrote it (its shards get
+    // the outcome, not the statement): policy expressions stay as they were written.
+    let sql = if is_privilege(&stmt) {
+        text.trim().trim_end_matches(';').to_owned()
+    } else {
+        stmt.to_string()
+    };
     Ok(Some(Ddl { stmt, sql }))
 }
 
@@ -180,12 +240,35 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                 targets.push(t.clone());
             }
         }
+        for sch in schemas_of(&d.stmt) {
+            for t in snap.tables.values() {
+                if t.schema == sch && !targets.iter().any(|x| x.oid == t.oid) {
+                    targets.push(t.clone());
+                }
+            }
+        }
         if targets.is_empty() {
             // Not ours after all (another schema's table of the same name).
             coord.batch_execute(&d.sql).await.map_err(db)?;
             return Ok(());
         }
         match &d.stmt {
+            s if is_privilege(s) => {
+                coord.batch_execute(&d.sql).await.map_err(db)?;
+                for t in &targets {
+                    let p = super::privileges::Privileges::read_qualified(&coord, t.oid)
+                        .await
+                        .map_err(db)?;
+                    for s in &t.shards {
+                        let sql = p
+                            .shard_sql(&qualified(&t.schema, &t.shard_name(s.id)))
+                            .join(";\n");
+                        for g in &s.placements {
+                            shard_sql.push((*g, sql.clone()));
+                        }
+                    }
+                }
+            }
             Statement::CreateIndex(ci) => {
                 let t = &targets[0];
                 if ci.concurrently {
@@ -261,8 +344,27 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                     .collect();
                 added.retain(|n| !named.contains(n));
                 let generated = added.into_iter().next();
+                // A new owner or row-level security switch: the shards get the table's
+                // privileges as they now are (a missing role skipped, as everywhere).
+                let privileges = if operations.iter().any(|op| {
+                    matches!(
+                        op,
+                        AlterTableOperation::OwnerTo { .. }
+                            | AlterTableOperation::EnableRowLevelSecurity
+                            | AlterTableOperation::DisableRowLevelSecurity
+                    )
+                }) {
+                    Some(
+                        super::privileges::Privileges::read_qualified(&coord, t.oid)
+                            .await
+                            .map_err(db)?,
+                    )
+                } else {
+                    None
+                };
                 for s in &t.shards {
                     let mut ops = operations.clone();
+                    ops.retain(|op| !matches!(op, AlterTableOperation::OwnerTo { .. }));
                     for op in &mut ops {
                         rename_in_op(op, s.id, s.index, generated.as_deref(), &snap, t)?;
                     }
@@ -276,8 +378,16 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                         *n2 = shard_object(t, s.id);
                         *o2 = ops;
                     }
+                    let shard = qualified(&t.schema, &t.shard_name(s.id));
                     for g in &s.placements {
-                        shard_sql.push((*g, stmt.to_string()));
+                        if matches!(&stmt, Statement::AlterTable { operations, .. } if !operations.is_empty())
+                        {
+                            shard_sql.push((*g, stmt.to_string()));
+                        }
+                        // After the change: a column it adds may have grants.
+                        if let Some(p) = &privileges {
+                            shard_sql.push((*g, p.shard_sql(&shard).join(";\n")));
+                        }
                     }
                 }
             }

@@ -13,6 +13,7 @@ mod distribute;
 mod error;
 mod fleet;
 mod nodes;
+mod privileges;
 mod recover;
 mod shape;
 
@@ -133,7 +134,7 @@ pub fn classify_with(
         return Ok(Some(Request::Call(c)));
     }
     if ddl_like {
-        return Ok(ddl::classify(snap, stmts)?.map(|d| Request::Ddl(Box::new(d))));
+        return Ok(ddl::classify(snap, stmts, sql)?.map(|d| Request::Ddl(Box::new(d))));
     }
     Ok(None)
 }

@@ -5,8 +5,9 @@
 //! Shards get the table's columns, types, collations, NOT NULL, defaults and generated
 //! columns, its CHECK / PRIMARY KEY / UNIQUE / EXCLUDE constraints and indexes (names
 //! suffixed with the shard id, as Citus does), and foreign keys to reference tables and
-//! to colocated tables (pointing at the matching shard). Defaults that call `nextval`
-//! stay on the coordinator: sequences are not copied to the workers.
+//! to colocated tables (pointing at the matching shard), and its owner, privileges and
+//! row-level security (`privileges.rs`). Defaults that call `nextval` stay on the
+//! coordinator: sequences are not copied to the workers.
 
 use super::AdminError;
 use crate::catalog::{Method, Snapshot, TableMeta};
@@ -61,6 +62,27 @@ pub struct TableShape {
     pub columns: Vec<Column>,
     pub constraints: Vec<Constraint>,
     pub indexes: Vec<Index>,
+    /// Owner, grants, row-level security and policies.
+    pub privileges: super::privileges::Privileges,
+}
+
+/// Definitions are printed with every name qualified when pg_catalog alone is on the
+/// path: the workers resolve them with search paths of their own. Sets that path for
+/// the rest of the transaction and returns the one to restore (`restore_path`).
+pub async fn catalog_path(c: &Client) -> Result<String, tokio_postgres::Error> {
+    let saved: String = c
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await?
+        .get(0);
+    c.batch_execute("SET LOCAL search_path = pg_catalog")
+        .await?;
+    Ok(saved)
+}
+
+pub async fn restore_path(c: &Client, saved: &str) -> Result<(), tokio_postgres::Error> {
+    c.execute("SELECT set_config('search_path', $1, true)", &[&saved])
+        .await?;
+    Ok(())
 }
 
 /// Resolves a relation name the way the coordinator does (search_path included): oid,
@@ -87,17 +109,9 @@ impl TableShape {
         schema: &str,
         name: &str,
     ) -> Result<TableShape, tokio_postgres::Error> {
-        // Definitions are printed with every name qualified (pg_catalog only on the
-        // path): the workers resolve them with search paths of their own.
-        let saved: String = c
-            .query_one("SELECT current_setting('search_path')", &[])
-            .await?
-            .get(0);
-        c.batch_execute("SET LOCAL search_path = pg_catalog")
-            .await?;
+        let saved = catalog_path(c).await?;
         let shape = Self::read_qualified(c, oid, schema, name).await;
-        c.execute("SELECT set_config('search_path', $1, true)", &[&saved])
-            .await?;
+        restore_path(c, &saved).await?;
         shape
     }
 
@@ -221,6 +235,7 @@ impl TableShape {
                 ));
             }
         }
+        let privileges = super::privileges::Privileges::read(c, oid).await?;
         Ok(TableShape {
             types,
             schema: schema.to_owned(),
@@ -228,6 +243,7 @@ impl TableShape {
             columns,
             constraints,
             indexes,
+            privileges,
         })
     }
 
@@ -343,6 +359,7 @@ impl TableShape {
         for i in &self.indexes {
             out.push(index_on_shard(i, &shard, shard_id)?);
         }
+        out.extend(self.privileges.shard_sql(&shard));
         Ok((out, fks))
     }
 }
