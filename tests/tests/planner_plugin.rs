@@ -353,7 +353,7 @@ fn other_statements_are_not_mine() {
 fn statements_that_cannot_run_are_refused() {
     let cases = [
         (
-            "UPDATE orders SET tenant_id = 2 WHERE tenant_id = 1",
+            "UPDATE orders SET tenant_id = tenant_id + 1 WHERE tenant_id = 1",
             "cannot UPDATE the distribution column tenant_id",
         ),
         (
@@ -380,6 +380,43 @@ fn statements_that_cannot_run_are_refused() {
                 assert!(message.contains(want), "{sql}: {message:?} lacks {want:?}");
             }
             other => panic!("{sql}: rejected expected, got {other:?}"),
+        }
+    }
+}
+
+/// `SET tenant_id = <the row's own value>`, as ORMs that write every column send it:
+/// planned, the new value an extra key of the table that the router checks (one shard,
+/// or refused); the column set to itself or to `EXCLUDED.tenant_id` needs no check.
+#[test]
+fn setting_the_distribution_column_to_a_key_is_planned_with_that_key() {
+    let cases = [
+        (
+            "UPDATE orders SET tenant_id = $1, note = $2 WHERE tenant_id = $1",
+            vec![ShardKey::Param(0), ShardKey::Param(0)],
+        ),
+        (
+            "UPDATE orders o SET note = 'x', TENANT_ID = 2 WHERE o.tenant_id = 1",
+            vec![int(1), int(2)],
+        ),
+        (
+            "UPDATE orders SET tenant_id = orders.tenant_id WHERE tenant_id = 1",
+            vec![int(1)],
+        ),
+        (
+            "INSERT INTO orders (tenant_id, id) VALUES (1, 1) ON CONFLICT (tenant_id, id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, note = 'y'",
+            vec![int(1)],
+        ),
+    ];
+    for (sql, keys) in cases {
+        match plan(sql) {
+            Ok(PlanOutcome::Plan(p)) => {
+                let got: Vec<(u32, ShardKey)> =
+                    p.targets.iter().map(|t| (t.table, t.key.clone())).collect();
+                let want: Vec<(u32, ShardKey)> = keys.into_iter().map(|k| (0, k)).collect();
+                assert_eq!(got, want, "{sql}");
+                assert_eq!(p.sql_template.matches("{t0}").count(), 1, "{sql}");
+            }
+            other => panic!("{sql}: a plan expected, got {other:?}"),
         }
     }
 }
@@ -534,7 +571,7 @@ fn the_host_validates_plans() {
 fn bad_plans_and_errors_do_not_break_the_planner() {
     // A refusal and a not-mine leave the planner usable.
     assert!(matches!(
-        plan("UPDATE orders SET tenant_id = 1 WHERE tenant_id = 2"),
+        plan("UPDATE orders SET tenant_id = tenant_id + 1 WHERE tenant_id = 2"),
         Err(PluginError::Rejected { .. })
     ));
     assert!(matches!(plan("SELEKT"), Ok(PlanOutcome::NotMine(_))));

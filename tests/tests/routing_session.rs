@@ -362,6 +362,35 @@ async fn keys_outside_an_integer_column_match_no_row() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), "22003", "{e:?}");
+    // Written as a bigint, a quoted value is compared as one: no row, not 22003.
+    assert!(
+        c.query("SELECT k FROM n4 WHERE k = '2147483648'::bigint", &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Text parameters: of type bigint, no row; of the column's type, 22003 (as
+    // Postgres reads them); in range, the row.
+    let mut r = Raw::login(env.port(), &env.db).await;
+    for (oid, value, want) in [
+        (20, "2147483648", "rows 0"),
+        (23, "2147483648", "22003"),
+        (20, "2147483647", "rows 1"),
+    ] {
+        r.send(&raw::cat(&[
+            raw::parse("", "SELECT k FROM n4 WHERE k = $1", &[oid]),
+            raw::bind("", "", &[Some(value)]),
+            raw::execute("", 0),
+            raw::sync(),
+        ]))
+        .await;
+        let m = r.until_ready().await;
+        let got = match raw::errors(&m).first() {
+            Some(e) => e.sqlstate(),
+            None => format!("rows {}", raw::rows(&m).len()),
+        };
+        assert_eq!(got, want, "type oid {oid}, {value}: {m:?}");
+    }
     // Nothing changed; the session goes on.
     for (k, v) in [(1, 1), (2, 2), (2147483647, 3), (-2147483648, 4)] {
         let got: i32 = c
@@ -2496,6 +2525,57 @@ async fn transaction_modes_reach_every_node_of_the_transaction() {
         let m = r.simple("COMMIT").await;
         assert!(raw::errors(&m).is_empty(), "COMMIT: {m:?}");
     }
+    let modes_of = |m: &[raw::Msg]| {
+        raw::rows(m)
+            .concat()
+            .iter()
+            .map(|v| v.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // A BEGIN with options, and the next request sent before it is answered; a BEGIN
+    // after another statement of the same string.
+    r.send(&raw::cat(&[
+        raw::query("BEGIN READ ONLY"),
+        raw::query("SELECT 1"),
+    ]))
+    .await;
+    r.until_ready().await;
+    r.until_ready().await;
+    let m = r.simple(&modes(y)).await;
+    assert_eq!(
+        modes_of(&m),
+        "read committed on",
+        "pipelined BEGIN READ ONLY: {m:?}"
+    );
+    r.simple("COMMIT").await;
+    // (An isolation level there is refused by Postgres: the string's first
+    // statement ran in the transaction the BEGIN turns into a block.)
+    let m = r.simple("SELECT 1; BEGIN READ ONLY").await;
+    assert!(raw::errors(&m).is_empty(), "{m:?}");
+    assert_eq!(m.last().unwrap().body[..], b"T"[..], "{m:?}");
+    let m = r.simple(&modes(x)).await;
+    assert_eq!(
+        modes_of(&m),
+        "read committed on",
+        "SELECT 1; BEGIN READ ONLY: {m:?}"
+    );
+    r.simple("COMMIT").await;
+    // The new transaction fails in the string that opened it: the old one's modes are
+    // gone all the same (seen after ROLLBACK TO its savepoint).
+    r.simple("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .await;
+    let m = r.simple("ROLLBACK; BEGIN; SAVEPOINT a; SELECT 1/0").await;
+    assert_eq!(raw::errors(&m)[0].sqlstate(), "22012", "{m:?}");
+    let m = r.simple("ROLLBACK TO a").await;
+    assert!(raw::errors(&m).is_empty(), "{m:?}");
+    let m = r.simple(&modes(y)).await;
+    assert_eq!(
+        modes_of(&m),
+        "read committed off",
+        "ROLLBACK; BEGIN; <error>: {m:?}"
+    );
+    r.simple("ROLLBACK").await;
 }
 
 /// `set_config(name, value, true)`, the way PostgREST and row-level-security
@@ -2753,6 +2833,19 @@ async fn privileges_and_policies_reach_the_shards() {
         .await
         .unwrap();
     assert_eq!(sees(x, x).await, Err("42501".into()), "SELECT after REVOKE");
+    // Column privileges come and go too.
+    a.batch_execute("GRANT SELECT (tenant, v) ON pt TO sg_priv_app")
+        .await
+        .unwrap();
+    assert_eq!(sees(x, x).await, Ok(1), "column grants");
+    a.batch_execute("REVOKE SELECT (tenant, v) ON pt FROM sg_priv_app")
+        .await
+        .unwrap();
+    assert_eq!(
+        sees(x, x).await,
+        Err("42501".into()),
+        "column grants revoked"
+    );
     a.batch_execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO sg_priv_app")
         .await
         .unwrap();
@@ -2776,6 +2869,45 @@ async fn privileges_and_policies_reach_the_shards() {
         .await
         .unwrap();
     assert_eq!(sees(x, y).await, Ok(1), "a policy that shows every row");
+    // A role the workers lack: a permissive policy for it is skipped there (it could
+    // only give rights); a restrictive one fails the statement everywhere (skipped, it
+    // would take none away).
+    env.direct()
+        .await
+        .batch_execute(
+            "DO $$BEGIN CREATE ROLE sg_priv_nowhere; EXCEPTION WHEN duplicate_object THEN NULL; END$$",
+        )
+        .await
+        .unwrap();
+    a.batch_execute("CREATE POLICY for_nowhere ON pt FOR SELECT TO sg_priv_nowhere USING (true)")
+        .await
+        .unwrap();
+    let e = a
+        .batch_execute(
+            "CREATE POLICY limit_app ON pt AS RESTRICTIVE TO sg_priv_app, sg_priv_nowhere USING (tenant = 0)",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42704", "{e:?}");
+    let policies: i64 = env
+        .direct()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_policy WHERE polrelid = 'pt'::regclass AND polname = 'limit_app'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(policies, 0, "the refused policy is on no node");
+    assert_eq!(sees(x, y).await, Ok(1), "no restrictive policy anywhere");
+    // FORCE ROW LEVEL SECURITY is not followed: refused, not run on the coordinator
+    // alone.
+    let e = a
+        .batch_execute("ALTER TABLE pt FORCE ROW LEVEL SECURITY")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
     // The shards' ACLs are the table's, entry for entry.
     // A new owner too (the ACL's entries move to it).
     a.batch_execute("ALTER TABLE pt OWNER TO sg_priv_app")
@@ -2831,4 +2963,91 @@ async fn acl(c: &Client, rel: &str) -> Vec<String> {
     .await
     .unwrap()
     .get(0)
+}
+
+/// The shard id of `t`'s row `id` (the router's admin function).
+async fn shard_id_of(c: &Client, id: i64) -> i64 {
+    c.simple_query(&format!(
+        "SELECT get_shard_id_for_distribution_column('t', {id})"
+    ))
+    .await
+    .unwrap()
+    .iter()
+    .find_map(|m| match m {
+        shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
+            r.get(0).map(|v| v.parse().unwrap())
+        }
+        _ => None,
+    })
+    .unwrap()
+}
+
+/// An UPDATE that sets the distribution column to the row's own value (ORMs that write
+/// every column do) runs, as does one whose new value belongs to the same shard; one
+/// that would move the row to another shard is refused (0A000) and changes nothing.
+/// `ON CONFLICT DO UPDATE SET id = EXCLUDED.id` runs too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_may_set_the_distribution_column_within_its_shard() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let (x, y) = two_node_table(&c, false).await;
+    assert_eq!(
+        c.execute("UPDATE t SET id = $1, v = 7 WHERE id = $1", &[&x])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(v(&c, x).await, 7);
+    c.batch_execute(&format!("UPDATE t SET v = 8, id = {x} WHERE id = {x}"))
+        .await
+        .unwrap();
+    assert_eq!(v(&c, x).await, 8);
+    c.batch_execute(&format!("UPDATE t SET id = t.id, v = 9 WHERE id = {x}"))
+        .await
+        .unwrap();
+    assert_eq!(v(&c, x).await, 9);
+    // Another shard (another node, even): refused, nothing changed.
+    for sql in [
+        format!("UPDATE t SET id = {y}, v = 0 WHERE id = {x}"),
+        format!("UPDATE t SET id = {y} WHERE id = {x} RETURNING id"),
+    ] {
+        let e = c.batch_execute(&sql).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
+        assert!(
+            e.as_db_error()
+                .unwrap()
+                .message()
+                .contains("cannot move a row of t to another shard"),
+            "{e:?}"
+        );
+    }
+    let e = c
+        .execute("UPDATE t SET id = $2 WHERE id = $1", &[&x, &y])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    assert_eq!(v(&c, x).await, 9);
+    assert_eq!(v(&c, y).await, 0);
+    // A new value of the same shard: the row takes it, and is found by it.
+    let home = shard_id_of(&c, x).await;
+    let mut to = 41;
+    while shard_id_of(&c, to).await != home {
+        to += 1;
+    }
+    let rows = c
+        .query(
+            "UPDATE t SET id = $2 WHERE id = $1 RETURNING id",
+            &[&x, &to],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(v(&c, to).await, 9);
+    // Upserts that write the key back.
+    c.batch_execute(&format!(
+        "INSERT INTO t (id, v) VALUES ({to}, 1) ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id, v = EXCLUDED.v + 100"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(v(&c, to).await, 101);
 }

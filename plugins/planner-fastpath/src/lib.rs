@@ -162,6 +162,8 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
         alias: None,
     };
 
+    // An UPDATE's new value of the distribution column, when it sets one.
+    let mut new_key = None;
     let key = match &mut stmt {
         ast::Statement::Query(q) => {
             let relation = select_relation(q)?;
@@ -184,12 +186,7 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
                 return not_mine("UPDATE with FROM, OR or LIMIT");
             }
             ctx.alias = table_alias(single_relation(t)?);
-            if assigns_dist(&ctx, assignments) {
-                return refuse(format!(
-                    "cannot UPDATE the distribution column {} of {}: a row cannot move to another shard",
-                    ctx.dist, table.name
-                ));
-            }
+            new_key = new_dist_value(&ctx, assignments)?;
             pinned(&ctx, selection.as_ref())?
         }
         ast::Statement::Delete(d) => {
@@ -214,11 +211,19 @@ fn plan(sql: &str, tables: &[Table]) -> Result<PlanTemplate, Stop> {
     };
 
     let sql_template = template(sql, &mut stmt)?;
+    let mut targets = vec![Target {
+        table: ctx.index,
+        key,
+    }];
+    // The new value is an extra key of the table (it repeats the table and is not in
+    // the template): the router runs the statement only if it chooses the row's own
+    // shard, so that no row moves to a shard it does not belong to.
+    targets.extend(new_key.map(|key| Target {
+        table: ctx.index,
+        key,
+    }));
     Ok(PlanTemplate {
-        targets: vec![Target {
-            table: ctx.index,
-            key,
-        }],
+        targets,
         sql_template,
         merge: MergeKind::SingleShard,
     })
@@ -289,21 +294,67 @@ fn table_alias(t: &TableFactor) -> Option<String> {
     }
 }
 
-/// Whether assignments set the distribution column.
-fn assigns_dist(ctx: &Ctx, assignments: &[ast::Assignment]) -> bool {
+/// Whether an `ON CONFLICT DO UPDATE` sets the distribution column to anything but
+/// itself or `EXCLUDED.<column>` (the inserted row's value, which chose this shard:
+/// upserts that write every column do that).
+fn sets_dist_elsewhere(ctx: &Ctx, assignments: &[ast::Assignment]) -> bool {
     let is_dist = |n: &ObjectName| {
         n.0.last()
             .and_then(ObjectNamePart::as_ident)
             .is_some_and(|i| fold(i) == ctx.dist)
     };
+    let excluded = |e: &Expr| {
+        matches!(e, Expr::CompoundIdentifier(p)
+            if p.len() == 2 && fold(&p[0]) == "excluded" && fold(&p[1]) == ctx.dist)
+    };
     assignments.iter().any(|a| match &a.target {
-        AssignmentTarget::ColumnName(n) => is_dist(n),
+        AssignmentTarget::ColumnName(n) => {
+            is_dist(n) && !ctx.is_dist(&a.value) && !excluded(&a.value)
+        }
         AssignmentTarget::Tuple(ns) => ns.iter().any(is_dist),
     })
 }
 
-/// A shard key written in the SQL: a `$n` parameter or a literal (possibly cast,
-/// parenthesised or negated). `Ok(None)`: NULL. `Err(())`: anything else.
+/// The value an UPDATE's SET gives the distribution column, as a key: `None` when it
+/// does not set it or sets it to itself (`SET tenant = tenant`, as ORMs that write every
+/// column do). A parameter or literal is allowed (the router checks that it chooses the
+/// row's shard: `SET tenant = $1 ... WHERE tenant = $1`); anything else is refused, as
+/// a row cannot move to another shard.
+fn new_dist_value(ctx: &Ctx, assignments: &[ast::Assignment]) -> Result<Option<ShardKey>, Stop> {
+    let is_dist = |n: &ObjectName| {
+        n.0.last()
+            .and_then(ObjectNamePart::as_ident)
+            .is_some_and(|i| fold(i) == ctx.dist)
+    };
+    let cannot = || {
+        refuse(format!(
+            "cannot UPDATE the distribution column {} of {} to anything but a parameter or a literal of the row's own shard: a row cannot move to another shard",
+            ctx.dist, ctx.table.name
+        ))
+    };
+    let mut key = None;
+    for a in assignments {
+        match &a.target {
+            AssignmentTarget::ColumnName(n) if is_dist(n) => {
+                if ctx.is_dist(&a.value) {
+                    continue;
+                }
+                match key_of(&a.value) {
+                    Ok(Some(k)) => key = Some(k),
+                    _ => return cannot(),
+                }
+            }
+            AssignmentTarget::ColumnName(_) => {}
+            AssignmentTarget::Tuple(ns) => {
+                if ns.iter().any(is_dist) {
+                    return cannot();
+                }
+            }
+        }
+    }
+    Ok(key)
+}
+
 /// Whether two keys are the same parameter or the same literal.
 fn same_key(a: &ShardKey, b: &ShardKey) -> bool {
     match (a, b) {
@@ -318,6 +369,8 @@ fn same_key(a: &ShardKey, b: &ShardKey) -> bool {
     }
 }
 
+/// A shard key written in the SQL: a `$n` parameter or a literal (possibly cast,
+/// parenthesised or negated). `Ok(None)`: NULL. `Err(())`: anything else.
 fn key_of(e: &Expr) -> Result<Option<ShardKey>, ()> {
     match e {
         Expr::Nested(inner) => key_of(inner),
@@ -484,7 +537,7 @@ fn insert_key(ctx: &mut Ctx, ins: &mut ast::Insert) -> Result<ShardKey, Stop> {
     }
     if let Some(OnInsert::OnConflict(c)) = &ins.on
         && let OnConflictAction::DoUpdate(u) = &c.action
-        && assigns_dist(ctx, &u.assignments)
+        && sets_dist_elsewhere(ctx, &u.assignments)
     {
         return refuse(format!(
             "ON CONFLICT DO UPDATE cannot set the distribution column {} of {table}",

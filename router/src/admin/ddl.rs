@@ -8,6 +8,7 @@
 //! of its schema) run on the coordinator as the client wrote them; then every shard
 //! gets the table's privileges and policies as they now are (`privileges.rs`).
 
+use super::privileges::Scope;
 use super::shape::{qualified, resolve};
 use super::{AdminCtx, AdminError, Reply, in_change};
 use crate::admin::fleet::Fleet;
@@ -254,6 +255,10 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
         }
         match &d.stmt {
             s if is_privilege(s) => {
+                let scope = match s {
+                    Statement::Grant { .. } | Statement::Revoke { .. } => Scope::Grants,
+                    _ => Scope::Policies,
+                };
                 coord.batch_execute(&d.sql).await.map_err(db)?;
                 for t in &targets {
                     let p = super::privileges::Privileges::read_qualified(&coord, t.oid)
@@ -261,7 +266,7 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                         .map_err(db)?;
                     for s in &t.shards {
                         let sql = p
-                            .shard_sql(&qualified(&t.schema, &t.shard_name(s.id)))
+                            .shard_sql(&qualified(&t.schema, &t.shard_name(s.id)), scope)
                             .join(";\n");
                         for g in &s.placements {
                             shard_sql.push((*g, sql.clone()));
@@ -386,7 +391,8 @@ pub async fn run(a: &AdminCtx<'_>, d: Ddl) -> Result<Reply, AdminError> {
                         }
                         // After the change: a column it adds may have grants.
                         if let Some(p) = &privileges {
-                            shard_sql.push((*g, p.shard_sql(&shard).join(";\n")));
+                            let sql = p.shard_sql(&shard, Scope::OwnerAndSecurity);
+                            shard_sql.push((*g, sql.join(";\n")));
                         }
                     }
                 }

@@ -331,6 +331,13 @@ pub async fn create_distributed_table(a: &AdminCtx<'_>, call: &Call) -> Result<R
                 .await
                 .map_err(db)?;
         }
+        // Privileges once the rows are in.
+        for (id, groups) in ids.iter().zip(&placements) {
+            let sql = shape.privileges_sql(*id);
+            for g in groups {
+                fleet.exec(*g, &sql).await?;
+            }
+        }
         super::guard(&coord, &qualified(&schema, &rel)).await?;
         coord
             .execute(
@@ -485,6 +492,10 @@ pub async fn create_reference_table(a: &AdminCtx<'_>, call: &Call) -> Result<Rep
             &shard,
         )
         .await?;
+        let sql = shape.privileges_sql(id);
+        for g in &groups {
+            fleet.exec(*g, &sql).await?;
+        }
         coord
             .batch_execute(&format!("DELETE FROM ONLY {}", qualified(&schema, &rel)))
             .await

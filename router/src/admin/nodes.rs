@@ -128,6 +128,7 @@ pub async fn add_node(a: &AdminCtx<'_>, call: &Call) -> Result<Reply, AdminError
                 &name,
             )
             .await?;
+            fleet.exec(group, &shape.privileges_sql(shard.id)).await?;
             coord
                 .execute(
                     "INSERT INTO shardgate.pg_dist_placement (shardid, shardstate, shardlength, groupid)

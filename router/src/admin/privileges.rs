@@ -148,97 +148,151 @@ impl Privileges {
         })
     }
 
-    /// The statements that give `shard` (qualified and quoted) these privileges,
-    /// whatever it had: every grant and policy it has is dropped first.
-    pub fn shard_sql(&self, shard: &str) -> Vec<String> {
+    /// The statements that give `shard` (qualified and quoted) these privileges, the
+    /// parts `scope` names, whatever it had: its grants (every grantee's, column
+    /// grants included) or its policies are dropped first. The owner and the
+    /// row-level-security switches change only where they differ, so a grantee that is
+    /// not the owner can run a GRANT sync.
+    pub fn shard_sql(&self, shard: &str, scope: Scope) -> Vec<String> {
         let rel = literal(shard);
-        let mut out = vec![format!(
-            "DO $sg$ DECLARE r record; BEGIN
-             FOR r IN SELECT DISTINCT a.grantee FROM pg_class c,
-                     aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
-                     WHERE c.oid = {rel}::regclass LOOP
-                 EXECUTE format('REVOKE ALL ON TABLE %s FROM %s', {rel}::regclass,
-                     CASE WHEN r.grantee = 0 THEN 'PUBLIC' ELSE r.grantee::regrole::text END);
-             END LOOP;
-             FOR r IN SELECT polname FROM pg_policy WHERE polrelid = {rel}::regclass LOOP
-                 EXECUTE format('DROP POLICY %I ON %s', r.polname, {rel}::regclass);
-             END LOOP;
-             END $sg$"
-        )];
-        out.push(unless_missing(&format!(
-            "ALTER TABLE {shard} OWNER TO {}",
-            self.owner
-        )));
-        for g in &self.grants {
-            out.push(unless_missing(&format!(
-                "GRANT {}{} ON TABLE {shard} TO {}{}",
-                g.privilege,
-                g.column
-                    .as_deref()
-                    .map(|c| format!(" ({})", quote_ident(c)))
-                    .unwrap_or_default(),
-                g.grantee,
-                if g.grantable {
-                    " WITH GRANT OPTION"
-                } else {
-                    ""
-                }
+        let role = "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END";
+        let mut out = Vec::new();
+        if matches!(scope, Scope::All | Scope::OwnerAndSecurity) {
+            // A missing owner fails the statement: skipping it would leave the shard
+            // to its creator, who would then bypass its row-level security.
+            out.push(guarded(&format!(
+                "IF (SELECT relowner FROM pg_class WHERE oid = {rel}::regclass) <> {}::regrole THEN
+                     EXECUTE {}; END IF;",
+                literal(&self.owner),
+                literal(&format!("ALTER TABLE {shard} OWNER TO {}", self.owner))
             )));
+            for (column, on, off, want) in [
+                ("relrowsecurity", "ENABLE", "DISABLE", self.row_security),
+                (
+                    "relforcerowsecurity",
+                    "FORCE",
+                    "NO FORCE",
+                    self.force_row_security,
+                ),
+            ] {
+                out.push(guarded(&format!(
+                    "IF (SELECT {column} FROM pg_class WHERE oid = {rel}::regclass) <> {want} THEN
+                         EXECUTE {}; END IF;",
+                    literal(&format!(
+                        "ALTER TABLE {shard} {} ROW LEVEL SECURITY",
+                        if want { on } else { off }
+                    ))
+                )));
+            }
         }
-        out.push(format!(
-            "ALTER TABLE {shard} {} ROW LEVEL SECURITY",
-            if self.row_security {
-                "ENABLE"
-            } else {
-                "DISABLE"
+        if matches!(scope, Scope::All | Scope::Grants) {
+            // CASCADE: grants a grantee made with its grant option go with it (they
+            // are granted again below if the table has them).
+            out.push(guarded(&format!(
+                "DECLARE r record; BEGIN
+                 FOR r IN SELECT DISTINCT {role} AS who FROM pg_class c,
+                         aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
+                         WHERE c.oid = {rel}::regclass
+                     UNION SELECT DISTINCT {role} FROM pg_attribute att, aclexplode(att.attacl) a
+                         WHERE att.attrelid = {rel}::regclass AND att.attacl IS NOT NULL LOOP
+                     EXECUTE format('REVOKE ALL ON TABLE %s FROM %s CASCADE', {rel}::regclass, r.who);
+                 END LOOP; END;"
+            )));
+            for g in &self.grants {
+                out.push(unless_missing(&format!(
+                    "GRANT {}{} ON TABLE {shard} TO {}{}",
+                    g.privilege,
+                    g.column
+                        .as_deref()
+                        .map(|c| format!(" ({})", quote_ident(c)))
+                        .unwrap_or_default(),
+                    g.grantee,
+                    if g.grantable {
+                        " WITH GRANT OPTION"
+                    } else {
+                        ""
+                    }
+                )));
             }
-        ));
-        out.push(format!(
-            "ALTER TABLE {shard} {} ROW LEVEL SECURITY",
-            if self.force_row_security {
-                "FORCE"
-            } else {
-                "NO FORCE"
+        }
+        if matches!(scope, Scope::All | Scope::Policies) {
+            out.push(guarded(&format!(
+                "DECLARE r record; BEGIN
+                 FOR r IN SELECT polname FROM pg_policy WHERE polrelid = {rel}::regclass LOOP
+                     EXECUTE format('DROP POLICY %I ON %s', r.polname, {rel}::regclass);
+                 END LOOP; END;"
+            )));
+            for p in &self.policies {
+                let mut s = format!(
+                    "CREATE POLICY {} ON {shard} AS {} FOR {} TO {}",
+                    quote_ident(&p.name),
+                    if p.permissive {
+                        "PERMISSIVE"
+                    } else {
+                        "RESTRICTIVE"
+                    },
+                    p.command,
+                    p.roles.join(", ")
+                );
+                if let Some(u) = &p.using {
+                    s.push_str(&format!(" USING ({u})"));
+                }
+                if let Some(c) = &p.check {
+                    s.push_str(&format!(" WITH CHECK ({c})"));
+                }
+                // A permissive policy a node cannot have takes rights away there; a
+                // restrictive one would give them: that fails the statement instead.
+                out.push(if p.permissive { unless_missing(&s) } else { s });
             }
-        ));
-        for p in &self.policies {
-            let mut s = format!(
-                "CREATE POLICY {} ON {shard} AS {} FOR {} TO {}",
-                quote_ident(&p.name),
-                if p.permissive {
-                    "PERMISSIVE"
-                } else {
-                    "RESTRICTIVE"
-                },
-                p.command,
-                p.roles.join(", ")
-            );
-            if let Some(u) = &p.using {
-                s.push_str(&format!(" USING ({u})"));
-            }
-            if let Some(c) = &p.check {
-                s.push_str(&format!(" WITH CHECK ({c})"));
-            }
-            out.push(unless_missing(&s));
         }
         out
     }
 }
 
-/// `'text'`, quotes doubled (standard_conforming_strings is on for the router's own
-/// connections).
+/// Which of a table's privileges a statement changed (and its shards get again).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scope {
+    /// A new shard: everything.
+    All,
+    /// GRANT / REVOKE.
+    Grants,
+    /// CREATE / ALTER / DROP POLICY.
+    Policies,
+    /// ALTER TABLE ... OWNER TO / ENABLE | DISABLE ROW LEVEL SECURITY (a new owner
+    /// takes over the old one's grants on the shard as on the coordinator).
+    OwnerAndSecurity,
+}
+
+/// `E'text'`: quotes and backslashes doubled, read alike whatever
+/// `standard_conforming_strings` is.
 fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A dollar-quote tag that `text` does not hold.
+fn tag_for(text: &str) -> String {
+    let mut tag = "sg".to_owned();
+    while text.contains(&format!("${tag}$")) {
+        tag.push('x');
+    }
+    tag
+}
+
+/// `body` (PL/pgSQL statements, or a block starting with DECLARE) as a DO statement.
+fn guarded(body: &str) -> String {
+    let tag = tag_for(body);
+    if body.starts_with("DECLARE") {
+        format!("DO ${tag}$ {body} ${tag}$")
+    } else {
+        format!("DO ${tag}$ BEGIN {body} END ${tag}$")
+    }
 }
 
 /// `stmt`, skipped with a WARNING on a node that lacks a role, table or function it
-/// names (roles are not propagated).
+/// names (roles are not propagated): only for statements whose absence leaves fewer
+/// rights, never more.
 fn unless_missing(stmt: &str) -> String {
-    // A dollar-quote tag the statement does not hold.
-    let mut tag = "sg".to_owned();
-    while stmt.contains(&format!("${tag}$")) {
-        tag.push('x');
-    }
+    let tag = tag_for(stmt);
     format!(
         "DO ${tag}$ BEGIN EXECUTE {}; EXCEPTION WHEN undefined_object OR undefined_table OR undefined_function OR undefined_column THEN RAISE WARNING 'shardgate: skipped on this node: %', SQLERRM; END ${tag}$",
         literal(stmt)
@@ -280,24 +334,44 @@ mod tests {
                 check: None,
             }],
         };
-        let s = p.shard_sql("\"public\".\"t_1\"");
-        assert_eq!(s.len(), 7, "{s:#?}");
-        assert!(s[0].contains("WHERE c.oid = '\"public\".\"t_1\"'::regclass"));
-        assert!(s[1].contains("EXECUTE 'ALTER TABLE \"public\".\"t_1\" OWNER TO \"App Owner\"'"));
-        assert!(s[2].contains("EXECUTE 'GRANT SELECT ON TABLE \"public\".\"t_1\" TO PUBLIC'"));
-        assert!(s[3].contains(
-            "EXECUTE 'GRANT UPDATE (\"it''s\") ON TABLE \"public\".\"t_1\" TO app WITH GRANT OPTION'"
+        let shard = "\"public\".\"t_1\"";
+        let s = p.shard_sql(shard, Scope::All);
+        assert_eq!(s.len(), 8, "{s:#?}");
+        // The owner changes only where it differs; a missing owner is not skipped.
+        assert!(s[0].contains("<> E'\"App Owner\"'::regrole"), "{}", s[0]);
+        assert!(s[0].contains("EXECUTE E'ALTER TABLE \"public\".\"t_1\" OWNER TO \"App Owner\"'"));
+        assert!(!s[0].contains("EXCEPTION"));
+        assert!(s[1].contains(
+            "relrowsecurity FROM pg_class WHERE oid = E'\"public\".\"t_1\"'::regclass) <> true"
         ));
-        assert_eq!(
-            s[4],
-            "ALTER TABLE \"public\".\"t_1\" ENABLE ROW LEVEL SECURITY"
+        assert!(s[1].contains("ENABLE ROW LEVEL SECURITY"));
+        assert!(s[2].contains("<> false") && s[2].contains("NO FORCE ROW LEVEL SECURITY"));
+        // Every grantee's grants go first, column grants' too, with what they granted.
+        assert!(s[3].contains("aclexplode(att.attacl)") && s[3].contains("CASCADE"));
+        assert!(s[4].contains("EXECUTE E'GRANT SELECT ON TABLE \"public\".\"t_1\" TO PUBLIC'"));
+        assert!(s[4].contains("EXCEPTION WHEN undefined_object"));
+        assert!(s[5].contains(
+            "EXECUTE E'GRANT UPDATE (\"it''s\") ON TABLE \"public\".\"t_1\" TO app WITH GRANT OPTION'"
+        ));
+        assert!(s[6].contains("DROP POLICY"));
+        // A restrictive policy is never skipped; its `$sg$` needs no other tag here.
+        assert!(s[7].starts_with("CREATE POLICY \"tenant\" ON \"public\".\"t_1\" AS RESTRICTIVE FOR SELECT TO app, PUBLIC USING ((tenant"), "{}", s[7]);
+        // Scopes.
+        assert_eq!(p.shard_sql(shard, Scope::Grants).len(), 3);
+        assert_eq!(p.shard_sql(shard, Scope::Policies).len(), 2);
+        assert_eq!(p.shard_sql(shard, Scope::OwnerAndSecurity).len(), 3);
+        // A permissive policy is skipped where it cannot be made, quoted with a tag
+        // its text does not hold; a backslash survives the literal.
+        let mut q = p.clone();
+        q.policies[0].permissive = true;
+        q.policies[0].using = Some("v <> 'x$sg$\\'".into());
+        let s = q.shard_sql(shard, Scope::Policies);
+        assert!(
+            s[1].starts_with("DO $sgx$ BEGIN EXECUTE E'CREATE POLICY"),
+            "{}",
+            s[1]
         );
-        assert_eq!(
-            s[5],
-            "ALTER TABLE \"public\".\"t_1\" NO FORCE ROW LEVEL SECURITY"
-        );
-        // The policy holds `$sg$`: another tag quotes it.
-        assert!(s[6].starts_with("DO $sgx$ BEGIN EXECUTE 'CREATE POLICY \"tenant\" ON \"public\".\"t_1\" AS RESTRICTIVE FOR SELECT TO app, PUBLIC USING ((tenant = current_setting(''app.t''::text)::integer) AND ''x$sg$'' <> '''')';"), "{}", s[6]);
-        assert!(s[6].ends_with("END $sgx$"));
+        assert!(s[1].contains("''x$sg$\\\\''"), "{}", s[1]);
+        assert!(s[1].ends_with("END $sgx$"));
     }
 }

@@ -247,6 +247,19 @@ impl TableShape {
         })
     }
 
+    /// The statements that give shard `shard_id` the table's owner, grants, row-level
+    /// security and policies: run once its rows are in (with row-level security
+    /// forced, a login that is not a superuser could not load them).
+    pub fn privileges_sql(&self, shard_id: i64) -> String {
+        let shard = qualified(
+            &self.schema,
+            &crate::catalog::shard_name(&self.name, shard_id),
+        );
+        self.privileges
+            .shard_sql(&shard, super::privileges::Scope::All)
+            .join(";\n")
+    }
+
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
     }
@@ -359,7 +372,6 @@ impl TableShape {
         for i in &self.indexes {
             out.push(index_on_shard(i, &shard, shard_id)?);
         }
-        out.extend(self.privileges.shard_sql(&shard));
         Ok((out, fks))
     }
 }

@@ -98,6 +98,12 @@ impl Planned {
         self.normalized && self.segments.iter().any(|s| matches!(s, Seg::Literal(_)))
     }
 
+    /// Whether the template is an UPDATE (its first word).
+    fn is_update(&self) -> bool {
+        matches!(self.segments.first(), Some(Seg::Text(t))
+            if t.trim_start().get(..6).is_some_and(|w| w.eq_ignore_ascii_case("update")))
+    }
+
     /// A name prefix for copies of shards that no identifier of the statement starts
     /// with (`sg_pull_`, else `sg_pull1_`, ...).
     fn copy_prefix(&self) -> String {
@@ -894,6 +900,22 @@ impl Planner {
                     && t.colocation_id == table.colocation_id
                     && shard_of[*m] != i
             }) {
+                if plan.targets[m].0.oid == table.oid
+                    && plan.is_update()
+                    && !plan
+                        .segments
+                        .iter()
+                        .any(|s| matches!(s, Seg::Table(x) if *x == n))
+                {
+                    // An extra key of the table an UPDATE names once: the new value of
+                    // its distribution column.
+                    return Err(PlanError::NotSupported(format!(
+                        "cannot move a row of {} to another shard: the new value of its distribution column \"{}\" belongs to shard index {i}, the row to shard index {}",
+                        table.name,
+                        table.column.as_deref().unwrap_or_default(),
+                        shard_of[m]
+                    )));
+                }
                 return Err(PlanError::NotPlannable(format!(
                     "the statement's tables resolve to different shards ({} and {})",
                     shard_of[m], i
@@ -1183,12 +1205,7 @@ impl Planner {
                     table.name
                 )));
             }
-            ShardKey::Value(l) => match literal_value(l, vt)? {
-                Some(v) => Some(v),
-                // Out of the column's range: no shard holds a row with it, and each
-                // answers the statement alike (no row, or 22003 for a row with it).
-                None => return Ok(0),
-            },
+            ShardKey::Value(l) => literal_value(l, vt)?,
             ShardKey::Param(i) => {
                 let i = *i as usize;
                 if plan.normalized && i >= plan.client_params as usize {
@@ -1199,7 +1216,7 @@ impl Planner {
                                 "the plan names a literal the statement does not have".into(),
                             )
                         })?;
-                    Some(parse(&literal_text(tok), vt)?)
+                    text_key(&literal_text(tok), vt)?
                 } else {
                     match param(i) {
                         None => {
@@ -1208,31 +1225,34 @@ impl Planner {
                                 i + 1
                             )));
                         }
-                        Some(ParamValue::Null) => None,
-                        Some(ParamValue::Text(b)) => Some(parse(
+                        Some(ParamValue::Null) => {
+                            if plan.read_only {
+                                // `dist = NULL` matches no row on any shard: any shard
+                                // answers right.
+                                return Ok(0);
+                            }
+                            return Err(PlanError::NullKey(format!(
+                                "cannot write a row with NULL in the distribution column \"{column}\" of {}",
+                                table.name
+                            )));
+                        }
+                        Some(ParamValue::Text(b)) => text_key(
                             std::str::from_utf8(b).map_err(|_| {
                                 PlanError::InvalidValue("parameter is not valid UTF-8".into())
                             })?,
                             vt,
-                        )?),
-                        Some(ParamValue::Binary(b, oid)) => match binary_value(b, oid, vt)? {
-                            Some(v) => Some(v),
-                            // A bigint outside an int column's range (`int4 = $1::int8`).
-                            None => return Ok(0),
-                        },
+                        )?,
+                        Some(ParamValue::Binary(b, oid)) => binary_value(b, oid, vt)?,
                     }
                 }
             }
         };
         let Some(value) = value else {
-            if plan.read_only {
-                // `dist = NULL` matches no row on any shard: any shard answers right.
-                return Ok(0);
-            }
-            return Err(PlanError::NullKey(format!(
-                "cannot write a row with NULL in the distribution column \"{column}\" of {}",
-                table.name
-            )));
+            // An integer outside the range of the column's type: no shard holds a row
+            // with it, and any one shard answers the statement as Postgres would (no
+            // row where it is compared as a bigint, 22003 where it is read as the
+            // column's type: a parameter of that type, a row to insert).
+            return Ok(0);
         };
         let name = table.plugin.as_deref().unwrap_or("hash-citus");
         let plugin = plugins.distribution(name).ok_or_else(|| {
@@ -1252,19 +1272,30 @@ fn parse(text: &str, t: ValueType) -> Result<Value, PlanError> {
     })
 }
 
-/// A key literal as a value of the column's type; `None` for an integer literal
-/// outside the range of the column's integer type (`int4_column = 2147483648`).
-/// Postgres compares that as a bigint: it matches no row, and a row holding it fails
-/// to insert (22003), on every shard alike.
+/// A key literal as a value of the column's type; `None` for an integer outside the
+/// range of the column's integer type (`int4_column = 2147483648`, see `text_key`).
 fn literal_value(l: &Literal, t: ValueType) -> Result<Option<Value>, PlanError> {
     match l {
         Literal::Int8(v) => match t {
             ValueType::Int2 => Ok(i16::try_from(*v).ok().map(Value::Int2)),
             ValueType::Int4 => Ok(i32::try_from(*v).ok().map(Value::Int4)),
-            _ => parse(&v.to_string(), t).map(Some),
+            _ => text_key(&v.to_string(), t),
         },
-        Literal::Text(s) => parse(s, t).map(Some),
+        Literal::Text(s) => text_key(s, t),
         Literal::Boolean(b) => parse(if *b { "true" } else { "false" }, t).map(Some),
+    }
+}
+
+/// A key given as text (a literal, a text parameter) as a value of the column's type;
+/// `None` for an integer too large for it. Whether that is an error or a value that
+/// matches no row depends on what Postgres reads it as: 22003 for a parameter of the
+/// column's type or `'2147483648'`, no row for `$1::int8` or `'2147483648'::bigint`.
+/// No shard can hold a row with it, so any one shard answers as Postgres would.
+fn text_key(text: &str, t: ValueType) -> Result<Option<Value>, PlanError> {
+    match parse(text, t) {
+        Ok(v) => Ok(Some(v)),
+        Err(PlanError::OutOfRange(_)) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -1320,7 +1351,7 @@ fn binary_value(b: &[u8], oid: u32, t: ValueType) -> Result<Option<Value>, PlanE
             )));
         }
     };
-    parse(&text, t).map(Some)
+    text_key(&text, t)
 }
 
 /// `"ident"`, quotes doubled.

@@ -93,6 +93,9 @@ enum Expect {
 struct Ends {
     /// The BEGIN that string opens the next transaction with (`begin_sql` then).
     next_begin: Option<String>,
+    /// It also holds a ROLLBACK TO, which answers with a ROLLBACK tag: a string that
+    /// then fails is not taken for one that ended.
+    rolls_back_to: bool,
 }
 
 /// How to take back a change to the session's statement names when Postgres skips the
@@ -508,8 +511,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let body = frame.body();
                 let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
                 match memchr::memchr(b';', sql.as_bytes()).map(|_| route::end_statements(sql)) {
-                    Some((true, begin)) => Some(Ends {
+                    Some((true, begin, rolls_back_to)) => Some(Ends {
                         next_begin: begin.map(str::to_owned),
+                        rolls_back_to,
                     }),
                     _ => None,
                 }
@@ -1633,9 +1637,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Ended, or ended and another begun in the same string (`ROLLBACK; BEGIN`).
         // (A string that failed after a ROLLBACK TO, whose tag is ROLLBACK too, leaves
         // the transaction failed: not taken for one that ended.)
+        // The new transaction may have failed already (`ROLLBACK; BEGIN; <error>`).
         let saw_end = std::mem::take(&mut self.saw_end);
-        let next = ends.filter(|_| {
-            saw_end && self.status != TxnStatus::Idle && status == TxnStatus::InTransaction
+        let next = ends.filter(|e| {
+            saw_end
+                && self.status != TxnStatus::Idle
+                && (status == TxnStatus::InTransaction
+                    || (status == TxnStatus::Failed && !e.rolls_back_to))
         });
         let ended_inside = next.is_some();
         if let Some(next) = next {
@@ -1646,6 +1654,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.savepoints.clear();
             self.doomed = false;
             self.doomed_by_deadlock = false;
+            // The other nodes ended before the string ran (`end_others_first`): the new
+            // transaction holds one node, and registers with the deadlock detector
+            // afresh (a new, younger id; no victim mark) when it holds two.
+            self.dist = None;
         }
         if (status == TxnStatus::Idle && self.status != TxnStatus::Idle) || ended_inside {
             // The transaction ended: its session-level SETs stay only if it committed.

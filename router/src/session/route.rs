@@ -1233,6 +1233,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             None
         };
         let ctl = sql.and_then(control);
+        if self.status == TxnStatus::Idle && !self.expect.is_empty() {
+            // Requests before this one are still unanswered (pipelined): one of them
+            // may have opened a transaction. Their answers first, so the status is
+            // current (a switch of node would wait for them anyway).
+            self.write_backend().await?;
+            self.pump().await?;
+            self.after_request().await;
+        }
         if self.status == TxnStatus::Idle && ctl != Some(Control::Begin) {
             // A transaction this request opens (`BEGIN; ...` in one string, or none) is
             // joined with a plain BEGIN, not an earlier transaction's.
@@ -1265,6 +1273,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         }
                     } else {
                         self.begin_sql = Some(sql.to_owned());
+                    }
+                } else if let Some(sql) = sql
+                    && memchr::memchr(b';', sql.trim_end().trim_end_matches(';').as_bytes())
+                        .is_some()
+                    && let (_, Some(begin), _) = end_statements(sql)
+                {
+                    // `SELECT 1; BEGIN ISOLATION LEVEL ...`: a BEGIN after the first
+                    // statement opens the transaction, with its options.
+                    self.begin_sql = Some(begin.to_owned());
+                    if self.writes_here(sql) {
+                        self.writers = vec![None];
                     }
                 }
                 self.switch_to(None).await
@@ -1578,24 +1597,33 @@ fn statement_writes(sql: &str) -> bool {
 }
 
 /// Whether a string holds a statement that ends the transaction (COMMIT, END,
-/// ROLLBACK, ABORT; not ROLLBACK TO or PREPARE TRANSACTION), and the BEGIN statement
-/// after the last such one, if any (the transaction the string leaves open).
-pub(super) fn end_statements<'a>(sql: &'a str) -> (bool, Option<&'a str>) {
+/// ROLLBACK, ABORT; not ROLLBACK TO or PREPARE TRANSACTION), the BEGIN statement after
+/// the last such one, if any (the transaction the string leaves open), and whether it
+/// holds a ROLLBACK TO (which answers with the tag of a ROLLBACK).
+pub(super) fn end_statements(sql: &str) -> (bool, Option<&str>, bool) {
     let mut ends = false;
     let mut begin = None;
-    let mut look = |stmt: &'a str| match control(stmt) {
-        // `COMMIT AND CHAIN` goes on with the same transaction modes.
-        Some(Control::End(_)) if !and_chain(stmt) => {
-            ends = true;
-            begin = None;
-        }
-        Some(Control::Begin) => begin = Some(stmt.trim_end()),
-        _ => {}
-    };
+    let mut rolls_back_to = false;
     for stmt in crate::plan::normalize::statements(sql) {
-        look(stmt);
+        match control(stmt) {
+            // `COMMIT AND CHAIN` goes on with the same transaction modes.
+            Some(Control::End(_)) if !and_chain(stmt) => {
+                ends = true;
+                begin = None;
+            }
+            Some(Control::Begin) => begin = Some(stmt.trim_end()),
+            Some(Control::Other)
+                if stmt
+                    .trim_start()
+                    .get(..8)
+                    .is_some_and(|w| w.eq_ignore_ascii_case("rollback")) =>
+            {
+                rolls_back_to = true
+            }
+            _ => {}
+        }
     }
-    (ends, begin)
+    (ends, begin, rolls_back_to)
 }
 
 /// `COMMIT AND CHAIN` / `ROLLBACK AND CHAIN` (not `AND NO CHAIN`).
@@ -1843,23 +1871,36 @@ mod tests {
 
     #[test]
     fn strings_that_end_a_transaction() {
-        assert_eq!(end_statements("COMMIT"), (true, None));
-        assert_eq!(end_statements("ROLLBACK; BEGIN"), (true, Some("BEGIN")));
+        assert_eq!(end_statements("COMMIT"), (true, None, false));
+        assert_eq!(
+            end_statements("ROLLBACK; BEGIN"),
+            (true, Some("BEGIN"), false)
+        );
         assert_eq!(
             end_statements("commit ; begin isolation level serializable ;"),
-            (true, Some("begin isolation level serializable"))
+            (true, Some("begin isolation level serializable"), false)
         );
-        assert_eq!(end_statements("BEGIN; SELECT 1; END"), (true, None));
-        assert_eq!(end_statements("SELECT 1; ROLLBACK TO s"), (false, None));
-        assert_eq!(end_statements("COMMIT AND CHAIN"), (false, None));
+        assert_eq!(end_statements("BEGIN; SELECT 1; END"), (true, None, false));
+        assert_eq!(
+            end_statements("SELECT 1; ROLLBACK TO s"),
+            (false, None, true)
+        );
+        assert_eq!(end_statements("COMMIT AND CHAIN"), (false, None, false));
         assert_eq!(
             end_statements("commit and no chain; begin"),
-            (true, Some("begin"))
+            (true, Some("begin"), false)
         );
-        assert_eq!(end_statements("PREPARE TRANSACTION 'x'"), (false, None));
+        assert_eq!(
+            end_statements("PREPARE TRANSACTION 'x'"),
+            (false, None, false)
+        );
+        assert_eq!(
+            end_statements("ROLLBACK; BEGIN; SAVEPOINT a; RELEASE a"),
+            (true, Some("BEGIN"), false)
+        );
         assert_eq!(
             end_statements("SELECT 'commit'; /* rollback */ SELECT 2"),
-            (false, None)
+            (false, None, false)
         );
     }
 
