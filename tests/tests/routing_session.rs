@@ -2967,19 +2967,12 @@ async fn acl(c: &Client, rel: &str) -> Vec<String> {
 
 /// The shard id of `t`'s row `id` (the router's admin function).
 async fn shard_id_of(c: &Client, id: i64) -> i64 {
-    c.simple_query(&format!(
-        "SELECT get_shard_id_for_distribution_column('t', {id})"
-    ))
-    .await
-    .unwrap()
-    .iter()
-    .find_map(|m| match m {
-        shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
-            r.get(0).map(|v| v.parse().unwrap())
-        }
-        _ => None,
-    })
-    .unwrap()
+    let rows = text_rows(
+        c,
+        &format!("SELECT get_shard_id_for_distribution_column('t', {id})"),
+    )
+    .await;
+    rows[0][0].as_deref().unwrap().parse().unwrap()
 }
 
 /// An UPDATE that sets the distribution column to the row's own value (ORMs that write

@@ -70,35 +70,21 @@ impl Privileges {
             )
             .await?;
         // An ACL that was never set is the owner's default one: spelled out, so that
-        // the shard (owned by whoever created it) ends up with exactly the same.
-        let mut grants: Vec<Grant> = c
+        // the shard (owned by whoever created it) ends up with exactly the same. Then
+        // the column grants (column NULL: the table's).
+        let grants: Vec<Grant> = c
             .query(
                 &format!(
-                    "SELECT a.privilege_type, {}, a.is_grantable
+                    "SELECT a.privilege_type, NULL::text, {role}, a.is_grantable, 0::int2 AS n
                      FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
-                     WHERE c.oid = $1 ORDER BY 2, 1",
-                    role("a.grantee")
-                ),
-                &[&oid],
-            )
-            .await?
-            .iter()
-            .map(|r| Grant {
-                privilege: r.get(0),
-                column: None,
-                grantee: r.get(1),
-                grantable: r.get(2),
-            })
-            .collect();
-        grants.extend(
-            c.query(
-                &format!(
-                    "SELECT a.privilege_type, att.attname::text, {}, a.is_grantable
+                     WHERE c.oid = $1
+                     UNION ALL
+                     SELECT a.privilege_type, att.attname::text, {role}, a.is_grantable, att.attnum
                      FROM pg_attribute att, aclexplode(att.attacl) a
                      WHERE att.attrelid = $1 AND att.attnum > 0 AND NOT att.attisdropped
                        AND att.attacl IS NOT NULL
-                     ORDER BY att.attnum, 3, 1",
-                    role("a.grantee")
+                     ORDER BY 5, 3, 1",
+                    role = role("a.grantee")
                 ),
                 &[&oid],
             )
@@ -106,11 +92,11 @@ impl Privileges {
             .iter()
             .map(|r| Grant {
                 privilege: r.get(0),
-                column: Some(r.get(1)),
+                column: r.get(1),
                 grantee: r.get(2),
                 grantable: r.get(3),
-            }),
-        );
+            })
+            .collect();
         let policies = c
             .query(
                 &format!(
