@@ -2759,7 +2759,8 @@ async fn privileges_and_policies_reach_the_shards() {
     // Roles are not propagated: they are made on every node.
     for node in [env.direct().await, env.worker(0).await, env.worker(1).await] {
         node.batch_execute(
-            "DO $$BEGIN CREATE ROLE sg_priv_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$",
+            "DO $$BEGIN CREATE ROLE sg_priv_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$;
+             DO $$BEGIN CREATE ROLE sg_priv_reader; EXCEPTION WHEN duplicate_object THEN NULL; END$$",
         )
         .await
         .unwrap();
@@ -2909,6 +2910,37 @@ async fn privileges_and_policies_reach_the_shards() {
         .unwrap_err();
     assert_eq!(code(&e), "0A000", "{e:?}");
     // The shards' ACLs are the table's, entry for entry.
+    // A grant made by a grantee with the grant option (on the coordinator: DDL
+    // through the router needs the catalog's rights, which the app lacks) reaches the
+    // shards at the next sync with the same grantor.
+    env.direct()
+        .await
+        .batch_execute(
+            "GRANT SELECT ON pt TO sg_priv_app WITH GRANT OPTION;
+             SET ROLE sg_priv_app; GRANT SELECT ON pt TO sg_priv_reader; RESET ROLE",
+        )
+        .await
+        .unwrap();
+    a.batch_execute("GRANT SELECT ON pt TO sg_priv_app WITH GRANT OPTION")
+        .await
+        .unwrap();
+    let want = acl(&env.direct().await, "pt").await;
+    assert!(
+        want.iter().any(|e| e == "sg_priv_reader=r/sg_priv_app"),
+        "{want:?}"
+    );
+    for i in 0..2 {
+        let w = env.worker(i).await;
+        let shard: String = w
+            .query_one(
+                "SELECT min(tablename::text) FROM pg_tables WHERE tablename ~ '^pt_[0-9]+$'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(acl(&w, &shard).await, want, "chained grant on {shard}");
+    }
     // A new owner too (the ACL's entries move to it).
     a.batch_execute("ALTER TABLE pt OWNER TO sg_priv_app")
         .await
@@ -3043,4 +3075,105 @@ async fn updates_may_set_the_distribution_column_within_its_shard() {
     .await
     .unwrap();
     assert_eq!(v(&c, to).await, 101);
+}
+
+/// `ROLLBACK WORK TO a` and `ROLLBACK TRANSACTION TO SAVEPOINT a` are savepoint
+/// commands on every node of the transaction, not its end: the writes before the
+/// savepoint commit on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_work_to_a_savepoint_keeps_the_transaction() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let (x, y) = two_node_table(&c, false).await;
+    for (n, rollback_to) in [
+        (1, "ROLLBACK WORK TO a"),
+        (2, "rollback transaction to savepoint a"),
+    ] {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("UPDATE t SET v = $2 WHERE id = $1", &[&x, &n])
+            .await
+            .unwrap();
+        c.batch_execute("SAVEPOINT a").await.unwrap();
+        c.execute("UPDATE t SET v = 100 WHERE id = $1", &[&x])
+            .await
+            .unwrap();
+        c.execute("UPDATE t SET v = 100 WHERE id = $1", &[&y])
+            .await
+            .unwrap();
+        c.batch_execute(rollback_to).await.unwrap();
+        c.execute("UPDATE t SET v = $2 WHERE id = $1", &[&y, &(n + 10)])
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(
+            (v(&c, x).await, v(&c, y).await),
+            (n, n + 10),
+            "{rollback_to}"
+        );
+    }
+}
+
+/// A number given for a text distribution column is stored as the number's text
+/// (`007` is '7', `'0042'::int` is '42'): the row goes to the shard of that text, where
+/// a query for it finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_for_a_text_distribution_column_go_where_their_text_does() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    for sql in [
+        "CREATE TABLE tx (name text PRIMARY KEY, v int)",
+        "SELECT create_distributed_table('tx', 'name', shard_count => 16)",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let values = [
+        "007", "0042", "000123", "0099", "0005", "00311", "08", "0000",
+    ];
+    for (i, n) in values.iter().enumerate() {
+        c.batch_execute(&format!("INSERT INTO tx VALUES ({n}, {i})"))
+            .await
+            .unwrap();
+        c.batch_execute(&format!(
+            "INSERT INTO tx VALUES (' 1{n}'::int, {i}) ON CONFLICT (name) DO NOTHING"
+        ))
+        .await
+        .unwrap();
+    }
+    for (i, n) in values.iter().enumerate() {
+        let stored = n.trim_start_matches('0');
+        let stored = if stored.is_empty() { "0" } else { stored };
+        for name in [
+            stored.to_owned(),
+            format!("1{n}").parse::<i64>().unwrap().to_string(),
+        ] {
+            let rows = c
+                .query("SELECT v FROM tx WHERE name = $1", &[&name])
+                .await
+                .unwrap();
+            assert_eq!(rows.len(), 1, "{n} stored as {name}");
+            assert_eq!(rows[0].get::<_, i32>(0), i as i32);
+        }
+    }
+    // A new value written as a cast string: the row's shard is its text's.
+    c.batch_execute("UPDATE tx SET name = '0007'::int, v = 70 WHERE name = '7'")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO tx VALUES (CAST('+0051' AS bigint), 51)")
+        .await
+        .unwrap();
+    let rows = c
+        .query("SELECT v FROM tx WHERE name = '51'", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "CAST('+0051' AS bigint) is '51'");
+    let rows = c
+        .query("SELECT v FROM tx WHERE name = '7'", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, i32>(0), 70);
+    let e = c
+        .batch_execute("INSERT INTO tx VALUES (1.50, 0)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
 }

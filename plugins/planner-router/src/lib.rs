@@ -163,7 +163,14 @@ fn key_of(e: &Expr) -> Result<Option<Key>, ()> {
         Expr::Nested(inner) => key_of(inner),
         Expr::Cast {
             expr, data_type, ..
-        } if value_preserving_cast(data_type) => key_of(expr),
+        } if value_preserving_cast(data_type) => match key_of(expr)? {
+            // A string read as an integer is that integer: `'007'::int` is 7 (and '7'
+            // in a text column), not the text '007'.
+            Some(Key::Text(s)) if planner_sql::integer_type(data_type) => {
+                planner_sql::integer_text(&s).map(|v| Some(Key::Int(v))).ok_or(())
+            }
+            k => Ok(k),
+        },
         Expr::UnaryOp {
             op: UnaryOperator::Minus,
             expr,

@@ -26,6 +26,28 @@ pub fn parenthesize_prefix_operands(stmt: &mut ast::Statement) {
     });
 }
 
+/// Integer types: a cast to one reads a string as a number.
+pub fn integer_type(t: &ast::DataType) -> bool {
+    use ast::DataType as D;
+    matches!(
+        t,
+        D::SmallInt(_)
+            | D::Int(_)
+            | D::Integer(_)
+            | D::BigInt(_)
+            | D::Int2(_)
+            | D::Int4(_)
+            | D::Int8(_)
+    )
+}
+
+/// A string as Postgres's integer input reads it (spaces around it, a sign, decimal
+/// digits), or `None`: then the cast is left to Postgres, and the value pins nothing.
+pub fn integer_text(s: &str) -> Option<i64> {
+    s.trim_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']).parse().ok()
+}
+
+
 #[cfg(test)]
 mod tests {
     use sqlparser::dialect::PostgreSqlDialect;
@@ -44,5 +66,13 @@ mod tests {
         assert_eq!(printed("SELECT - -1"), "SELECT -(-1)");
         assert_eq!(printed("SELECT - - -x"), "SELECT -(-(-x))");
         assert_eq!(printed("SELECT -x, 1 - -2"), "SELECT -x, 1 - -2");
+    }
+
+    #[test]
+    fn strings_read_as_integers() {
+        assert_eq!(super::integer_text(" 007\n"), Some(7));
+        assert_eq!(super::integer_text("-12"), Some(-12));
+        assert_eq!(super::integer_text("1.5"), None);
+        assert_eq!(super::integer_text("99999999999999999999"), None);
     }
 }

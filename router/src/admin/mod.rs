@@ -198,7 +198,9 @@ impl AdminCtx<'_> {
                 },
             })?;
         if !self.settings_sql.is_empty() {
-            c.batch_execute(&self.settings_sql)
+            // Then row_security off again (`connect_node`): the settings start with a
+            // RESET ALL.
+            c.batch_execute(&format!("{};\nSET row_security = off", self.settings_sql))
                 .await
                 .map_err(|e| AdminError::on("coordinator", e))?;
         }

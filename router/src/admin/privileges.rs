@@ -14,7 +14,8 @@
 use super::shape::quote_ident;
 use tokio_postgres::Client;
 
-/// One privilege of one grantee: `privilege [(column)] TO grantee [WITH GRANT OPTION]`.
+/// One privilege of one grantee: `privilege [(column)] TO grantee [WITH GRANT OPTION]`,
+/// granted by `grantor`.
 #[derive(Debug, Clone, PartialEq)]
 struct Grant {
     privilege: String,
@@ -22,6 +23,8 @@ struct Grant {
     /// `PUBLIC` or a quoted role name.
     grantee: String,
     grantable: bool,
+    /// A quoted role name: the owner, or a grantee with the grant option.
+    grantor: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,15 +78,17 @@ impl Privileges {
         let grants: Vec<Grant> = c
             .query(
                 &format!(
-                    "SELECT a.privilege_type, NULL::text, {role}, a.is_grantable, 0::int2 AS n
+                    "SELECT a.privilege_type, NULL::text, {role}, a.is_grantable,
+                            a.grantor::regrole::text, 0::int2 AS n
                      FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
                      WHERE c.oid = $1
                      UNION ALL
-                     SELECT a.privilege_type, att.attname::text, {role}, a.is_grantable, att.attnum
+                     SELECT a.privilege_type, att.attname::text, {role}, a.is_grantable,
+                            a.grantor::regrole::text, att.attnum
                      FROM pg_attribute att, aclexplode(att.attacl) a
                      WHERE att.attrelid = $1 AND att.attnum > 0 AND NOT att.attisdropped
                        AND att.attacl IS NOT NULL
-                     ORDER BY 5, 3, 1",
+                     ORDER BY 6, 3, 1",
                     role = role("a.grantee")
                 ),
                 &[&oid],
@@ -95,6 +100,7 @@ impl Privileges {
                 column: r.get(1),
                 grantee: r.get(2),
                 grantable: r.get(3),
+                grantor: r.get(4),
             })
             .collect();
         let policies = c
@@ -185,7 +191,7 @@ impl Privileges {
                  END LOOP; END;"
             )));
             for g in &self.grants {
-                out.push(unless_missing(&format!(
+                let grant = format!(
                     "GRANT {}{} ON TABLE {shard} TO {}{}",
                     g.privilege,
                     g.column
@@ -198,6 +204,21 @@ impl Privileges {
                     } else {
                         ""
                     }
+                );
+                // Granted by its own grantor, as on the coordinator: by the login that
+                // is that grantor, or by a superuser taking its role. Another login
+                // (the owner, for a grant a grantee made) leaves it out: the REVOKE
+                // above took it away, so the shard has fewer rights, never more.
+                out.push(unless_missing(&format!(
+                    "IF current_user::regrole = {grantor}::regrole THEN
+                         EXECUTE {grant};
+                     ELSIF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+                         EXECUTE 'SET LOCAL ROLE ' || {grantor};
+                         EXECUTE {grant};
+                         RESET ROLE;
+                     END IF;",
+                    grantor = literal(&g.grantor),
+                    grant = literal(&grant),
                 )));
             }
         }
@@ -274,14 +295,18 @@ fn guarded(body: &str) -> String {
     }
 }
 
-/// `stmt`, skipped with a WARNING on a node that lacks a role, table or function it
-/// names (roles are not propagated): only for statements whose absence leaves fewer
-/// rights, never more.
+/// A statement (or, ending in `;`, PL/pgSQL statements) skipped with a WARNING on a
+/// node that lacks a role, table or function it names (roles are not propagated):
+/// only for statements whose absence leaves fewer rights, never more.
 fn unless_missing(stmt: &str) -> String {
-    let tag = tag_for(stmt);
+    let body = if stmt.ends_with(';') {
+        stmt.to_owned()
+    } else {
+        format!("EXECUTE {};", literal(stmt))
+    };
+    let tag = tag_for(&body);
     format!(
-        "DO ${tag}$ BEGIN EXECUTE {}; EXCEPTION WHEN undefined_object OR undefined_table OR undefined_function OR undefined_column THEN RAISE WARNING 'shardgate: skipped on this node: %', SQLERRM; END ${tag}$",
-        literal(stmt)
+        "DO ${tag}$ BEGIN {body} EXCEPTION WHEN undefined_object OR undefined_table OR undefined_function OR undefined_column THEN RAISE WARNING 'shardgate: skipped on this node: %', SQLERRM; END ${tag}$"
     )
 }
 
@@ -299,12 +324,14 @@ mod tests {
                     column: None,
                     grantee: "PUBLIC".into(),
                     grantable: false,
+                    grantor: "\"App Owner\"".into(),
                 },
                 Grant {
                     privilege: "UPDATE".into(),
                     column: Some("it's".into()),
                     grantee: "app".into(),
                     grantable: true,
+                    grantor: "app".into(),
                 },
             ],
             row_security: true,
@@ -336,6 +363,13 @@ mod tests {
         assert!(s[3].contains("aclexplode(att.attacl)") && s[3].contains("CASCADE"));
         assert!(s[4].contains("EXECUTE E'GRANT SELECT ON TABLE \"public\".\"t_1\" TO PUBLIC'"));
         assert!(s[4].contains("EXCEPTION WHEN undefined_object"));
+        // Each grant by its own grantor.
+        assert!(s[4].contains("IF current_user::regrole = E'\"App Owner\"'::regrole THEN"));
+        assert!(
+            s[5].contains("EXECUTE 'SET LOCAL ROLE ' || E'app';"),
+            "{}",
+            s[5]
+        );
         assert!(s[5].contains(
             "EXECUTE E'GRANT UPDATE (\"it''s\") ON TABLE \"public\".\"t_1\" TO app WITH GRANT OPTION'"
         ));

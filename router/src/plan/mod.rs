@@ -98,6 +98,18 @@ impl Planned {
         self.normalized && self.segments.iter().any(|s| matches!(s, Seg::Literal(_)))
     }
 
+    /// Whether normalised literal `k` is cast where the template uses it (`$k::int`,
+    /// `CAST($k AS int)`): its value is then not its text.
+    fn cast_follows(&self, k: usize) -> bool {
+        self.segments.windows(2).any(|w| match w {
+            [Seg::Literal(x), Seg::Text(t)] if *x == k => t.trim_start().starts_with("::"),
+            [Seg::Text(t), Seg::Literal(x)] if *x == k => {
+                t.trim_end().to_ascii_lowercase().ends_with("cast(")
+            }
+            _ => false,
+        })
+    }
+
     /// Whether the template is an UPDATE (its first word).
     fn is_update(&self) -> bool {
         matches!(self.segments.first(), Some(Seg::Text(t))
@@ -1216,7 +1228,18 @@ impl Planner {
                                 "the plan names a literal the statement does not have".into(),
                             )
                         })?;
-                    text_key(&literal_text(tok), vt)?
+                    if matches!(vt, ValueType::Text | ValueType::Varchar)
+                        && tok.starts_with(['\'', 'e', 'E'])
+                        && plan.cast_follows(i - plan.client_params as usize)
+                    {
+                        // `'0007'::int` for a text column is the text '7': the tiers
+                        // read the cast from the statement as written (the caller
+                        // plans it again so on this error).
+                        return Err(PlanError::InvalidValue(
+                            "a cast string as the value of a text distribution column".into(),
+                        ));
+                    }
+                    text_key(&number_as_text(tok, vt)?, vt)?
                 } else {
                     match param(i) {
                         None => {
@@ -1284,6 +1307,25 @@ fn literal_value(l: &Literal, t: ValueType) -> Result<Option<Value>, PlanError> 
         Literal::Text(s) => text_key(s, t),
         Literal::Boolean(b) => parse(if *b { "true" } else { "false" }, t).map(Some),
     }
+}
+
+/// A normalised literal's text. A number (not quoted) for a text column is stored as
+/// the number's own text, which is not always the token: `007` is `'7'`. Integers are
+/// written as Postgres writes them; other numbers (`1.50`, `1e3`) are not followed.
+fn number_as_text(token: &str, t: ValueType) -> Result<String, PlanError> {
+    let text = literal_text(token);
+    if !matches!(t, ValueType::Text | ValueType::Varchar)
+        || !token.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+    {
+        return Ok(text);
+    }
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(PlanError::NotSupported(format!(
+            "the number {token} as the value of a text distribution column: write it as a string"
+        )));
+    }
+    let digits = text.trim_start_matches('0');
+    Ok(if digits.is_empty() { "0" } else { digits }.to_owned())
 }
 
 /// A key given as text (a literal, a text parameter) as a value of the column's type;

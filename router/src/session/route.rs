@@ -64,7 +64,13 @@ pub(super) fn control(sql: &str) -> Option<Control> {
     } else if is(first, "abort") {
         Control::End(TxnEnd::Rollback)
     } else if is(first, "rollback") {
-        if is(second, "to") || is(second, "prepared") {
+        // `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name`.
+        let third = if is(second, "work") || is(second, "transaction") {
+            words.next().unwrap_or("")
+        } else {
+            second
+        };
+        if is(third, "to") || is(second, "prepared") {
             Control::Other
         } else {
             Control::End(TxnEnd::Rollback)
@@ -1598,18 +1604,23 @@ fn statement_writes(sql: &str) -> bool {
 
 /// Whether a string holds a statement that ends the transaction (COMMIT, END,
 /// ROLLBACK, ABORT; not ROLLBACK TO or PREPARE TRANSACTION), the BEGIN statement after
-/// the last such one, if any (the transaction the string leaves open), and whether it
-/// holds a ROLLBACK TO (which answers with the tag of a ROLLBACK).
+/// the last such one, if any (the transaction the string leaves open), and whether a
+/// ROLLBACK TO (which answers with the tag of a ROLLBACK) comes before an end.
 pub(super) fn end_statements(sql: &str) -> (bool, Option<&str>, bool) {
     let mut ends = false;
     let mut begin = None;
     let mut rolls_back_to = false;
+    let mut rollback_to_before = false;
     for stmt in crate::plan::normalize::statements(sql) {
         match control(stmt) {
             // `COMMIT AND CHAIN` goes on with the same transaction modes.
             Some(Control::End(_)) if !and_chain(stmt) => {
                 ends = true;
                 begin = None;
+                // A ROLLBACK TO before it could answer with a ROLLBACK tag of its own
+                // in a string that fails before this end runs (one after it runs
+                // only if this end did).
+                rolls_back_to |= rollback_to_before;
             }
             Some(Control::Begin) => begin = Some(stmt.trim_end()),
             Some(Control::Other)
@@ -1618,7 +1629,7 @@ pub(super) fn end_statements(sql: &str) -> (bool, Option<&str>, bool) {
                     .get(..8)
                     .is_some_and(|w| w.eq_ignore_ascii_case("rollback")) =>
             {
-                rolls_back_to = true
+                rollback_to_before = true
             }
             _ => {}
         }
@@ -1841,6 +1852,16 @@ mod tests {
         assert_eq!(control("ROLLBACK"), Some(Control::End(TxnEnd::Rollback)));
         assert_eq!(control("abort"), Some(Control::End(TxnEnd::Rollback)));
         assert_eq!(control("ROLLBACK TO SAVEPOINT a"), Some(Control::Other));
+        // The noise words: a savepoint command, not the end of the transaction.
+        assert_eq!(control("rollback work to a"), Some(Control::Other));
+        assert_eq!(
+            control("ROLLBACK TRANSACTION TO SAVEPOINT a"),
+            Some(Control::Other)
+        );
+        assert_eq!(
+            control("ROLLBACK WORK"),
+            Some(Control::End(TxnEnd::Rollback))
+        );
         assert_eq!(control("savepoint a"), Some(Control::Other));
         assert_eq!(control("PREPARE TRANSACTION 'x'"), Some(Control::Other));
         assert_eq!(control("PREPARE q AS SELECT 1"), None);
@@ -1883,7 +1904,7 @@ mod tests {
         assert_eq!(end_statements("BEGIN; SELECT 1; END"), (true, None, false));
         assert_eq!(
             end_statements("SELECT 1; ROLLBACK TO s"),
-            (false, None, true)
+            (false, None, false)
         );
         assert_eq!(end_statements("COMMIT AND CHAIN"), (false, None, false));
         assert_eq!(
@@ -1897,6 +1918,14 @@ mod tests {
         assert_eq!(
             end_statements("ROLLBACK; BEGIN; SAVEPOINT a; RELEASE a"),
             (true, Some("BEGIN"), false)
+        );
+        assert_eq!(
+            end_statements("COMMIT; BEGIN; SAVEPOINT a; ROLLBACK TO a"),
+            (true, Some("BEGIN"), false)
+        );
+        assert_eq!(
+            end_statements("ROLLBACK WORK TO a; COMMIT; BEGIN"),
+            (true, Some("BEGIN"), true)
         );
         assert_eq!(
             end_statements("SELECT 'commit'; /* rollback */ SELECT 2"),
