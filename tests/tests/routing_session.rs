@@ -3177,3 +3177,25 @@ async fn numbers_for_a_text_distribution_column_go_where_their_text_does() {
         .unwrap_err();
     assert_eq!(code(&e), "0A000", "{e:?}");
 }
+
+/// A string that would end a transaction spanning several nodes on one of them
+/// (`SAVEPOINT a; COMMIT`, `BEGIN; COMMIT`) is refused; the transaction then rolls back
+/// whole: no node's part is committed alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_string_cannot_commit_one_node_of_several() {
+    let env = fleet("transaction").await;
+    let c = env.client().await;
+    let (x, y) = two_node_table(&c, false).await;
+    for end in ["SAVEPOINT a; COMMIT", "BEGIN; COMMIT", "SELECT 1; COMMIT"] {
+        c.batch_execute("BEGIN").await.unwrap();
+        for id in [x, y] {
+            c.execute("UPDATE t SET v = v + 1 WHERE id = $1", &[&id])
+                .await
+                .unwrap();
+        }
+        let e = c.batch_execute(end).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{end}: {e:?}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!((v(&c, x).await, v(&c, y).await), (0, 0), "{end}");
+    }
+}

@@ -1252,6 +1252,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // joined with a plain BEGIN, not an earlier transaction's.
             self.begin_sql = None;
         }
+        if self.status != TxnStatus::Idle
+            && !matches!(ctl, Some(Control::End(_)))
+            && !self.parked.is_empty()
+            && sql.is_some_and(ends_transaction_inside)
+        {
+            // The string would end the transaction on this node alone (`SAVEPOINT a;
+            // COMMIT`, `BEGIN; COMMIT`): a string that starts with the end is run
+            // after the other nodes' part ends (`end_others_first`); others are
+            // refused.
+            return Err(PlanError::NotSupported(
+                "this transaction spans several nodes: COMMIT / ROLLBACK / PREPARE TRANSACTION must be sent as a statement of its own, not inside a query string with other statements".into(),
+            )
+            .into());
+        }
         match self.status {
             TxnStatus::Failed => {
                 match ctl {
@@ -1301,12 +1315,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     None => Ok(()),
                 },
                 Some(_) => Ok(()),
-                None if !self.parked.is_empty() && sql.is_some_and(ends_transaction_inside) => {
-                    Err(PlanError::NotSupported(
-                        "this transaction spans several nodes: COMMIT / ROLLBACK / PREPARE TRANSACTION must be sent as a statement of its own, not inside a query string with other statements".into(),
-                    )
-                    .into())
-                }
                 None => {
                     let writes = sql.is_none_or(|s| self.writes_here(s));
                     self.check_write(None, writes)?;
