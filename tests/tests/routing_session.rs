@@ -2473,6 +2473,32 @@ async fn transaction_modes_reach_every_node_of_the_transaction() {
         "the transaction after COMMIT; BEGIN READ ONLY"
     );
     a.batch_execute("COMMIT").await.unwrap();
+
+    // AND CHAIN: the next transaction keeps the modes (BEGIN's and SET TRANSACTION's),
+    // and the SETs of the one that ended are kept or dropped as it ended.
+    let name =
+        |id: i64| format!("SELECT current_setting('application_name') FROM t WHERE id = {id}");
+    a.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    a.batch_execute("SET TRANSACTION READ ONLY").await.unwrap();
+    a.batch_execute("SET application_name = 'rolled back'")
+        .await
+        .unwrap();
+    a.batch_execute("ROLLBACK AND CHAIN").await.unwrap();
+    on_both(["repeatable read", "on"], "ROLLBACK AND CHAIN").await;
+    a.batch_execute("SET application_name = 'committed'")
+        .await
+        .unwrap();
+    a.batch_execute("COMMIT AND CHAIN").await.unwrap();
+    on_both(["repeatable read", "on"], "COMMIT AND CHAIN").await;
+    a.batch_execute("ROLLBACK").await.unwrap();
+    for id in [x, y] {
+        let got = text_rows(&a, &name(id)).await[0][0].clone();
+        assert_eq!(got.as_deref(), Some("committed"), "the node of {id}");
+    }
+    on_both(["read committed", "off"], "after the chain").await;
+    a.batch_execute("RESET ALL").await.unwrap();
     drop(a);
 
     // The same with the next request pipelined, sent in the same write before the

@@ -96,6 +96,9 @@ struct Ends {
     /// It also holds a ROLLBACK TO, which answers with a ROLLBACK tag: a string that
     /// then fails is not taken for one that ended.
     rolls_back_to: bool,
+    /// It ends with `AND CHAIN`: the next transaction keeps the modes of the one that
+    /// ended (its BEGIN and SET TRANSACTION), not its other settings.
+    chain: bool,
 }
 
 /// How to take back a change to the session's statement names when Postgres skips the
@@ -501,19 +504,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
             }
         }
-        // `COMMIT; BEGIN` in one string: the transaction that ends has its own
-        // settings, which the next one must not inherit (`on_ready`). Only a string of
-        // several statements can end one and open another: one alone is not lexed (the
-        // OLTP path stays a byte scan). The status is the client's last one: with
-        // requests still unanswered, a transaction may be open already.
+        // `COMMIT; BEGIN` in one string, or `COMMIT AND CHAIN`: the transaction that
+        // ends has its own settings, which the next one must not inherit (`on_ready`).
+        // Only a string of several statements, or one that starts like an end, is
+        // lexed (the OLTP path stays a byte scan). The status is the client's last one:
+        // with requests still unanswered, a transaction may be open already.
         let ends = match frame.tag {
             tag::QUERY if self.status != TxnStatus::Idle || !self.expect.is_empty() => {
                 let body = frame.body();
                 let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
-                match memchr::memchr(b';', sql.as_bytes()).map(|_| route::end_statements(sql)) {
-                    Some((true, begin, rolls_back_to)) => Some(Ends {
+                let lex = memchr::memchr(b';', sql.as_bytes()).is_some()
+                    || matches!(
+                        sql.trim_start().as_bytes().first(),
+                        Some(b'c' | b'C' | b'r' | b'R' | b'e' | b'E' | b'a' | b'A')
+                    );
+                match lex.then(|| route::end_statements(sql)) {
+                    Some((true, begin, rolls_back_to, chain)) => Some(Ends {
                         next_begin: begin.map(str::to_owned),
                         rolls_back_to,
+                        chain,
                     }),
                     _ => None,
                 }
@@ -1646,11 +1655,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     || (status == TxnStatus::Failed && !e.rolls_back_to))
         });
         let ended_inside = next.is_some();
+        let chain = next.as_ref().is_some_and(|n| n.chain);
         if let Some(next) = next {
-            // Nodes joining the new transaction begin it as the string did, with none
-            // of the old one's savepoints. (Its writers stay: at worst a node that
-            // wrote in the old one takes part in the new one's two-phase commit.)
-            self.begin_sql = next.next_begin;
+            // Nodes joining the new transaction begin it as the string did (a chained
+            // one as the old one began), with none of the old one's savepoints. (Its
+            // writers stay: at worst a node that wrote in the old one takes part in
+            // the new one's two-phase commit.)
+            if !next.chain {
+                self.begin_sql = next.next_begin;
+            }
             self.savepoints.clear();
             self.doomed = false;
             self.doomed_by_deadlock = false;
@@ -1662,6 +1675,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if (status == TxnStatus::Idle && self.status != TxnStatus::Idle) || ended_inside {
             // The transaction ended: its session-level SETs stay only if it committed.
             let mut pending = std::mem::take(&mut self.txn_settings);
+            // A chained transaction keeps the modes `SET TRANSACTION` gave the old one.
+            let modes: Vec<SessionStmt> = if chain {
+                pending
+                    .iter()
+                    .filter(|t| {
+                        !matches!(t, SessionStmt::Many(_)) && settings::is_transaction_mode(t)
+                    })
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
             pending.retain(|t| !t.is_local());
             self.txn_applied.clear();
             if self.saw_commit {
@@ -1693,6 +1718,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if ended_inside {
                 // The new transaction has not committed.
                 self.saw_commit = false;
+            }
+            if !modes.is_empty() {
+                // The node that ran the string has them (Postgres chained them).
+                let n = modes.len();
+                self.txn_settings = modes;
+                self.note_applied(self.node, n);
             }
         }
         self.status = status;

@@ -1297,7 +1297,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 } else if let Some(sql) = sql
                     && memchr::memchr(b';', sql.trim_end().trim_end_matches(';').as_bytes())
                         .is_some()
-                    && let (_, Some(begin), _) = end_statements(sql)
+                    && let (_, Some(begin), _, _) = end_statements(sql)
                 {
                     // `SELECT 1; BEGIN ISOLATION LEVEL ...`: a BEGIN after the first
                     // statement opens the transaction, with its options.
@@ -1610,27 +1610,31 @@ fn statement_writes(sql: &str) -> bool {
     })
 }
 
-/// Whether a string holds a statement that ends the transaction (COMMIT, END,
-/// ROLLBACK, ABORT; not ROLLBACK TO or PREPARE TRANSACTION), the BEGIN statement after
-/// the last such one, if any (the transaction the string leaves open), and whether a
-/// ROLLBACK TO (which answers with the tag of a ROLLBACK) comes before an end.
-pub(super) fn end_statements(sql: &str) -> (bool, Option<&str>, bool) {
+/// What a string does to the transaction it runs in: whether it holds a statement
+/// that ends it (COMMIT, END, ROLLBACK, ABORT; not ROLLBACK TO or PREPARE
+/// TRANSACTION); the BEGIN statement after the last such one, if any (the transaction
+/// the string leaves open); whether a ROLLBACK TO (which answers with the tag of a
+/// ROLLBACK) comes before an end; and whether the last end is `AND CHAIN` (the next
+/// transaction keeps the modes of the one that ended).
+pub(super) fn end_statements(sql: &str) -> (bool, Option<&str>, bool, bool) {
     let mut ends = false;
     let mut begin = None;
     let mut rolls_back_to = false;
     let mut rollback_to_before = false;
+    let mut chain = false;
     for stmt in crate::plan::normalize::statements(sql) {
         match control(stmt) {
-            // `COMMIT AND CHAIN` goes on with the same transaction modes.
-            Some(Control::End(_)) if !and_chain(stmt) => {
+            Some(Control::End(_)) => {
                 ends = true;
                 begin = None;
+                chain = and_chain(stmt);
                 // A ROLLBACK TO before it could answer with a ROLLBACK tag of its own
                 // in a string that fails before this end runs (one after it runs
                 // only if this end did).
                 rolls_back_to |= rollback_to_before;
             }
-            Some(Control::Begin) => begin = Some(stmt.trim_end()),
+            // After `... AND CHAIN`, Postgres ignores a BEGIN (a warning).
+            Some(Control::Begin) if !chain => begin = Some(stmt.trim_end()),
             Some(Control::Other)
                 if stmt
                     .trim_start()
@@ -1642,7 +1646,7 @@ pub(super) fn end_statements(sql: &str) -> (bool, Option<&str>, bool) {
             _ => {}
         }
     }
-    (ends, begin, rolls_back_to)
+    (ends, begin, rolls_back_to, chain)
 }
 
 /// `COMMIT AND CHAIN` / `ROLLBACK AND CHAIN` (not `AND NO CHAIN`).
@@ -1900,44 +1904,63 @@ mod tests {
 
     #[test]
     fn strings_that_end_a_transaction() {
-        assert_eq!(end_statements("COMMIT"), (true, None, false));
+        assert_eq!(
+            end_statements("rollback and chain; begin read only"),
+            (true, None, false, true)
+        );
+        assert_eq!(
+            end_statements("COMMIT AND CHAIN; COMMIT; BEGIN"),
+            (true, Some("BEGIN"), false, false)
+        );
+        assert_eq!(end_statements("COMMIT"), (true, None, false, false));
         assert_eq!(
             end_statements("ROLLBACK; BEGIN"),
-            (true, Some("BEGIN"), false)
+            (true, Some("BEGIN"), false, false)
         );
         assert_eq!(
             end_statements("commit ; begin isolation level serializable ;"),
-            (true, Some("begin isolation level serializable"), false)
+            (
+                true,
+                Some("begin isolation level serializable"),
+                false,
+                false
+            )
         );
-        assert_eq!(end_statements("BEGIN; SELECT 1; END"), (true, None, false));
+        assert_eq!(
+            end_statements("BEGIN; SELECT 1; END"),
+            (true, None, false, false)
+        );
         assert_eq!(
             end_statements("SELECT 1; ROLLBACK TO s"),
-            (false, None, false)
+            (false, None, false, false)
         );
-        assert_eq!(end_statements("COMMIT AND CHAIN"), (false, None, false));
+        assert_eq!(
+            end_statements("COMMIT AND CHAIN"),
+            (true, None, false, true)
+        );
         assert_eq!(
             end_statements("commit and no chain; begin"),
-            (true, Some("begin"), false)
+            (true, Some("begin"), false, false)
         );
         assert_eq!(
             end_statements("PREPARE TRANSACTION 'x'"),
-            (false, None, false)
+            (false, None, false, false)
         );
         assert_eq!(
             end_statements("ROLLBACK; BEGIN; SAVEPOINT a; RELEASE a"),
-            (true, Some("BEGIN"), false)
+            (true, Some("BEGIN"), false, false)
         );
         assert_eq!(
             end_statements("COMMIT; BEGIN; SAVEPOINT a; ROLLBACK TO a"),
-            (true, Some("BEGIN"), false)
+            (true, Some("BEGIN"), false, false)
         );
         assert_eq!(
             end_statements("ROLLBACK WORK TO a; COMMIT; BEGIN"),
-            (true, Some("BEGIN"), true)
+            (true, Some("BEGIN"), true, false)
         );
         assert_eq!(
             end_statements("SELECT 'commit'; /* rollback */ SELECT 2"),
-            (false, None, false)
+            (false, None, false, false)
         );
     }
 
