@@ -376,7 +376,7 @@ fn key_of(e: &Expr) -> Result<Option<ShardKey>, ()> {
         Expr::Nested(inner) => key_of(inner),
         Expr::Cast {
             expr, data_type, ..
-        } if value_preserving_cast(data_type) => match key_of(expr)? {
+        } if planner_sql::value_preserving_cast(data_type) => match key_of(expr)? {
             // A string read as an integer is that integer: `'007'::int` is 7 (and '7'
             // in a text column), not the text '007'.
             Some(ShardKey::Value(Literal::Text(s))) if planner_sql::integer_type(data_type) => {
@@ -635,27 +635,4 @@ fn set_alias(
             columns: Vec::new(),
         });
     }
-}
-
-/// Casts a key may carry and still be the value it is written as: integer types, text
-/// and varchar without a length, uuid, boolean. Others (`varchar(2)`, `char(n)`,
-/// `numeric`...) may change the value, so such a key does not pin a shard.
-fn value_preserving_cast(t: &ast::DataType) -> bool {
-    use ast::DataType as D;
-    matches!(
-        t,
-        D::SmallInt(_)
-            | D::Int(_)
-            | D::Integer(_)
-            | D::BigInt(_)
-            | D::Int2(_)
-            | D::Int4(_)
-            | D::Int8(_)
-            | D::Text
-            | D::Varchar(None)
-            | D::CharacterVarying(None)
-            | D::Uuid
-            | D::Bool
-            | D::Boolean
-    )
 }

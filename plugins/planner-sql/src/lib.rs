@@ -26,6 +26,19 @@ pub fn parenthesize_prefix_operands(stmt: &mut ast::Statement) {
     });
 }
 
+/// Casts a key may carry and still be the value it is written as: integer types, text
+/// and varchar without a length, uuid, boolean. Others (`varchar(2)`, `char(n)`,
+/// `numeric`...) may change the value, so such a key does not pin a shard. (A string
+/// cast to an integer type is read as the integer: [`integer_text`].)
+pub fn value_preserving_cast(t: &ast::DataType) -> bool {
+    use ast::DataType as D;
+    integer_type(t)
+        || matches!(
+            t,
+            D::Text | D::Varchar(None) | D::CharacterVarying(None) | D::Uuid | D::Bool | D::Boolean
+        )
+}
+
 /// Integer types: a cast to one reads a string as a number.
 pub fn integer_type(t: &ast::DataType) -> bool {
     use ast::DataType as D;
@@ -44,9 +57,10 @@ pub fn integer_type(t: &ast::DataType) -> bool {
 /// A string as Postgres's integer input reads it (spaces around it, a sign, decimal
 /// digits), or `None`: then the cast is left to Postgres, and the value pins nothing.
 pub fn integer_text(s: &str) -> Option<i64> {
-    s.trim_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']).parse().ok()
+    s.trim_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c'])
+        .parse()
+        .ok()
 }
-
 
 #[cfg(test)]
 mod tests {
