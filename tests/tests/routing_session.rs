@@ -2896,9 +2896,9 @@ async fn privileges_and_policies_reach_the_shards() {
         .await
         .unwrap();
     assert_eq!(sees(x, y).await, Ok(1), "a policy that shows every row");
-    // A role the workers lack: a permissive policy for it is skipped there (it could
-    // only give rights); a restrictive one fails the statement everywhere (skipped, it
-    // would take none away).
+    // A role the workers lack: a policy for it fails the statement everywhere
+    // (skipped, a restrictive one would take no rights away, and a permissive one
+    // would hide rows without a word).
     env.direct()
         .await
         .batch_execute(
@@ -2906,9 +2906,11 @@ async fn privileges_and_policies_reach_the_shards() {
         )
         .await
         .unwrap();
-    a.batch_execute("CREATE POLICY for_nowhere ON pt FOR SELECT TO sg_priv_nowhere USING (true)")
+    let e = a
+        .batch_execute("CREATE POLICY for_nowhere ON pt FOR SELECT TO sg_priv_nowhere USING (true)")
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(code(&e), "42704", "{e:?}");
     let e = a
         .batch_execute(
             "CREATE POLICY limit_app ON pt AS RESTRICTIVE TO sg_priv_app, sg_priv_nowhere USING (tenant = 0)",
@@ -2920,13 +2922,32 @@ async fn privileges_and_policies_reach_the_shards() {
         .direct()
         .await
         .query_one(
-            "SELECT count(*) FROM pg_policy WHERE polrelid = 'pt'::regclass AND polname = 'limit_app'",
+            "SELECT count(*) FROM pg_policy WHERE polrelid = 'pt'::regclass AND polname IN ('limit_app', 'for_nowhere')",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(policies, 0, "the refused policy is on no node");
+    assert_eq!(policies, 0, "the refused policies are on no node");
+    // SET SESSION AUTHORIZATION would not reach the workers (they would keep the
+    // login's identity and rights): refused, in every spelling.
+    for sql in [
+        "SET SESSION AUTHORIZATION sg_priv_app",
+        "SET session_authorization = 'sg_priv_app'",
+        "SELECT set_config('session_authorization', 'sg_priv_app', false)",
+    ] {
+        let e = a.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
+    }
+    let who: String = a
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "postgres");
+    a.batch_execute("SET SESSION AUTHORIZATION DEFAULT")
+        .await
+        .unwrap();
     assert_eq!(sees(x, y).await, Ok(1), "no restrictive policy anywhere");
     // FORCE ROW LEVEL SECURITY is not followed: refused, not run on the coordinator
     // alone.

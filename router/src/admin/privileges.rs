@@ -247,9 +247,10 @@ impl Privileges {
                 if let Some(c) = &p.check {
                     s.push_str(&format!(" WITH CHECK ({c})"));
                 }
-                // A permissive policy a node cannot have takes rights away there; a
-                // restrictive one would give them: that fails the statement instead.
-                out.push(if p.permissive { unless_missing(&s) } else { s });
+                // A policy a node cannot have (a role, table or function it lacks)
+                // fails the statement: skipped, a restrictive one would give rights,
+                // and a permissive one would silently hide rows.
+                out.push(s);
             }
         }
         out
@@ -374,24 +375,19 @@ mod tests {
             "EXECUTE E'GRANT UPDATE (\"it''s\") ON TABLE \"public\".\"t_1\" TO app WITH GRANT OPTION'"
         ));
         assert!(s[6].contains("DROP POLICY"));
-        // A restrictive policy is never skipped; its `$sg$` needs no other tag here.
+        // A policy is never skipped (a node that cannot have it fails the statement).
         assert!(s[7].starts_with("CREATE POLICY \"tenant\" ON \"public\".\"t_1\" AS RESTRICTIVE FOR SELECT TO app, PUBLIC USING ((tenant"), "{}", s[7]);
         // Scopes.
         assert_eq!(p.shard_sql(shard, Scope::Grants).len(), 3);
         assert_eq!(p.shard_sql(shard, Scope::Policies).len(), 2);
         assert_eq!(p.shard_sql(shard, Scope::OwnerAndSecurity).len(), 3);
-        // A permissive policy is skipped where it cannot be made, quoted with a tag
-        // its text does not hold; a backslash survives the literal.
+        // A grant whose text holds `$sg$` is quoted with another tag; a backslash
+        // survives the literal.
         let mut q = p.clone();
-        q.policies[0].permissive = true;
-        q.policies[0].using = Some("v <> 'x$sg$\\'".into());
-        let s = q.shard_sql(shard, Scope::Policies);
-        assert!(
-            s[1].starts_with("DO $sgx$ BEGIN EXECUTE E'CREATE POLICY"),
-            "{}",
-            s[1]
-        );
-        assert!(s[1].contains("''x$sg$\\\\''"), "{}", s[1]);
-        assert!(s[1].ends_with("END $sgx$"));
+        q.grants[1].column = Some("x$sg$\\".into());
+        let s = q.shard_sql(shard, Scope::Grants);
+        assert!(s[2].starts_with("DO $sgx$ BEGIN IF"), "{}", s[2]);
+        assert!(s[2].contains("(\"x$sg$\\\\\")"), "{}", s[2]);
+        assert!(s[2].ends_with("END $sgx$"));
     }
 }

@@ -479,6 +479,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             protocol::encode_ready_for_query(&mut self.out, self.status);
             return Ok(());
         }
+        if untracked
+            && frame.tag == tag::QUERY
+            && self.database == self.ctx.catalog.database
+            && !self.ctx.catalog.peek().tables.is_empty()
+        {
+            let body = frame.body();
+            let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
+            if settings::sets_session_authorization(sql) {
+                // The workers would keep the login's identity, and its rights (row-level
+                // security and grants of the new identity not applied there).
+                return self
+                    .refuse_in_session(
+                        crate::plan::PlanError::NotSupported(
+                            "SET SESSION AUTHORIZATION is not followed on the worker nodes of distributed tables (they would keep the login's identity and rights): use SET ROLE, which is".into(),
+                        )
+                        .into(),
+                    )
+                    .await;
+            }
+        }
         if let Err(e) = self.choose_node_simple(&frame).await {
             return match e {
                 RouterError::Plan(_) => self.refuse_in_session(e).await,

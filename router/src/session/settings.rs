@@ -783,6 +783,43 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
     }
 }
 
+/// Whether a string changes the session's identity with SET SESSION AUTHORIZATION (in
+/// any spelling, `DEFAULT` aside): the router does not follow that to the workers,
+/// which would keep the login's identity (and its rights).
+pub fn sets_session_authorization(sql: &str) -> bool {
+    crate::plan::normalize::statements(sql)
+        .into_iter()
+        .any(|stmt| {
+            let lower = stmt.to_ascii_lowercase();
+            let words: Vec<&str> = lower
+                .split(|c: char| c.is_whitespace() || c == ';')
+                .filter(|w| !w.is_empty())
+                .collect();
+            let not_default = |w: Option<&&str>| w.is_some_and(|w| *w != "default");
+            match words.as_slice() {
+                [
+                    "set",
+                    "session" | "local",
+                    "session",
+                    "authorization",
+                    rest @ ..,
+                ]
+                | ["set", "session", "authorization", rest @ ..] => not_default(rest.first()),
+                [
+                    "set",
+                    "session" | "local",
+                    "session_authorization",
+                    "=" | "to",
+                    rest @ ..,
+                ]
+                | ["set", "session_authorization", "=" | "to", rest @ ..] => {
+                    not_default(rest.first())
+                }
+                _ => lower.contains("set_config") && lower.contains("session_authorization"),
+            }
+        })
+}
+
 /// Whether a statement changes the transaction's modes (`SET TRANSACTION ...`, or
 /// the `transaction_isolation` / `_read_only` / `_deferrable` settings), which Postgres
 /// accepts or refuses depending on whether the transaction already ran a query.
@@ -1122,6 +1159,30 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn session_authorization_changes() {
+        for sql in [
+            "SET SESSION AUTHORIZATION carol",
+            "set session session authorization 'carol'",
+            "SET LOCAL SESSION AUTHORIZATION carol",
+            "SET session_authorization = carol",
+            "SET session_authorization TO 'carol'",
+            "SELECT 1; SET SESSION AUTHORIZATION carol",
+            "SELECT set_config('session_authorization', 'carol', false)",
+        ] {
+            assert!(sets_session_authorization(sql), "{sql}");
+        }
+        for sql in [
+            "SET SESSION AUTHORIZATION DEFAULT",
+            "RESET SESSION AUTHORIZATION",
+            "SET session_authorization = default",
+            "SELECT 'session authorization'",
+            "SET ROLE carol",
+        ] {
+            assert!(!sets_session_authorization(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn modes_that_must_come_before_any_query() {
