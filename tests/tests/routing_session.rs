@@ -2939,6 +2939,12 @@ async fn privileges_and_policies_reach_the_shards() {
         let e = a.batch_execute(sql).await.unwrap_err();
         assert_eq!(code(&e), "0A000", "{sql}: {e:?}");
     }
+    // The extended protocol too.
+    let e = a
+        .execute("SET SESSION AUTHORIZATION sg_priv_app", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e:?}");
     let who: String = a
         .query_one("SELECT current_user::text", &[])
         .await

@@ -41,7 +41,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Ok(sql) = std::str::from_utf8(query) else {
             return false;
         };
-        let message = match self.admin_check(sql.trim_end_matches('\0')) {
+        let sql = sql.trim_end_matches('\0');
+        if self.refuses_session_authorization(sql) {
+            self.raise_on_backend(
+                crate::error::sqlstate::FEATURE_NOT_SUPPORTED.code(),
+                super::settings::SESSION_AUTHORIZATION_REFUSED,
+            );
+            return true;
+        }
+        let message = match self.admin_check(sql) {
             None => return false,
             Some(Ok(r)) => format!(
                 "{}: shardgate runs admin functions and DDL on distributed tables for simple queries only; send it without parameters through the simple query protocol",
@@ -54,6 +62,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             &message,
         );
         true
+    }
+
+    /// Whether `sql` sets the session authorization in a database with distributed
+    /// tables, where the workers would not follow it (`settings::sets_session_authorization`).
+    /// A byte scan for `z` keeps it off the path of other statements.
+    pub(super) fn refuses_session_authorization(&self, sql: &str) -> bool {
+        memchr::memchr2(b'z', b'Z', sql.as_bytes()).is_some()
+            && self.database == self.ctx.catalog.database
+            && !self.ctx.catalog.peek().tables.is_empty()
+            && super::settings::sets_session_authorization(sql)
     }
 
     /// Runs an intercepted request once every earlier reply has been sent.

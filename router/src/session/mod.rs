@@ -479,20 +479,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             protocol::encode_ready_for_query(&mut self.out, self.status);
             return Ok(());
         }
-        if untracked
-            && frame.tag == tag::QUERY
-            && self.database == self.ctx.catalog.database
-            && !self.ctx.catalog.peek().tables.is_empty()
-        {
+        if untracked && frame.tag == tag::QUERY {
             let body = frame.body();
             let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
-            if settings::sets_session_authorization(sql) {
+            if self.refuses_session_authorization(sql) {
                 // The workers would keep the login's identity, and its rights (row-level
                 // security and grants of the new identity not applied there).
                 return self
                     .refuse_in_session(
                         crate::plan::PlanError::NotSupported(
-                            "SET SESSION AUTHORIZATION is not followed on the worker nodes of distributed tables (they would keep the login's identity and rights): use SET ROLE, which is".into(),
+                            settings::SESSION_AUTHORIZATION_REFUSED.into(),
                         )
                         .into(),
                     )

@@ -783,6 +783,9 @@ pub fn classify(sql: &str) -> Option<SessionStmt> {
     }
 }
 
+/// Why SET SESSION AUTHORIZATION is refused where there are distributed tables.
+pub const SESSION_AUTHORIZATION_REFUSED: &str = "SET SESSION AUTHORIZATION is not followed on the worker nodes of distributed tables (they would keep the login's identity and rights): use SET ROLE, which is";
+
 /// Whether a string changes the session's identity with SET SESSION AUTHORIZATION (in
 /// any spelling, `DEFAULT` aside): the router does not follow that to the workers,
 /// which would keep the login's identity (and its rights).
