@@ -41,15 +41,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Ok(sql) = std::str::from_utf8(query) else {
             return false;
         };
-        let sql = sql.trim_end_matches('\0');
-        if self.refuses_session_authorization(sql) {
-            self.raise_on_backend(
-                crate::error::sqlstate::FEATURE_NOT_SUPPORTED.code(),
-                super::settings::SESSION_AUTHORIZATION_REFUSED,
-            );
-            return true;
-        }
-        let message = match self.admin_check(sql) {
+        let message = match self.admin_check(sql.trim_end_matches('\0')) {
             None => return false,
             Some(Ok(r)) => format!(
                 "{}: shardgate runs admin functions and DDL on distributed tables for simple queries only; send it without parameters through the simple query protocol",

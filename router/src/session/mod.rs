@@ -744,6 +744,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let p = protocol::decode_parse(f.body())?;
                 if self.refuse_extended_admin(p.query) {
                     self.needs_sync = true;
+                } else if let Ok(sql) = std::str::from_utf8(p.query)
+                    && self.refuses_session_authorization(sql.trim_end_matches('\0'))
+                {
+                    // At Parse only: a statement refused here is never bound (a Bind
+                    // pays nothing for it).
+                    self.raise_on_backend(
+                        sqlstate::FEATURE_NOT_SUPPORTED.code(),
+                        settings::SESSION_AUTHORIZATION_REFUSED,
+                    );
+                    self.needs_sync = true;
                 } else if p.name.is_empty() {
                     self.bout.extend_from_slice(&f.raw);
                     self.expect.push_back(msg(true));
