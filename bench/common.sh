@@ -61,8 +61,10 @@ ensure_shardgate() {
     fi
 }
 
-# PG_EXTRA_CONF: more postgresql.conf lines (e.g. the distributed nodes' wal_level and
-# max_prepared_transactions, to rule settings out as the cause of a difference).
+# PG_EXTRA_CONF: more postgresql.conf lines for every server of a run, the pass-through
+# one and the distributed nodes alike (e.g. `huge_pages = on`), or the distributed
+# nodes' wal_level and max_prepared_transactions here alone, to rule settings out as
+# the cause of a difference.
 start_postgres() {
     PG_PORT="$(free_port)"
     mkdir -p "$PG_DATA"

@@ -41,6 +41,7 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 logging_collector = off
+${PG_EXTRA_CONF:-}
 CONF
     as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$WORK/$name.log" -w -t 60 start >/dev/null
     DIST_DIRS+=("$dir")

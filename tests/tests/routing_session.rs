@@ -3252,3 +3252,95 @@ async fn a_string_cannot_commit_one_node_of_several() {
         assert_eq!((v(&c, x).await, v(&c, y).await), (0, 0), "{end}");
     }
 }
+
+/// A simple Query pipelined after extended-protocol messages that have no Sync yet
+/// (no Flush either) runs after them in their implicit transaction, as on Postgres;
+/// it used to hang the session, the router waiting for answers Postgres held back.
+/// After a failed message Postgres ignores everything up to the Sync, that Query
+/// included. A Query that needs another node than the messages' is refused (0A000)
+/// after their answers. Pool size 1: a backend left mid-exchange would show in the
+/// next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_queries_pipelined_after_unsynced_extended_messages() {
+    let env = one_connection_per_node().await;
+    let a = env.client().await;
+    let (x, _y) = two_node_table(&a, false).await;
+    a.batch_execute("CREATE TABLE plain_local (n int)").await.unwrap();
+    let mut r = Raw::login(env.port(), &env.db).await;
+    let xs = x.to_string();
+
+    // Not distributed: the coordinator runs both.
+    r.send(&raw::cat(&[
+        raw::parse("", "SELECT 1", &[]),
+        raw::bind("", "", &[]),
+        raw::execute("", 0),
+        raw::query("SELECT 2"),
+    ]))
+    .await;
+    let m = r.until_ready().await;
+    assert!(raw::errors(&m).is_empty(), "{m:?}");
+    assert_eq!(raw::tags(&m), "12DCTDCZ", "{m:?}");
+    assert_eq!(raw::rows(&m), [[Some("1".into())], [Some("2".into())]]);
+    r.send(&raw::sync()).await;
+    assert_eq!(raw::tags(&r.until_ready().await), "Z");
+
+    // A routed statement, then a query for the same node: both run there, in the
+    // client's transaction.
+    assert!(raw::errors(&r.simple("BEGIN").await).is_empty());
+    r.send(&raw::cat(&[
+        raw::parse("", "UPDATE t SET v = v + 1 WHERE id = $1", &[]),
+        raw::bind("", "", &[Some(&xs)]),
+        raw::execute("", 0),
+        raw::query(&format!("SELECT v FROM t WHERE id = {x}")),
+    ]))
+    .await;
+    let m = r.until_ready().await;
+    assert!(raw::errors(&m).is_empty(), "{m:?}");
+    assert_eq!(raw::rows(&m), [[Some("1".into())]], "{m:?}");
+    r.send(&raw::sync()).await;
+    assert_eq!(raw::tags(&r.until_ready().await), "Z");
+    assert!(raw::errors(&r.simple("COMMIT").await).is_empty());
+    assert_eq!(v(&a, x).await, 1);
+
+    // A routed statement, then a query for the coordinator or an admin function:
+    // refused after the statement's answers; the implicit transaction is rolled back.
+    for (q, code) in [
+        ("SELECT count(*) FROM plain_local", "0A000"),
+        ("SELECT create_reference_table('plain_local')", "25001"),
+    ] {
+        r.send(&raw::cat(&[
+            raw::parse("", "UPDATE t SET v = v + 10 WHERE id = $1", &[]),
+            raw::bind("", "", &[Some(&xs)]),
+            raw::execute("", 0),
+            raw::query(q),
+        ]))
+        .await;
+        let m = r.until_ready().await;
+        assert_eq!(raw::tags(&m), "12CEZ", "{q}: {m:?}");
+        assert_eq!(raw::errors(&m)[0].sqlstate(), code, "{q}: {m:?}");
+        r.send(&raw::sync()).await;
+        assert_eq!(raw::tags(&r.until_ready().await), "Z", "{q}");
+        assert_eq!(v(&a, x).await, 1, "{q}: the update is rolled back");
+    }
+
+    // A failed message: the Query is ignored up to the Sync, as Postgres does.
+    r.send(&raw::cat(&[
+        raw::parse("", "SELEC 1", &[]),
+        raw::bind("", "", &[]),
+        raw::execute("", 0),
+        raw::query("INSERT INTO plain_local VALUES (1)"),
+    ]))
+    .await;
+    let e = r.next().await;
+    assert_eq!((e.tag, e.sqlstate()), (b'E', "42601".to_owned()), "{e:?}");
+    r.send(&raw::sync()).await;
+    assert_eq!(raw::tags(&r.until_ready().await), "Z");
+    let m = r.simple("SELECT count(*) FROM plain_local").await;
+    assert_eq!(raw::rows(&m), [[Some("0".into())]], "the ignored INSERT ran: {m:?}");
+
+    // The one connection of each node is clean for the next client.
+    drop(r);
+    let b = env.client().await;
+    assert_eq!(v(&b, x).await, 1);
+    b.batch_execute("INSERT INTO plain_local VALUES (2)").await.unwrap();
+}

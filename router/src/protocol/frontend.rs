@@ -129,6 +129,11 @@ pub fn encode_sync(buf: &mut BytesMut) {
     buf.put_i32(4);
 }
 
+pub fn encode_flush(buf: &mut BytesMut) {
+    buf.put_u8(tag::FLUSH);
+    buf.put_i32(4);
+}
+
 pub(crate) fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
     buf.put_slice(s);
     buf.put_u8(0);

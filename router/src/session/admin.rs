@@ -75,7 +75,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(r) => r,
             Err(e) => return self.admin_refuse(e).await,
         };
-        if self.status != TxnStatus::Idle || self.lease_in_transaction() {
+        // Extended messages without a Sync: the request would run inside their
+        // implicit transaction block, which admin requests refuse as Postgres's
+        // transaction-block commands do.
+        if self.status != TxnStatus::Idle || self.lease_in_transaction() || self.needs_sync {
             return self
                 .admin_refuse(AdminError::InTransaction(req.describe()))
                 .await;

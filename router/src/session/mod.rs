@@ -214,6 +214,11 @@ pub struct Session<S> {
     status: TxnStatus,
     /// Extended messages went to the backend without a Sync after them yet.
     needs_sync: bool,
+    /// Extended messages went to the backend with neither Sync nor Flush after them:
+    /// Postgres may hold their answers in its output buffer, so the router sends a
+    /// Flush of its own before it waits for them (a simple Query pipelined after them
+    /// must not wait forever).
+    flush_due: bool,
     /// The router itself failed a message in this batch: skip until Sync.
     skip_until_sync: bool,
     copy_in: bool,
@@ -334,6 +339,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             expect: VecDeque::new(),
             status: TxnStatus::Idle,
             needs_sync: false,
+            flush_due: false,
             skip_until_sync: false,
             copy_in: false,
             copy_extended: false,
@@ -434,10 +440,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.pump().await?;
                 self.after_request().await;
             }
-            if let Some(req) = self.pending_admin.take() {
+            if let Some(req) = self.pending_admin.take()
+                && !self.ignores_until_sync().await?
+            {
                 self.run_admin(req).await?;
             }
-            if let Some(sql) = self.pending_route.take() {
+            if let Some(sql) = self.pending_route.take()
+                && !self.ignores_until_sync().await?
+            {
                 self.run_routed(sql).await?;
             }
             if self.rbuf.is_empty() && self.rbuf.capacity() > SHRINK_ABOVE {
@@ -450,12 +460,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// A simple Query pipelined after extended messages with no Sync yet: if one of
+    /// them failed, Postgres ignores everything up to the Sync, this Query included
+    /// (no answer at all). Their answers are collected first to know.
+    async fn ignores_until_sync(&mut self) -> Result<bool, RouterError> {
+        if self.needs_sync && !self.expect.is_empty() && self.lease.is_some() {
+            self.write_backend().await?;
+            self.pump().await?;
+        }
+        Ok(self.skip_until_sync)
+    }
+
     fn next_client_frame(&mut self) -> Result<Option<Frame>, RouterError> {
         Ok(decode_frame(&mut self.rbuf, self.max_msg)?)
     }
 
     /// Queues a simple Query (or FunctionCall) for the backend.
     async fn queue_query(&mut self, frame: Frame) -> Result<(), RouterError> {
+        if self.ignores_until_sync().await? {
+            return Ok(());
+        }
         let settings::Inspected { tracked, untracked } = if frame.tag == tag::QUERY {
             let body = frame.body();
             let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)])
@@ -640,6 +664,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // The batch's Vec is handed back afterwards, so it keeps its allocation.
         let mut batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
+        if end.is_none() && !batch.is_empty() {
+            self.flush_due = true;
+        }
         let mut result = Ok(());
         for f in batch.drain(..).chain(end) {
             if let Err(e) = self.translate(f) {
@@ -926,11 +953,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.bout.extend_from_slice(&f.raw);
                 self.expect.push_back(Expect::Sync);
                 self.needs_sync = false;
+                self.flush_due = false;
                 self.skip_until_sync = false;
             }
             tag::FLUSH => {
                 self.await_sync = false;
                 self.bout.extend_from_slice(&f.raw);
+                self.flush_due = false;
             }
             other => return Err(ProtocolError::UnexpectedMessage(other).into()),
         }
@@ -1159,6 +1188,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.copy_in {
                 Box::pin(self.copy_in_step()).await?;
             } else {
+                if self.flush_due {
+                    self.flush_due = false;
+                    protocol::encode_flush(&mut self.bout);
+                    self.write_backend().await?;
+                }
                 self.wait_backend().await?;
             }
         }
@@ -1376,9 +1410,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // The batch's implicit transaction (or the client's) is rolled
                     // back, and the SETs it ran with it (unless a COMMIT came first).
                     self.drop_ext_tracked();
-                    // The backend now skips to Sync: so do the replies it will not send.
+                    // The backend now skips to Sync: so do the replies it will not send,
+                    // a simple Query pipelined before that Sync's included (Postgres
+                    // ignores it too).
                     while let Some(e) = self.expect.front() {
-                        if matches!(e, Expect::Sync | Expect::Query { .. } | Expect::Internal) {
+                        if matches!(e, Expect::Sync | Expect::Internal) {
                             break;
                         }
                         match self.expect.pop_front() {
@@ -1391,6 +1427,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             Some(Expect::Synth { undo, .. }) => self.undo(undo),
                             _ => {}
                         }
+                    }
+                    if !matches!(self.expect.front(), Some(Expect::Sync)) {
+                        // No Sync sent yet: what comes before it is ignored here too.
+                        self.skip_until_sync = true;
                     }
                     if stale && let Some(e) = self.expect.front_mut() {
                         // Its ReadyForQuery is not the client's either.
@@ -1812,6 +1852,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.bound_tracked.clear();
         self.batch_prepared.clear();
         self.needs_sync = false;
+        self.flush_due = false;
     }
 
     fn client_error(&mut self, e: &RouterError) {

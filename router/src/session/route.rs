@@ -275,6 +275,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(PlanError::NotPlannable(reason)) => {
                 // A multi-row INSERT whose rows span shards: row by row.
                 return match self.split_insert(&sql) {
+                    Ok(Some(_)) if self.needs_sync => {
+                        self.refuse_in_session(unsynced_elsewhere()).await
+                    }
                     Ok(Some(steps)) => self
                         .run_steps(steps, super::multi::Merge::Insert, None)
                         .await
@@ -288,6 +291,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Err(e) => return self.refuse_in_session(RouterError::Plan(e)).await,
         };
+        if self.needs_sync
+            && (!bound.also.is_empty()
+                || !bound.fanout.is_empty()
+                || !bound.pulls.is_empty()
+                || self.node != Some(bound.group))
+        {
+            return self.refuse_in_session(unsynced_elsewhere()).await;
+        }
         if !bound.also.is_empty() {
             return self.run_on_every_placement(bound).await;
         }
@@ -309,7 +320,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.refuse_in_session(RouterError::Plan(e)).await;
         }
         if let Err(e) = self.switch_to_lazy(Some(bound.group)).await {
-            return self.refuse_request(e);
+            return match e {
+                RouterError::Plan(_) => self.refuse_in_session(e).await,
+                e => self.refuse_request(e),
+            };
         }
         match &bound.promoted {
             Some(p) => self.send_promoted(&bound.sql, p).await,
@@ -521,6 +535,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn switch(&mut self, target: Option<i32>, lazy: bool) -> Result<(), RouterError> {
         self.join_begin = false;
+        if self.needs_sync && self.node != target {
+            return Err(unsynced_elsewhere());
+        }
         if !self.expect.is_empty() {
             // Replies still due on the current lease (and its status) come first.
             self.write_backend().await?;
@@ -1534,7 +1551,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Fails a request with `e`. Outside a transaction the router answers; inside one
     /// the backend raises it, so the transaction is aborted exactly as Postgres would.
     pub(super) async fn refuse_in_session(&mut self, e: RouterError) -> Result<(), RouterError> {
-        let in_txn = self.status != TxnStatus::Idle;
+        // With extended messages unsynced on the backend, their answers come first:
+        // the backend raises the error after them, as Postgres would answer.
+        let in_txn = self.status != TxnStatus::Idle || self.needs_sync;
         if !in_txn {
             self.client_error(&e);
             protocol::encode_ready_for_query(&mut self.out, self.status);
@@ -1560,6 +1579,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.maybe_release();
         Ok(())
     }
+}
+
+/// A simple query pipelined after extended-protocol messages that have no Sync yet
+/// joins their implicit transaction on their node (as on Postgres), so it cannot run
+/// on another node or on several.
+fn unsynced_elsewhere() -> RouterError {
+    PlanError::NotSupported(
+        "a simple query that follows extended-protocol messages without a Sync must run on the node of those messages; send a Sync before a query on another node".into(),
+    )
+    .into()
 }
 
 /// Whether a statement may write (for the one-writer rule): anything but reads and
