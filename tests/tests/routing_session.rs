@@ -3338,9 +3338,131 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     let m = r.simple("SELECT count(*) FROM plain_local").await;
     assert_eq!(raw::rows(&m), [[Some("0".into())]], "the ignored INSERT ran: {m:?}");
 
+    // Messages answered after a Flush, then a batch for another node and its Sync:
+    // refused, and the first messages' implicit transaction rolls back with the
+    // pipeline, as on Postgres (the router used to answer alone and leave it open).
+    r.send(&raw::cat(&[
+        raw::parse("", "INSERT INTO plain_local VALUES (5)", &[]),
+        raw::bind("", "", &[]),
+        raw::execute("", 0),
+        raw::flush(),
+    ]))
+    .await;
+    let mut m = Vec::new();
+    for _ in 0..3 {
+        m.push(r.next().await);
+    }
+    assert_eq!(raw::tags(&m), "12C", "{m:?}");
+    r.send(&raw::cat(&[
+        raw::parse("", "UPDATE t SET v = v + 100 WHERE id = $1", &[]),
+        raw::bind("", "", &[Some(&xs)]),
+        raw::execute("", 0),
+        raw::sync(),
+    ]))
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(raw::tags(&m), "EZ", "{m:?}");
+    assert_eq!(raw::errors(&m)[0].sqlstate(), "0A000", "{m:?}");
+    let m = r.simple("SELECT count(*) FROM plain_local WHERE n = 5").await;
+    assert_eq!(raw::rows(&m), [[Some("0".into())]], "the INSERT was kept: {m:?}");
+    assert_eq!(v(&a, x).await, 1);
+
+    // A SET among them, rolled back by the failing Query that follows: the router does
+    // not take it for the session's (the worker's statement would run with it).
+    r.send(&raw::cat(&[
+        raw::parse("", "SET search_path TO nowhere_schema", &[]),
+        raw::bind("", "", &[]),
+        raw::execute("", 0),
+        raw::query("SELECT 1/0"),
+        raw::sync(),
+    ]))
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(raw::tags(&m), "12CEZ", "{m:?}");
+    assert_eq!(raw::tags(&r.until_ready().await), "Z");
+    let m = r
+        .simple(&format!("SELECT current_setting('search_path') FROM t WHERE id = {x}"))
+        .await;
+    assert!(raw::errors(&m).is_empty(), "{m:?}");
+    assert_eq!(raw::rows(&m), [[Some("\"$user\", public".into())]], "{m:?}");
+
     // The one connection of each node is clean for the next client.
     drop(r);
     let b = env.client().await;
     assert_eq!(v(&b, x).await, 1);
     b.batch_execute("INSERT INTO plain_local VALUES (2)").await.unwrap();
+}
+
+/// Client statements prepared on one backend connection are bounded
+/// (`max_prepared_statements`): beyond it the least recently used are closed on the
+/// node between transactions, and prepared again, unseen by the client, when used
+/// next. Without the bound every backend kept every statement any client had
+/// prepared, for the connection's whole life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_per_backend_connection_are_bounded() {
+    let env = TestEnv::with(EnvOptions {
+        workers: 2,
+        pool_size: 1,
+        pool_mode: "transaction",
+        server: "max_prepared_statements = 4".into(),
+        ..Default::default()
+    })
+    .await;
+    let a = env.client().await;
+    let (x, _) = two_node_table(&a, false).await;
+    a.batch_execute(&format!("UPDATE t SET v = 7 WHERE id = {x}"))
+        .await
+        .unwrap();
+    let evicted = |m: &str| metric_sum(m, "shardgate_backend_prepared_evictions_total");
+    let before = evicted(&env.metrics().await);
+
+    // Twelve statements on the coordinator and twelve routed to a worker, from two
+    // clients, used in turns: each is still right after being closed.
+    let b = env.client().await;
+    let mut local = Vec::new();
+    let mut routed = Vec::new();
+    for k in 0..12i32 {
+        let c = if k % 2 == 0 { &a } else { &b };
+        local.push(c.prepare(&format!("SELECT $1::int + {k}")).await.unwrap());
+        routed.push(
+            c.prepare(&format!("SELECT v + {k} FROM t WHERE id = $1"))
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..3 {
+        for k in 0..12usize {
+            let c = if k % 2 == 0 { &a } else { &b };
+            let got: i32 = c.query_one(&local[k], &[&100i32]).await.unwrap().get(0);
+            assert_eq!(got, 100 + k as i32, "round {round}, statement {k}");
+            let got: i32 = c.query_one(&routed[k], &[&x]).await.unwrap().get(0);
+            assert_eq!(got, 7 + k as i32, "round {round}, routed statement {k}");
+        }
+        let n = prepared_here(&a).await;
+        assert!(n <= 4, "round {round}: {n} statements on the connection");
+    }
+    // Inside a transaction nothing is closed; at its end the bound holds again.
+    a.batch_execute("BEGIN").await.unwrap();
+    for k in (0..12usize).step_by(2) {
+        let got: i32 = a.query_one(&local[k], &[&1i32]).await.unwrap().get(0);
+        assert_eq!(got, 1 + k as i32);
+    }
+    let n = prepared_here(&a).await;
+    assert!(n >= 6, "in the transaction: {n} statements on the connection");
+    a.batch_execute("COMMIT").await.unwrap();
+    let n = prepared_here(&a).await;
+    assert!(n <= 4, "after the transaction: {n} statements on the connection");
+    let after = evicted(&env.metrics().await);
+    assert!(after - before >= 40.0, "evictions: {before} -> {after}");
+}
+
+/// The router's statements prepared on the connection this query runs on.
+async fn prepared_here(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'sg\\_%'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }

@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,8 +38,11 @@ pub struct BackendConn {
     pub addr: std::net::SocketAddr,
     /// Latest value of every parameter the node reported (ParameterStatus).
     pub reported: Vec<(String, String)>,
-    /// Router-assigned ids of the statements prepared on this connection.
-    pub prepared: HashSet<u64>,
+    /// Router-assigned ids of the statements prepared on this connection, each with
+    /// the tick of its last use (see [`BackendConn::uses_prepared`]).
+    pub prepared: HashMap<u64, u64>,
+    /// Counts uses of prepared statements here: the order of `prepared`.
+    pub use_tick: u64,
     /// The RowDescription of statements prepared here (by id), as this connection
     /// described them (a Describe of the statement, or of a portal with text results:
     /// the same message): a routed batch's Describe of such a portal is answered from
@@ -58,6 +61,53 @@ pub struct BackendConn {
 }
 
 impl BackendConn {
+    /// Whether statement `id` is prepared here; if so, this is a use of it (now the
+    /// most recently used).
+    pub fn uses_prepared(&mut self, id: u64) -> bool {
+        match self.prepared.get_mut(&id) {
+            Some(t) => {
+                self.use_tick += 1;
+                *t = self.use_tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Statement `id` was prepared here (its ParseComplete came).
+    pub fn add_prepared(&mut self, id: u64) {
+        self.use_tick += 1;
+        self.prepared.insert(id, self.use_tick);
+    }
+
+    /// With more than `max` client statements prepared here (promoted simple queries
+    /// are bounded on their own and not counted), the least recently used ones, down
+    /// to three quarters of `max` so that this runs seldom: forgotten here, to be
+    /// closed on the node by the caller.
+    pub fn evict_prepared(&mut self, max: usize) -> Vec<u64> {
+        if max == 0 || self.prepared.len() <= max.saturating_add(self.promoted.len()) {
+            return Vec::new();
+        }
+        let promoted: HashSet<u64> = self.promoted.iter().map(|(id, _)| *id).collect();
+        let mut client: Vec<(u64, u64)> = self
+            .prepared
+            .iter()
+            .filter(|(id, _)| !promoted.contains(id))
+            .map(|(id, tick)| (*tick, *id))
+            .collect();
+        if client.len() <= max {
+            return Vec::new();
+        }
+        let keep = max - max / 4;
+        client.sort_unstable();
+        let gone: Vec<u64> = client[..client.len() - keep].iter().map(|(_, id)| *id).collect();
+        for id in &gone {
+            self.prepared.remove(id);
+            self.described.remove(id);
+        }
+        gone
+    }
+
     /// Opens and logs in. Cancel-safe: dropping the future drops the socket.
     pub async fn connect(login: &Login) -> Result<BackendConn, BackendError> {
         let fut = Self::connect_inner(login);
@@ -87,7 +137,8 @@ impl BackendConn {
             secret: 0,
             addr,
             reported: Vec::new(),
-            prepared: HashSet::new(),
+            prepared: HashMap::new(),
+            use_tick: 0,
             described: std::collections::HashMap::new(),
             promoted: std::collections::VecDeque::new(),
             settings_fp: 0,

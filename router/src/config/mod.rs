@@ -134,6 +134,7 @@ struct RawServer {
     pool_acquire_timeout_ms: u64,
     idle_timeout_ms: u64,
     max_lifetime_ms: u64,
+    max_prepared_statements: usize,
     connect_timeout_ms: u64,
     shutdown_timeout_ms: u64,
     max_client_connections: usize,
@@ -155,6 +156,7 @@ impl Default for RawServer {
             pool_acquire_timeout_ms: 5_000,
             idle_timeout_ms: 600_000,
             max_lifetime_ms: 3_600_000,
+            max_prepared_statements: 500,
             connect_timeout_ms: 5_000,
             shutdown_timeout_ms: 30_000,
             max_client_connections: 50_000,
@@ -247,6 +249,9 @@ pub struct Config {
     pub pool_acquire_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
+    /// Client statements kept prepared on one backend connection (0: no bound); the
+    /// least recently used are deallocated beyond it, between transactions.
+    pub max_prepared_statements: usize,
     pub connect_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_client_connections: usize,
@@ -425,6 +430,7 @@ impl Config {
             pool_acquire_timeout: Duration::from_millis(s.pool_acquire_timeout_ms),
             idle_timeout: Duration::from_millis(s.idle_timeout_ms),
             max_lifetime: Duration::from_millis(s.max_lifetime_ms),
+            max_prepared_statements: s.max_prepared_statements,
             connect_timeout: Duration::from_millis(s.connect_timeout_ms),
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
             max_client_connections: s.max_client_connections,

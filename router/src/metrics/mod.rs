@@ -30,6 +30,8 @@ pub struct Metrics {
     pub fanout_shards: IntCounter,
     /// Routed simple queries run as statements prepared on the node (literals bound).
     pub statements_promoted: IntCounter,
+    /// Client statements closed on backend connections beyond `max_prepared_statements`.
+    pub statements_evicted: IntCounter,
     /// Label-resolved handles for the per-request hot path.
     pub statements_simple: IntCounter,
     pub statements_extended: IntCounter,
@@ -128,9 +130,14 @@ impl Metrics {
             "shardgate_session_promoted_statements_total",
             "Routed simple queries run as statements prepared on the node, their numeric literals bound as parameters",
         ));
+        let statements_evicted = must(IntCounter::new(
+            "shardgate_backend_prepared_evictions_total",
+            "Client prepared statements closed on a backend connection that held more than max_prepared_statements (least recently used first); prepared again when next used",
+        ));
         for c in [
             Box::new(pulled_shards.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(statements_promoted.clone()),
+            Box::new(statements_evicted.clone()),
             Box::new(fanout_shards.clone()),
             Box::new(client_connections.clone()),
             Box::new(client_connections_total.clone()),
@@ -166,6 +173,7 @@ impl Metrics {
             pulled_shards,
             fanout_shards,
             statements_promoted,
+            statements_evicted,
         }
     }
 

@@ -44,7 +44,7 @@ const CLIENT_READAHEAD: usize = 64 * 1024;
 
 /// Statements the router prepares on backends are named `sg_<n>`; sessions may not
 /// reach such names except through their own statements.
-const ROUTER_STMT_PREFIX: &[u8] = b"sg_";
+const ROUTER_STMT_PREFIX: &[u8] = prepared::NAME_PREFIX.as_bytes();
 
 /// Buffers that grew past this for one large message are given back afterwards.
 const SHRINK_ABOVE: usize = 1 << 20;
@@ -985,7 +985,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             || self
                 .lease
                 .as_mut()
-                .is_some_and(|l| l.conn().prepared.contains(&id))
+                .is_some_and(|l| l.conn().uses_prepared(id))
     }
 
     /// Injects a Parse for `prep` when the borrowed backend does not have it yet.
@@ -1045,6 +1045,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.expect.push_back(Expect::Internal);
             }
             conn.settings_fp = fp;
+        }
+        // Between transactions only: a Close sent inside a failed one would still
+        // work, but one behind a failed message of the same batch would be skipped.
+        if conn.status == TxnStatus::Idle {
+            let gone = conn.evict_prepared(self.ctx.config.max_prepared_statements);
+            if !gone.is_empty() {
+                // Closing a statement that is not there is no error.
+                for id in &gone {
+                    protocol::encode_target(
+                        &mut self.bout,
+                        tag::CLOSE,
+                        b'S',
+                        format!("{}{id}", prepared::NAME_PREFIX).as_bytes(),
+                    );
+                }
+                protocol::encode_sync(&mut self.bout);
+                self.expect.push_back(Expect::Internal);
+                self.ctx.metrics.statements_evicted.inc_by(gone.len() as u64);
+            }
         }
     }
 
@@ -1446,6 +1465,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 match self.expect.pop_front() {
                     Some(Expect::Internal) => {}
                     Some(Expect::Query { tracked, ok, ends }) => {
+                        // SETs of extended messages before it with no Sync yet: the
+                        // Query committed or rolled back their implicit transaction,
+                        // which the router cannot tell apart here. Not followed; the
+                        // connection is marked as carrying unknown settings.
+                        self.drop_ext_tracked();
                         if let (Some(t), true) = (tracked, ok) {
                             self.on_tracked(t, status);
                         }
@@ -1542,7 +1566,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let id = p.id;
                     if let Some(l) = self.lease.as_mut() {
                         let c = l.conn();
-                        if c.prepared.contains(&id) || self.batch_prepared.contains(&id) {
+                        if c.prepared.contains_key(&id) || self.batch_prepared.contains(&id) {
                             c.described.insert(id, Bytes::copy_from_slice(f.raw));
                         }
                     }
@@ -1603,8 +1627,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .as_mut()
                         .expect("lease")
                         .conn()
-                        .prepared
-                        .insert(p.id);
+                        .add_prepared(p.id);
                 }
                 if forward {
                     self.out.extend_from_slice(f.raw);

@@ -107,6 +107,9 @@ pub struct PreparedRegistry {
     next: AtomicU64,
 }
 
+/// Statements prepared on backends are named this and their id.
+pub const NAME_PREFIX: &str = "sg_";
+
 /// The epoch of client statements prepared under catalog `version`
 /// (`catalog_state.version`, bumped by every catalog change, DDL through the router
 /// included; not the snapshot's generation, which every reload changes): apart from
@@ -150,7 +153,7 @@ impl PreparedRegistry {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let p = Arc::new(Prepared {
             id,
-            name: Bytes::from(format!("sg_{id}")),
+            name: Bytes::from(format!("{NAME_PREFIX}{id}")),
             query: key.0.clone(),
             param_types: key.1.clone(),
             epoch,

@@ -321,7 +321,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if let Err(e) = self.switch_to_lazy(Some(bound.group)).await {
             return match e {
-                RouterError::Plan(_) => self.refuse_in_session(e).await,
+                // Refused for messages unsynced on this node (`unsynced_elsewhere`).
+                RouterError::Plan(_) if self.needs_sync => self.refuse_in_session(e).await,
                 e => self.refuse_request(e),
             };
         }
@@ -1526,7 +1527,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(u) = e.user_facing() else {
             return Err(e);
         };
-        if self.status != TxnStatus::Idle {
+        if self.skip_until_sync && self.needs_sync {
+            // A message sent earlier without a Sync failed on the backend, and the
+            // client has that error: the backend skips to the Sync, which alone goes
+            // on (Postgres answers nothing else).
+            if let Some(end) = end {
+                self.translate(end)?;
+            }
+            return Ok(());
+        }
+        if self.status != TxnStatus::Idle || self.needs_sync {
+            // In a transaction, or with messages unsynced on the backend (their
+            // implicit transaction must roll back, their answers come first).
             if let Err(e) = self.ensure_lease().await {
                 return self.refuse_request(e);
             }
@@ -1553,7 +1565,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn refuse_in_session(&mut self, e: RouterError) -> Result<(), RouterError> {
         // With extended messages unsynced on the backend, their answers come first:
         // the backend raises the error after them, as Postgres would answer.
-        let in_txn = self.status != TxnStatus::Idle || self.needs_sync;
+        let in_txn =
+            self.status != TxnStatus::Idle || self.needs_sync || !self.expect.is_empty();
         if !in_txn {
             self.client_error(&e);
             protocol::encode_ready_for_query(&mut self.out, self.status);
