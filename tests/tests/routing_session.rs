@@ -3323,6 +3323,46 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
         assert_eq!(v(&a, x).await, 1, "{q}: the update is rolled back");
     }
 
+    // The refused Query ended the messages' implicit transaction: the session is no
+    // longer tied to their node, before any Sync (a Sync later gets its own Z).
+    r.send(&raw::cat(&[
+        raw::parse("", "UPDATE t SET v = v + 10 WHERE id = $1", &[]),
+        raw::bind("", "", &[Some(&xs)]),
+        raw::execute("", 0),
+        raw::query("SELECT count(*) FROM plain_local"),
+    ]))
+    .await;
+    assert_eq!(raw::tags(&r.until_ready().await), "12CEZ");
+    let m = r.simple("SELECT count(*) FROM plain_local").await;
+    assert_eq!(raw::rows(&m), [[Some("0".into())]], "{m:?}");
+    r.send(&raw::sync()).await;
+    assert_eq!(raw::tags(&r.until_ready().await), "Z");
+
+    // BEGIN in the extended messages, COMMIT as a simple Query: one transaction on the
+    // worker, committed (SET and SHOW run there too).
+    r.send(&raw::cat(&[
+        raw::parse("", "BEGIN", &[]),
+        raw::bind("", "", &[]),
+        raw::execute("", 0),
+        raw::parse("", "UPDATE t SET v = v + 1 WHERE id = $1", &[]),
+        raw::bind("", "", &[Some(&xs)]),
+        raw::execute("", 0),
+        raw::query("SET LOCAL lock_timeout = '7s'"),
+        raw::query("SHOW lock_timeout"),
+        raw::query("COMMIT"),
+    ]))
+    .await;
+    let m = r.until_ready().await;
+    assert!(raw::errors(&m).is_empty(), "{m:?}");
+    let m2 = r.until_ready().await;
+    assert_eq!(raw::rows(&m2), [[Some("7s".into())]], "{m2:?}");
+    let m3 = r.until_ready().await;
+    assert_eq!(raw::tags(&m3), "CZ", "{m3:?}");
+    assert_eq!(&m3[0].body[..], b"COMMIT\0");
+    r.send(&raw::sync()).await;
+    assert_eq!(raw::tags(&r.until_ready().await), "Z");
+    assert_eq!(v(&a, x).await, 2);
+
     // A failed message: the Query is ignored up to the Sync, as Postgres does.
     r.send(&raw::cat(&[
         raw::parse("", "SELEC 1", &[]),
@@ -3365,7 +3405,7 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     assert_eq!(raw::errors(&m)[0].sqlstate(), "0A000", "{m:?}");
     let m = r.simple("SELECT count(*) FROM plain_local WHERE n = 5").await;
     assert_eq!(raw::rows(&m), [[Some("0".into())]], "the INSERT was kept: {m:?}");
-    assert_eq!(v(&a, x).await, 1);
+    assert_eq!(v(&a, x).await, 2);
 
     // A SET among them, rolled back by the failing Query that follows: the router does
     // not take it for the session's (the worker's statement would run with it).
@@ -3389,7 +3429,7 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     // The one connection of each node is clean for the next client.
     drop(r);
     let b = env.client().await;
-    assert_eq!(v(&b, x).await, 1);
+    assert_eq!(v(&b, x).await, 2);
     b.batch_execute("INSERT INTO plain_local VALUES (2)").await.unwrap();
 }
 
@@ -3465,4 +3505,89 @@ async fn prepared_here(c: &Client) -> i64 {
     .await
     .unwrap()
     .get(0)
+}
+
+/// A read of every shard reaches the client node by node as the rows arrive: the rows
+/// of the first node's shards are there while a shard of the second is still locked.
+/// (The router used to hold the whole result in memory until the last node answered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_every_shard_stream_to_the_client() {
+    let env = fleet("transaction").await;
+    let a = env.client().await;
+    let _ = two_node_table(&a, false).await;
+    // The shards in the order the statement reads them, with their node's port.
+    let shards: Vec<(i64, i32, i32)> = a
+        .query(
+            "SELECT s.shardid, p.groupid, n.nodeport
+               FROM shardgate.pg_dist_shard s
+               JOIN shardgate.pg_dist_placement p USING (shardid)
+               JOIN shardgate.pg_dist_node n USING (groupid)
+              WHERE s.logicalrelid = 't'::regclass
+              ORDER BY s.shardindex",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let first_group = shards[0].1;
+    let &(locked, _, port) = shards
+        .iter()
+        .find(|s| s.1 != first_group)
+        .expect("a shard on the second node");
+    // The rows the first node holds.
+    let mut first_rows = 0usize;
+    for id in 1..=40i64 {
+        let sid: i64 = a
+            .simple_query(&format!("SELECT get_shard_id_for_distribution_column('t', {id})"))
+            .await
+            .unwrap()
+            .iter()
+            .find_map(|m| match m {
+                shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    r.get(0).map(|v| v.parse().unwrap())
+                }
+                _ => None,
+            })
+            .expect("a shard id");
+        if shards.iter().any(|s| s.0 == sid && s.1 == first_group) {
+            first_rows += 1;
+        }
+    }
+    let locker = connect(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname={}",
+        env.db
+    ))
+    .await
+    .unwrap();
+    locker
+        .batch_execute(&format!("BEGIN; LOCK TABLE t_{locked} IN ACCESS EXCLUSIVE MODE"))
+        .await
+        .unwrap();
+
+    let mut r = Raw::login(env.port(), &env.db).await;
+    r.send(&raw::query("SELECT id FROM t")).await;
+    let mut early = Vec::new();
+    while let Ok(m) = tokio::time::timeout(Duration::from_secs(3), r.next()).await {
+        early.push(m);
+    }
+    let early_rows = early.iter().filter(|m| m.tag == b'D').count();
+    assert_eq!(
+        raw::tags(&early[..1.min(early.len())]),
+        "T",
+        "nothing came while the second node was locked: {early:?}"
+    );
+    assert!(
+        early_rows > 0 && !early.iter().any(|m| m.tag == b'Z'),
+        "{early:?}"
+    );
+    assert_eq!(early_rows, first_rows, "the first node's rows: {early:?}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let rest = r.until_ready().await;
+    let all = early_rows + rest.iter().filter(|m| m.tag == b'D').count();
+    assert_eq!(all, 40, "{rest:?}");
+    let done = rest.iter().find(|m| m.tag == b'C').expect("CommandComplete");
+    assert_eq!(&done.body[..], b"SELECT 40\0");
+    assert_eq!(raw::tags(&rest).matches('T').count(), 0, "one RowDescription: {rest:?}");
 }

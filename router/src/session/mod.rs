@@ -1470,6 +1470,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         // which the router cannot tell apart here. Not followed; the
                         // connection is marked as carrying unknown settings.
                         self.drop_ext_tracked();
+                        if self.needs_sync
+                            && !self
+                                .expect
+                                .iter()
+                                .any(|e| matches!(e, Expect::Msg { .. } | Expect::Synth { .. }))
+                        {
+                            // The Query ended the implicit transaction of the extended
+                            // messages before it, and none were sent after it: the
+                            // backend is back between requests, the session no longer
+                            // tied to it (a later Sync just gets its ReadyForQuery).
+                            self.needs_sync = false;
+                            self.flush_due = false;
+                        }
                         if let (Some(t), true) = (tracked, ok) {
                             self.on_tracked(t, status);
                         }

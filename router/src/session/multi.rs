@@ -273,6 +273,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.status = TxnStatus::InTransaction;
         }
         let mut answers: Vec<BytesMut> = Vec::new();
+        // A read of every shard goes to the client as it arrives (`stream_step`).
+        let parsed = ext.unwrap_or(true);
+        let mut streamed = (merge == Merge::Concat).then(Streamed::default);
         // Whether a step that completed may have written.
         let mut wrote = false;
         let mut failed = None;
@@ -319,7 +322,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 None => protocol::encode_simple_query(&mut message, &sql),
                 Some(x) => x.encode(&sql, &mut message),
             }
-            match conn.run_capture_raw(&message).await {
+            let answer = match streamed.as_mut() {
+                Some(st) => {
+                    stream_step(conn, &message, parsed, st, &mut self.out, &mut self.client)
+                        .await?
+                }
+                None => conn.run_capture_raw(&message).await,
+            };
+            match answer {
                 Ok((out, None)) => {
                     wrote |= step.writes;
                     answers.push(out)
@@ -356,7 +366,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let accepted = match &failed {
             None => true,
             Some(Ok((before, _))) => {
-                !answers.is_empty() || frames(before).any(|f| f[0] == btag::PARSE_COMPLETE)
+                !answers.is_empty()
+                    || frames(before).any(|f| f[0] == btag::PARSE_COMPLETE)
+                    || streamed.as_ref().is_some_and(|s| s.seen.contains(&btag::PARSE_COMPLETE))
             }
             Some(Err(_)) => !answers.is_empty(),
         };
@@ -374,7 +386,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Err(e) => return self.refuse_request(e).map(|()| accepted),
                     }
                 }
-                let parsed = ext.unwrap_or(true);
                 match merge {
                     Merge::Last => {
                         if let Some(a) = answers.last() {
@@ -382,7 +393,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         }
                     }
                     Merge::Insert => merge_rows(&answers, parsed, "INSERT 0", &mut self.out),
-                    Merge::Concat => merge_rows(&answers, parsed, "SELECT", &mut self.out),
+                    Merge::Concat => {
+                        let total = streamed.as_ref().map_or(0, |s| s.rows);
+                        protocol::encode_command_complete(&mut self.out, &format!("SELECT {total}"));
+                    }
                 }
                 protocol::encode_ready_for_query(&mut self.out, self.status);
             }
@@ -585,6 +599,98 @@ fn single_row_inserts(sql: &str) -> Option<(Vec<String>, RowKeys)> {
         })
         .collect();
     Some((rows, keys))
+}
+
+/// What a streamed read of every shard has passed on so far.
+#[derive(Default)]
+struct Streamed {
+    /// Kinds of the description messages passed on (the first step's alone).
+    seen: Vec<u8>,
+    /// Rows counted from the steps' CommandCompletes.
+    rows: u64,
+}
+
+/// Client bytes gathered before they are written while a read streams.
+const STREAM_FLUSH: usize = 64 * 1024;
+
+/// Runs one step of a read of every shard, passing its answer on to the client as it
+/// arrives: the router holds at most [`STREAM_FLUSH`] bytes of it, not the whole
+/// result (a read of a large table would otherwise sit in the router's memory). The
+/// first description of each kind goes on, rows and notices all do, CommandCompletes
+/// are summed (`Streamed::rows`) for the one the caller sends. Answers like
+/// `run_capture_raw` (the error apart; what came before it was passed on already),
+/// except that a client that cannot be written to ends the session (`Err`).
+async fn stream_step<W: AsyncWrite + Unpin>(
+    conn: &mut crate::backend::BackendConn,
+    message: &[u8],
+    parsed: bool,
+    st: &mut Streamed,
+    out: &mut BytesMut,
+    client: &mut W,
+) -> Result<Result<(BytesMut, Option<protocol::Frame>), BackendError>, RouterError> {
+    use tokio::io::AsyncWriteExt;
+    if let Err(e) = conn.write_all(message).await {
+        return Ok(Err(e));
+    }
+    let mut failed = None;
+    loop {
+        let f = match conn.read_frame().await {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        match f.tag {
+            btag::PARAMETER_STATUS => {
+                if let Err(e) = conn.note_parameter(f.body()) {
+                    return Ok(Err(e));
+                }
+                continue;
+            }
+            btag::ERROR_RESPONSE => {
+                failed = Some(f);
+                continue;
+            }
+            btag::READY_FOR_QUERY => {
+                match TxnStatus::from_byte(*f.body().first().unwrap_or(&0)) {
+                    Ok(s) => conn.status = s,
+                    Err(e) => return Ok(Err(e.into())),
+                }
+                break;
+            }
+            _ if failed.is_some() => continue,
+            btag::PARSE_COMPLETE if !parsed => {}
+            t @ (btag::PARSE_COMPLETE
+            | btag::BIND_COMPLETE
+            | btag::PARAMETER_DESCRIPTION
+            | btag::ROW_DESCRIPTION
+            | btag::NO_DATA) => {
+                if !st.seen.contains(&t) {
+                    st.seen.push(t);
+                    out.extend_from_slice(&f.raw);
+                }
+            }
+            btag::COMMAND_COMPLETE => {
+                let body = f.body();
+                let tag = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
+                st.rows += tag
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            _ => out.extend_from_slice(&f.raw),
+        }
+        if out.len() >= STREAM_FLUSH {
+            client.write_all(out).await.map_err(RouterError::ClientIo)?;
+            out.clear();
+        }
+    }
+    if !out.is_empty() {
+        // The step's rows reach the client before the next node is asked.
+        client.write_all(out).await.map_err(RouterError::ClientIo)?;
+        client.flush().await.map_err(RouterError::ClientIo)?;
+        out.clear();
+    }
+    Ok(Ok((BytesMut::new(), failed)))
 }
 
 /// The frames of a captured answer, raw.

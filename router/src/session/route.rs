@@ -1265,6 +1265,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.pump().await?;
             self.after_request().await;
         }
+        if self.needs_sync
+            && self.parked.is_empty()
+            && (ctl.is_some() || sql.is_some_and(names_no_table))
+        {
+            // After extended messages with no Sync yet, on the one node of the session:
+            // transaction control (`P BEGIN ... Q COMMIT`), SET and SHOW run there, in
+            // their implicit transaction, as on Postgres.
+            return Ok(());
+        }
         if self.status == TxnStatus::Idle && ctl != Some(Control::Begin) {
             // A transaction this request opens (`BEGIN; ...` in one string, or none) is
             // joined with a plain BEGIN, not an earlier transaction's.
