@@ -3426,6 +3426,22 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     assert!(raw::errors(&m).is_empty(), "{m:?}");
     assert_eq!(raw::rows(&m), [[Some("\"$user\", public".into())]], "{m:?}");
 
+    // COPY FROM STDIN in the extended protocol, its data in the same write as the
+    // Execute (the router used to drop the data as sent outside a COPY, and hang).
+    r.send(&raw::cat(&[
+        raw::parse("", "COPY plain_local FROM STDIN", &[]),
+        raw::bind("", "", &[]),
+        raw::execute("", 0),
+        raw::copy_data(b"42\n43\n"),
+        raw::copy_done(),
+        raw::sync(),
+    ]))
+    .await;
+    let m = r.until_ready().await;
+    assert_eq!(raw::tags(&m), "12GCZ", "{m:?}");
+    let m = r.simple("SELECT count(*) FROM plain_local WHERE n IN (42, 43)").await;
+    assert_eq!(raw::rows(&m), [[Some("2".into())]], "{m:?}");
+
     // The one connection of each node is clean for the next client.
     drop(r);
     let b = env.client().await;

@@ -391,6 +391,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 {
                     break;
                 }
+                if matches!(
+                    self.rbuf.first(),
+                    Some(&(tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL))
+                ) && self.batch.iter().any(|f| f.tag == tag::EXECUTE)
+                {
+                    // Pipelined after an Execute that may start a COPY FROM STDIN (no
+                    // Sync in between): the batch goes now, and the data is the COPY's
+                    // if the backend asks for it (else dropped, as Postgres drops it).
+                    self.send_batch(None).await?;
+                    must_pump = true;
+                    break;
+                }
                 let Some(frame) = self.next_client_frame()? else {
                     break;
                 };
@@ -1309,6 +1321,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         if t == tag::COPY_DONE || t == tag::COPY_FAIL {
                             self.copy_in = false;
                             self.await_sync = std::mem::take(&mut self.copy_extended);
+                            // An Execute's COPY: its CommandComplete waits in the
+                            // backend's output for a Sync or Flush.
+                            self.flush_due |= self.needs_sync;
                             break;
                         }
                         if self.bout.len() >= 64 * 1024 {
@@ -1323,6 +1338,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         self.bout.extend_from_slice(&f);
                         self.copy_in = false;
                         self.await_sync = std::mem::take(&mut self.copy_extended);
+                        self.flush_due |= self.needs_sync;
                         break;
                     }
                 },
