@@ -800,20 +800,7 @@ async fn one_shard_tables_constant_keys_and_position_in_from() {
         )
     };
     for id in [a, b] {
-        let shard: i64 = c
-            .simple_query(&format!(
-                "SELECT get_shard_id_for_distribution_column('t', {id})"
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .find_map(|m| match m {
-                shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
-                    r.get(0).map(|v| v.parse().unwrap())
-                }
-                _ => None,
-            })
-            .unwrap();
+        let shard = shard_of(&c, id).await;
         let t_group: i32 = c
             .query_one(
                 "SELECT groupid FROM shardgate.pg_dist_placement WHERE shardid = $1",
@@ -3253,6 +3240,15 @@ async fn a_string_cannot_commit_one_node_of_several() {
     }
 }
 
+/// Parse, Bind and Execute of the unnamed statement, with text parameters.
+fn pbe(sql: &str, params: &[Option<&str>]) -> Vec<u8> {
+    raw::cat(&[
+        raw::parse("", sql, &[]),
+        raw::bind("", "", params),
+        raw::execute("", 0),
+    ])
+}
+
 /// A simple Query pipelined after extended-protocol messages that have no Sync yet
 /// (no Flush either) runs after them in their implicit transaction, as on Postgres;
 /// it used to hang the session, the router waiting for answers Postgres held back.
@@ -3265,18 +3261,15 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     let env = one_connection_per_node().await;
     let a = env.client().await;
     let (x, _y) = two_node_table(&a, false).await;
-    a.batch_execute("CREATE TABLE plain_local (n int)").await.unwrap();
+    a.batch_execute("CREATE TABLE plain_local (n int)")
+        .await
+        .unwrap();
     let mut r = Raw::login(env.port(), &env.db).await;
     let xs = x.to_string();
 
     // Not distributed: the coordinator runs both.
-    r.send(&raw::cat(&[
-        raw::parse("", "SELECT 1", &[]),
-        raw::bind("", "", &[]),
-        raw::execute("", 0),
-        raw::query("SELECT 2"),
-    ]))
-    .await;
+    r.send(&raw::cat(&[pbe("SELECT 1", &[]), raw::query("SELECT 2")]))
+        .await;
     let m = r.until_ready().await;
     assert!(raw::errors(&m).is_empty(), "{m:?}");
     assert_eq!(raw::tags(&m), "12DCTDCZ", "{m:?}");
@@ -3288,9 +3281,7 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     // client's transaction.
     assert!(raw::errors(&r.simple("BEGIN").await).is_empty());
     r.send(&raw::cat(&[
-        raw::parse("", "UPDATE t SET v = v + 1 WHERE id = $1", &[]),
-        raw::bind("", "", &[Some(&xs)]),
-        raw::execute("", 0),
+        pbe("UPDATE t SET v = v + 1 WHERE id = $1", &[Some(&xs)]),
         raw::query(&format!("SELECT v FROM t WHERE id = {x}")),
     ]))
     .await;
@@ -3309,9 +3300,7 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
         ("SELECT create_reference_table('plain_local')", "25001"),
     ] {
         r.send(&raw::cat(&[
-            raw::parse("", "UPDATE t SET v = v + 10 WHERE id = $1", &[]),
-            raw::bind("", "", &[Some(&xs)]),
-            raw::execute("", 0),
+            pbe("UPDATE t SET v = v + 10 WHERE id = $1", &[Some(&xs)]),
             raw::query(q),
         ]))
         .await;
@@ -3326,9 +3315,7 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     // The refused Query ended the messages' implicit transaction: the session is no
     // longer tied to their node, before any Sync (a Sync later gets its own Z).
     r.send(&raw::cat(&[
-        raw::parse("", "UPDATE t SET v = v + 10 WHERE id = $1", &[]),
-        raw::bind("", "", &[Some(&xs)]),
-        raw::execute("", 0),
+        pbe("UPDATE t SET v = v + 10 WHERE id = $1", &[Some(&xs)]),
         raw::query("SELECT count(*) FROM plain_local"),
     ]))
     .await;
@@ -3341,12 +3328,8 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     // BEGIN in the extended messages, COMMIT as a simple Query: one transaction on the
     // worker, committed (SET and SHOW run there too).
     r.send(&raw::cat(&[
-        raw::parse("", "BEGIN", &[]),
-        raw::bind("", "", &[]),
-        raw::execute("", 0),
-        raw::parse("", "UPDATE t SET v = v + 1 WHERE id = $1", &[]),
-        raw::bind("", "", &[Some(&xs)]),
-        raw::execute("", 0),
+        pbe("BEGIN", &[]),
+        pbe("UPDATE t SET v = v + 1 WHERE id = $1", &[Some(&xs)]),
         raw::query("SET LOCAL lock_timeout = '7s'"),
         raw::query("SHOW lock_timeout"),
         raw::query("COMMIT"),
@@ -3365,9 +3348,7 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
 
     // A failed message: the Query is ignored up to the Sync, as Postgres does.
     r.send(&raw::cat(&[
-        raw::parse("", "SELEC 1", &[]),
-        raw::bind("", "", &[]),
-        raw::execute("", 0),
+        pbe("SELEC 1", &[]),
         raw::query("INSERT INTO plain_local VALUES (1)"),
     ]))
     .await;
@@ -3376,15 +3357,17 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     r.send(&raw::sync()).await;
     assert_eq!(raw::tags(&r.until_ready().await), "Z");
     let m = r.simple("SELECT count(*) FROM plain_local").await;
-    assert_eq!(raw::rows(&m), [[Some("0".into())]], "the ignored INSERT ran: {m:?}");
+    assert_eq!(
+        raw::rows(&m),
+        [[Some("0".into())]],
+        "the ignored INSERT ran: {m:?}"
+    );
 
     // Messages answered after a Flush, then a batch for another node and its Sync:
     // refused, and the first messages' implicit transaction rolls back with the
     // pipeline, as on Postgres (the router used to answer alone and leave it open).
     r.send(&raw::cat(&[
-        raw::parse("", "INSERT INTO plain_local VALUES (5)", &[]),
-        raw::bind("", "", &[]),
-        raw::execute("", 0),
+        pbe("INSERT INTO plain_local VALUES (5)", &[]),
         raw::flush(),
     ]))
     .await;
@@ -3394,25 +3377,27 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     }
     assert_eq!(raw::tags(&m), "12C", "{m:?}");
     r.send(&raw::cat(&[
-        raw::parse("", "UPDATE t SET v = v + 100 WHERE id = $1", &[]),
-        raw::bind("", "", &[Some(&xs)]),
-        raw::execute("", 0),
+        pbe("UPDATE t SET v = v + 100 WHERE id = $1", &[Some(&xs)]),
         raw::sync(),
     ]))
     .await;
     let m = r.until_ready().await;
     assert_eq!(raw::tags(&m), "EZ", "{m:?}");
     assert_eq!(raw::errors(&m)[0].sqlstate(), "0A000", "{m:?}");
-    let m = r.simple("SELECT count(*) FROM plain_local WHERE n = 5").await;
-    assert_eq!(raw::rows(&m), [[Some("0".into())]], "the INSERT was kept: {m:?}");
+    let m = r
+        .simple("SELECT count(*) FROM plain_local WHERE n = 5")
+        .await;
+    assert_eq!(
+        raw::rows(&m),
+        [[Some("0".into())]],
+        "the INSERT was kept: {m:?}"
+    );
     assert_eq!(v(&a, x).await, 2);
 
     // A SET among them, rolled back by the failing Query that follows: the router does
     // not take it for the session's (the worker's statement would run with it).
     r.send(&raw::cat(&[
-        raw::parse("", "SET search_path TO nowhere_schema", &[]),
-        raw::bind("", "", &[]),
-        raw::execute("", 0),
+        pbe("SET search_path TO nowhere_schema", &[]),
         raw::query("SELECT 1/0"),
         raw::sync(),
     ]))
@@ -3421,7 +3406,9 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     assert_eq!(raw::tags(&m), "12CEZ", "{m:?}");
     assert_eq!(raw::tags(&r.until_ready().await), "Z");
     let m = r
-        .simple(&format!("SELECT current_setting('search_path') FROM t WHERE id = {x}"))
+        .simple(&format!(
+            "SELECT current_setting('search_path') FROM t WHERE id = {x}"
+        ))
         .await;
     assert!(raw::errors(&m).is_empty(), "{m:?}");
     assert_eq!(raw::rows(&m), [[Some("\"$user\", public".into())]], "{m:?}");
@@ -3429,9 +3416,7 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     // COPY FROM STDIN in the extended protocol, its data in the same write as the
     // Execute (the router used to drop the data as sent outside a COPY, and hang).
     r.send(&raw::cat(&[
-        raw::parse("", "COPY plain_local FROM STDIN", &[]),
-        raw::bind("", "", &[]),
-        raw::execute("", 0),
+        pbe("COPY plain_local FROM STDIN", &[]),
         raw::copy_data(b"42\n43\n"),
         raw::copy_done(),
         raw::sync(),
@@ -3439,14 +3424,18 @@ async fn simple_queries_pipelined_after_unsynced_extended_messages() {
     .await;
     let m = r.until_ready().await;
     assert_eq!(raw::tags(&m), "12GCZ", "{m:?}");
-    let m = r.simple("SELECT count(*) FROM plain_local WHERE n IN (42, 43)").await;
+    let m = r
+        .simple("SELECT count(*) FROM plain_local WHERE n IN (42, 43)")
+        .await;
     assert_eq!(raw::rows(&m), [[Some("2".into())]], "{m:?}");
 
     // The one connection of each node is clean for the next client.
     drop(r);
     let b = env.client().await;
     assert_eq!(v(&b, x).await, 2);
-    b.batch_execute("INSERT INTO plain_local VALUES (2)").await.unwrap();
+    b.batch_execute("INSERT INTO plain_local VALUES (2)")
+        .await
+        .unwrap();
 }
 
 /// Client statements prepared on one backend connection are bounded
@@ -3504,10 +3493,16 @@ async fn prepared_statements_per_backend_connection_are_bounded() {
         assert_eq!(got, 1 + k as i32);
     }
     let n = prepared_here(&a).await;
-    assert!(n >= 6, "in the transaction: {n} statements on the connection");
+    assert!(
+        n >= 6,
+        "in the transaction: {n} statements on the connection"
+    );
     a.batch_execute("COMMIT").await.unwrap();
     let n = prepared_here(&a).await;
-    assert!(n <= 4, "after the transaction: {n} statements on the connection");
+    assert!(
+        n <= 4,
+        "after the transaction: {n} statements on the connection"
+    );
     let after = evicted(&env.metrics().await);
     assert!(after - before >= 40.0, "evictions: {before} -> {after}");
 }
@@ -3555,18 +3550,7 @@ async fn reads_of_every_shard_stream_to_the_client() {
     // The rows the first node holds.
     let mut first_rows = 0usize;
     for id in 1..=40i64 {
-        let sid: i64 = a
-            .simple_query(&format!("SELECT get_shard_id_for_distribution_column('t', {id})"))
-            .await
-            .unwrap()
-            .iter()
-            .find_map(|m| match m {
-                shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
-                    r.get(0).map(|v| v.parse().unwrap())
-                }
-                _ => None,
-            })
-            .expect("a shard id");
+        let sid = shard_of(&a, id).await;
         if shards.iter().any(|s| s.0 == sid && s.1 == first_group) {
             first_rows += 1;
         }
@@ -3578,7 +3562,9 @@ async fn reads_of_every_shard_stream_to_the_client() {
     .await
     .unwrap();
     locker
-        .batch_execute(&format!("BEGIN; LOCK TABLE t_{locked} IN ACCESS EXCLUSIVE MODE"))
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE t_{locked} IN ACCESS EXCLUSIVE MODE"
+        ))
         .await
         .unwrap();
 
@@ -3603,7 +3589,31 @@ async fn reads_of_every_shard_stream_to_the_client() {
     let rest = r.until_ready().await;
     let all = early_rows + rest.iter().filter(|m| m.tag == b'D').count();
     assert_eq!(all, 40, "{rest:?}");
-    let done = rest.iter().find(|m| m.tag == b'C').expect("CommandComplete");
+    let done = rest
+        .iter()
+        .find(|m| m.tag == b'C')
+        .expect("CommandComplete");
     assert_eq!(&done.body[..], b"SELECT 40\0");
-    assert_eq!(raw::tags(&rest).matches('T').count(), 0, "one RowDescription: {rest:?}");
+    assert_eq!(
+        raw::tags(&rest).matches('T').count(),
+        0,
+        "one RowDescription: {rest:?}"
+    );
+}
+
+/// The shard of `t` that holds `id`, as the router says.
+async fn shard_of(c: &Client, id: i64) -> i64 {
+    c.simple_query(&format!(
+        "SELECT get_shard_id_for_distribution_column('t', {id})"
+    ))
+    .await
+    .unwrap()
+    .iter()
+    .find_map(|m| match m {
+        shardgate_tests::tokio_postgres::SimpleQueryMessage::Row(r) => {
+            r.get(0).map(|v| v.parse().unwrap())
+        }
+        _ => None,
+    })
+    .expect("a shard id")
 }

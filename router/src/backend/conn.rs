@@ -100,7 +100,10 @@ impl BackendConn {
         }
         let keep = max - max / 4;
         client.sort_unstable();
-        let gone: Vec<u64> = client[..client.len() - keep].iter().map(|(_, id)| *id).collect();
+        let gone: Vec<u64> = client[..client.len() - keep]
+            .iter()
+            .map(|(_, id)| *id)
+            .collect();
         for id in &gone {
             self.prepared.remove(id);
             self.described.remove(id);

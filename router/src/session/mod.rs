@@ -1074,7 +1074,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 protocol::encode_sync(&mut self.bout);
                 self.expect.push_back(Expect::Internal);
-                self.ctx.metrics.statements_evicted.inc_by(gone.len() as u64);
+                self.ctx
+                    .metrics
+                    .statements_evicted
+                    .inc_by(gone.len() as u64);
             }
         }
     }

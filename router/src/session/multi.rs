@@ -324,8 +324,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let answer = match streamed.as_mut() {
                 Some(st) => {
-                    stream_step(conn, &message, parsed, st, &mut self.out, &mut self.client)
-                        .await?
+                    stream_step(conn, &message, parsed, st, &mut self.out, &mut self.client).await?
                 }
                 None => conn.run_capture_raw(&message).await,
             };
@@ -368,7 +367,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(Ok((before, _))) => {
                 !answers.is_empty()
                     || frames(before).any(|f| f[0] == btag::PARSE_COMPLETE)
-                    || streamed.as_ref().is_some_and(|s| s.seen.contains(&btag::PARSE_COMPLETE))
+                    || streamed
+                        .as_ref()
+                        .is_some_and(|s| s.seen.contains(&btag::PARSE_COMPLETE))
             }
             Some(Err(_)) => !answers.is_empty(),
         };
@@ -395,7 +396,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Merge::Insert => merge_rows(&answers, parsed, "INSERT 0", &mut self.out),
                     Merge::Concat => {
                         let total = streamed.as_ref().map_or(0, |s| s.rows);
-                        protocol::encode_command_complete(&mut self.out, &format!("SELECT {total}"));
+                        protocol::encode_command_complete(
+                            &mut self.out,
+                            &format!("SELECT {total}"),
+                        );
                     }
                 }
                 protocol::encode_ready_for_query(&mut self.out, self.status);
@@ -601,7 +605,7 @@ fn single_row_inserts(sql: &str) -> Option<(Vec<String>, RowKeys)> {
     Some((rows, keys))
 }
 
-/// What a streamed read of every shard has passed on so far.
+/// What the merged answer of several steps has passed on so far.
 #[derive(Default)]
 struct Streamed {
     /// Kinds of the description messages passed on (the first step's alone).
@@ -610,14 +614,44 @@ struct Streamed {
     rows: u64,
 }
 
+impl Streamed {
+    /// One frame of a step's answer (not an error or ReadyForQuery): the first
+    /// description of each kind goes on (a ParseComplete only when the client sent a
+    /// Parse: `parsed`), rows and notices all do, CommandCompletes are counted.
+    fn merge(&mut self, frame: &[u8], parsed: bool, out: &mut BytesMut) {
+        match frame[0] {
+            btag::PARSE_COMPLETE if !parsed => {}
+            t @ (btag::PARSE_COMPLETE
+            | btag::BIND_COMPLETE
+            | btag::PARAMETER_DESCRIPTION
+            | btag::ROW_DESCRIPTION
+            | btag::NO_DATA) => {
+                if !self.seen.contains(&t) {
+                    self.seen.push(t);
+                    out.extend_from_slice(frame);
+                }
+            }
+            btag::COMMAND_COMPLETE => {
+                let tag =
+                    std::str::from_utf8(&frame[5..frame.len().saturating_sub(1)]).unwrap_or("");
+                self.rows += tag
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            _ => out.extend_from_slice(frame),
+        }
+    }
+}
+
 /// Client bytes gathered before they are written while a read streams.
 const STREAM_FLUSH: usize = 64 * 1024;
 
 /// Runs one step of a read of every shard, passing its answer on to the client as it
 /// arrives: the router holds at most [`STREAM_FLUSH`] bytes of it, not the whole
-/// result (a read of a large table would otherwise sit in the router's memory). The
-/// first description of each kind goes on, rows and notices all do, CommandCompletes
-/// are summed (`Streamed::rows`) for the one the caller sends. Answers like
+/// result (a read of a large table would otherwise sit in the router's memory), merged
+/// as [`Streamed::merge`] says; the caller sends the one CommandComplete. Answers like
 /// `run_capture_raw` (the error apart; what came before it was passed on already),
 /// except that a client that cannot be written to ends the session (`Err`).
 async fn stream_step<W: AsyncWrite + Unpin>(
@@ -657,27 +691,7 @@ async fn stream_step<W: AsyncWrite + Unpin>(
                 break;
             }
             _ if failed.is_some() => continue,
-            btag::PARSE_COMPLETE if !parsed => {}
-            t @ (btag::PARSE_COMPLETE
-            | btag::BIND_COMPLETE
-            | btag::PARAMETER_DESCRIPTION
-            | btag::ROW_DESCRIPTION
-            | btag::NO_DATA) => {
-                if !st.seen.contains(&t) {
-                    st.seen.push(t);
-                    out.extend_from_slice(&f.raw);
-                }
-            }
-            btag::COMMAND_COMPLETE => {
-                let body = f.body();
-                let tag = std::str::from_utf8(&body[..body.len().saturating_sub(1)]).unwrap_or("");
-                st.rows += tag
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-            _ => out.extend_from_slice(&f.raw),
+            _ => st.merge(&f.raw, parsed, out),
         }
         if out.len() >= STREAM_FLUSH {
             client.write_all(out).await.map_err(RouterError::ClientIo)?;
@@ -729,36 +743,13 @@ fn pass_on(answer: &[u8], parsed: bool, head_only: bool, out: &mut BytesMut) {
 /// ParseComplete (when the client sent a Parse), BindComplete and description, every
 /// DataRow and notice, and one `<verb> <total>` (`INSERT 0 7`, `SELECT 7`).
 fn merge_rows(answers: &[BytesMut], parsed: bool, verb: &str, out: &mut BytesMut) {
-    let mut total: u64 = 0;
-    let mut seen: Vec<u8> = Vec::new();
+    let mut st = Streamed::default();
     for a in answers {
         for frame in frames(a) {
-            match frame[0] {
-                btag::PARSE_COMPLETE if !parsed => {}
-                t @ (btag::PARSE_COMPLETE
-                | btag::BIND_COMPLETE
-                | btag::PARAMETER_DESCRIPTION
-                | btag::ROW_DESCRIPTION
-                | btag::NO_DATA) => {
-                    if !seen.contains(&t) {
-                        seen.push(t);
-                        out.extend_from_slice(frame);
-                    }
-                }
-                btag::COMMAND_COMPLETE => {
-                    let tag =
-                        std::str::from_utf8(&frame[5..frame.len().saturating_sub(1)]).unwrap_or("");
-                    total += tag
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .unwrap_or(0);
-                }
-                _ => out.extend_from_slice(frame),
-            }
+            st.merge(frame, parsed, out);
         }
     }
-    protocol::encode_command_complete(out, &format!("{verb} {total}"));
+    protocol::encode_command_complete(out, &format!("{verb} {}", st.rows));
 }
 
 /// Raw Parse parameter types: count, then oids.

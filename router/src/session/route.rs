@@ -1574,8 +1574,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn refuse_in_session(&mut self, e: RouterError) -> Result<(), RouterError> {
         // With extended messages unsynced on the backend, their answers come first:
         // the backend raises the error after them, as Postgres would answer.
-        let in_txn =
-            self.status != TxnStatus::Idle || self.needs_sync || !self.expect.is_empty();
+        let in_txn = self.status != TxnStatus::Idle || self.needs_sync || !self.expect.is_empty();
         if !in_txn {
             self.client_error(&e);
             protocol::encode_ready_for_query(&mut self.out, self.status);
