@@ -330,22 +330,31 @@ impl BackendConn {
         self.write_all(messages).await?;
         let mut out = BytesMut::new();
         let mut failed = None;
+        while let Some(f) = self.next_answer(&mut failed).await? {
+            out.extend_from_slice(&f.raw);
+        }
+        Ok((out, failed))
+    }
+
+    /// The next message of an answer that ends with ReadyForQuery (`None` then, the
+    /// status noted): ParameterStatus is noted and not returned, an ErrorResponse is
+    /// put in `failed` and what follows it up to ReadyForQuery is dropped.
+    pub async fn next_answer(
+        &mut self,
+        failed: &mut Option<Frame>,
+    ) -> Result<Option<Frame>, BackendError> {
         loop {
             let f = self.read_frame().await?;
             match f.tag {
                 btag::PARAMETER_STATUS => self.note_parameter(f.body())?,
-                btag::ERROR_RESPONSE => {
-                    failed = Some(f);
-                    continue;
-                }
+                btag::ERROR_RESPONSE => *failed = Some(f),
                 btag::READY_FOR_QUERY => {
                     self.status = TxnStatus::from_byte(*f.body().first().unwrap_or(&0))?;
-                    return Ok((out, failed));
+                    return Ok(None);
                 }
-                _ if failed.is_some() => continue,
-                _ => {}
+                _ if failed.is_some() => {}
+                _ => return Ok(Some(f)),
             }
-            out.extend_from_slice(&f.raw);
         }
     }
 

@@ -406,12 +406,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let Some(frame) = self.next_client_frame()? else {
                     break;
                 };
+                if matches!(frame.tag, tag::QUERY | tag::FUNCTION_CALL) {
+                    // Extended messages before it go first. If one of them failed with
+                    // no Sync yet, Postgres ignores this message up to the Sync.
+                    self.send_batch(None).await?;
+                    if self.ignores_until_sync().await? {
+                        must_pump = true;
+                        continue;
+                    }
+                }
                 match frame.tag {
                     tag::QUERY
                         if !self.copy_in
                             && let Some(req) = self.intercept(&frame) =>
                     {
-                        self.send_batch(None).await?;
                         self.pending_admin = Some(req);
                         must_pump = true;
                         break;
@@ -420,13 +428,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         if !self.copy_in
                             && let Some(sql) = self.routed_query(&frame) =>
                     {
-                        self.send_batch(None).await?;
                         self.pending_route = Some(sql);
                         must_pump = true;
                         break;
                     }
                     tag::QUERY | tag::FUNCTION_CALL => {
-                        self.send_batch(None).await?;
                         self.queue_query(frame).await?;
                         must_pump = true;
                     }
@@ -452,14 +458,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.pump().await?;
                 self.after_request().await;
             }
-            if let Some(req) = self.pending_admin.take()
-                && !self.ignores_until_sync().await?
-            {
+            if let Some(req) = self.pending_admin.take() {
                 self.run_admin(req).await?;
             }
-            if let Some(sql) = self.pending_route.take()
-                && !self.ignores_until_sync().await?
-            {
+            if let Some(sql) = self.pending_route.take() {
                 self.run_routed(sql).await?;
             }
             if self.rbuf.is_empty() && self.rbuf.capacity() > SHRINK_ABOVE {
@@ -472,9 +474,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// A simple Query pipelined after extended messages with no Sync yet: if one of
-    /// them failed, Postgres ignores everything up to the Sync, this Query included
-    /// (no answer at all). Their answers are collected first to know.
+    /// Whether a simple Query (or FunctionCall) pipelined after extended messages with
+    /// no Sync yet is ignored: if one of them failed, Postgres ignores everything up to
+    /// the Sync (no answer at all). Their answers are collected first to know.
     async fn ignores_until_sync(&mut self) -> Result<bool, RouterError> {
         if self.needs_sync && !self.expect.is_empty() && self.lease.is_some() {
             self.write_backend().await?;
@@ -489,9 +491,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Queues a simple Query (or FunctionCall) for the backend.
     async fn queue_query(&mut self, frame: Frame) -> Result<(), RouterError> {
-        if self.ignores_until_sync().await? {
-            return Ok(());
-        }
         let settings::Inspected { tracked, untracked } = if frame.tag == tag::QUERY {
             let body = frame.body();
             let sql = std::str::from_utf8(&body[..body.len().saturating_sub(1)])

@@ -668,31 +668,12 @@ async fn stream_step<W: AsyncWrite + Unpin>(
     }
     let mut failed = None;
     loop {
-        let f = match conn.read_frame().await {
-            Ok(f) => f,
+        let f = match conn.next_answer(&mut failed).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
             Err(e) => return Ok(Err(e)),
         };
-        match f.tag {
-            btag::PARAMETER_STATUS => {
-                if let Err(e) = conn.note_parameter(f.body()) {
-                    return Ok(Err(e));
-                }
-                continue;
-            }
-            btag::ERROR_RESPONSE => {
-                failed = Some(f);
-                continue;
-            }
-            btag::READY_FOR_QUERY => {
-                match TxnStatus::from_byte(*f.body().first().unwrap_or(&0)) {
-                    Ok(s) => conn.status = s,
-                    Err(e) => return Ok(Err(e.into())),
-                }
-                break;
-            }
-            _ if failed.is_some() => continue,
-            _ => st.merge(&f.raw, parsed, out),
-        }
+        st.merge(&f.raw, parsed, out);
         if out.len() >= STREAM_FLUSH {
             client.write_all(out).await.map_err(RouterError::ClientIo)?;
             out.clear();

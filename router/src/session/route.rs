@@ -320,11 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.refuse_in_session(RouterError::Plan(e)).await;
         }
         if let Err(e) = self.switch_to_lazy(Some(bound.group)).await {
-            return match e {
-                // Refused for messages unsynced on this node (`unsynced_elsewhere`).
-                RouterError::Plan(_) if self.needs_sync => self.refuse_in_session(e).await,
-                e => self.refuse_request(e),
-            };
+            return self.refuse_request(e);
         }
         match &bound.promoted {
             Some(p) => self.send_promoted(&bound.sql, p).await,
